@@ -1,0 +1,176 @@
+"""The ``edge`` command line: run, check, simulate, tail."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge import __version__
+from edge.config.errors import ConfigError, Problem
+from edge.config.load import LoadedConfig, load_config, load_manifests
+
+log = logging.getLogger("edge")
+
+CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="edge.yaml",
+    show_default=True,
+    help="The agent file.",
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
+    for p in problems:
+        click.echo(str(p), err=True)
+
+
+def _load_or_exit(path: Path) -> LoadedConfig:
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        click.echo(f"{path}: {len(e.problems)} problem(s); nothing was started", err=True)
+        raise SystemExit(2) from None
+    _print_problems(cfg.warnings)
+    return cfg
+
+
+async def _until_signal(main: Any) -> None:
+    """Run ``main(stop_event)`` until SIGINT or SIGTERM sets the event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await main(stop)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edge")
+def main() -> None:
+    """edge: poll Modbus devices described by KubeEdge manifests and publish over MQTT."""
+
+
+@main.command()
+@CONFIG_OPTION
+def run(config_path: Path) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    from edge.agent import Agent, config_version  # noqa: PLC0415 (keeps `edge check` light)
+
+    cfg = _load_or_exit(config_path)
+    _setup_logging(cfg.agent.log.level)
+    agent = Agent(cfg, version=config_version(cfg, config_path))
+    asyncio.run(_until_signal(agent.run))
+
+
+@main.command()
+@CONFIG_OPTION
+def check(config_path: Path) -> None:
+    """Validate the agent file and every manifest it names; exit 0 only when all is valid."""
+    from edge.modbus.planner import plan_device  # noqa: PLC0415
+
+    cfg = _load_or_exit(config_path)
+    props = sum(len(d.properties) for d in cfg.devices)
+    requests = sum(len(r) for d in cfg.devices for r in plan_device(d).values())
+    click.echo(
+        f"{config_path}: OK: node {cfg.agent.node}, {len(cfg.files)} manifest file(s), "
+        f"{len(cfg.devices)} device(s), {props} properties, {requests} read request(s) per round"
+        + (f", {len(cfg.warnings)} warning(s)" if cfg.warnings else "")
+    )
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An agent file: simulate every device it names.",
+)
+@click.argument("manifests", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--period", default=10.0, show_default=True, help="Seconds per value cycle.")
+@click.option("--log-level", default="info", show_default=True)
+def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: float,
+             log_level: str) -> None:
+    """Serve simulated Modbus devices for the manifests' TCP endpoints (pymodbus server).
+
+    Every device is served at the host:port and unit id of its manifest, with values
+    that change over time inside each property's minimum..maximum.
+    """
+    from edge.modbus.simulator import run_simulator  # noqa: PLC0415
+
+    _setup_logging(log_level)
+    try:
+        if config_path is not None:
+            devices = load_config(config_path).devices
+        else:
+            devices, warnings = load_manifests(list(manifests))
+            _print_problems(warnings)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        raise SystemExit(2) from None
+    if not devices:
+        raise click.UsageError("no devices to simulate: give -c edge.yaml or manifest paths")
+    asyncio.run(_until_signal(lambda stop: run_simulator(devices, stop, period_s=period)))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--count", type=int, default=0, help="Stop after this many messages (0: never).")
+def tail(config_path: Path, count: int) -> None:
+    """Print what the agent publishes (subscribes to the node's topics on its broker)."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+
+    from edge.agent import broker_settings  # noqa: PLC0415
+    from edge.uplink.client import BrokerClient  # noqa: PLC0415
+    from edge.uplink.topics import Topics  # noqa: PLC0415
+
+    cfg = _load_or_exit(config_path)
+    topics = Topics.for_node(cfg.agent.uplink.topic_prefix, cfg.agent.node)
+    settings = broker_settings(cfg)
+    client = BrokerClient(
+        dataclasses.replace(settings, client_id=f"{settings.client_id}-tail-{id(cfg)}")
+    )
+    done = threading.Event()
+    seen = 0
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal seen
+        rel = msg.topic.removeprefix(topics.prefix + "/")
+        try:
+            body = json.dumps(json.loads(msg.payload), separators=(",", ":"))
+        except ValueError:
+            body = repr(msg.payload)
+        click.echo(f"{rel} {body}")
+        seen += 1
+        if count and seen >= count:
+            done.set()
+
+    client.paho.on_message = on_message
+    client.add_connect_hook(lambda: client.paho.subscribe(f"{topics.prefix}/#", qos=1))
+    client.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.stop()

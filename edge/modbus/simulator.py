@@ -1,0 +1,179 @@
+"""``edge simulate``: Modbus servers (pymodbus) that serve what manifests describe.
+
+Every device is served at its manifest's endpoint and unit id: TCP endpoints on
+their host:port (MBAP or RTU-over-TCP framing), serial endpoints on their port
+(e.g. one end of a pty pair). Values are computed when a request is served, from
+the wall clock: numbers follow a sine between the property's minimum and maximum
+(or a small default range) with a period of ``period_s``, booleans and coils toggle
+every period, strings carry the device name and the cycle number. Everything is
+written with the agent's own codec (:func:`edge.modbus.codec.encode`), so a decoded
+value is exactly the simulated one. Registers a client writes (FC 5/6/15/16) keep
+the written value from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from edge.config.model import (
+    DeviceSpec,
+    Framing,
+    PropertySpec,
+    RawType,
+    SerialEndpoint,
+    Table,
+    TcpEndpoint,
+    Value,
+)
+from edge.modbus.codec import encode
+
+log = logging.getLogger(__name__)
+
+_FC_TABLE = {1: Table.COIL, 2: Table.DISCRETE_INPUT, 3: Table.HOLDING_REGISTER,
+             4: Table.INPUT_REGISTER}
+_DEFAULT_RANGE = {True: (-100.0, 100.0), False: (0.0, 100.0)}  # keyed by "signed"
+
+
+def simulated_value(prop: PropertySpec, device: str, t: float, period_s: float) -> Value:
+    """The value ``prop`` has at Unix time ``t`` (seconds).
+
+    Phases differ per device and property (a CRC of the names) so that the values
+    of one device do not all move together.
+    """
+    phase = zlib.crc32(f"{device}/{prop.name}".encode()) / 2**32
+    cycle = int(t / period_s + phase)
+    raw = prop.visitor.raw_type
+    if raw is RawType.BOOLEAN or raw is RawType.BIT:
+        return cycle % 2 == 0
+    if raw is RawType.STRING:
+        return f"{device}-{cycle}"[: prop.visitor.limit * 2]
+    if raw is RawType.BYTES:
+        return (cycle % 2**16).to_bytes(2, "big").hex().ljust(prop.visitor.limit * 4, "0")
+    if prop.visitor.table.is_bit:  # several coils packed into an unsigned integer
+        return cycle % (2 ** min(prop.visitor.limit, 16))
+    lo, hi = _DEFAULT_RANGE[raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)]
+    lo = prop.minimum if prop.minimum is not None else lo
+    hi = prop.maximum if prop.maximum is not None else hi
+    x = lo + (hi - lo) * (0.5 + 0.5 * math.sin(2 * math.pi * (t / period_s + phase)))
+    scale = prop.visitor.scale
+    if raw.is_integer:
+        steps = math.floor(x / scale) if scale > 0 else math.ceil(x / scale)
+        value = steps * scale
+        return int(value) if float(value).is_integer() and float(scale).is_integer() else value
+    return round(x, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    device: str
+    prop: PropertySpec
+
+
+class SimulatedUnit:
+    """The tables of one unit id, filled on demand by pymodbus's ``action`` hook."""
+
+    def __init__(self, device: DeviceSpec, period_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.device = device
+        self.period_s = period_s
+        self.clock = clock
+        self.by_table: dict[Table, list[_Served]] = defaultdict(list)
+        for p in device.properties:
+            self.by_table[p.visitor.table].append(_Served(device.name, p))
+        self.written: dict[Table, set[int]] = defaultdict(set)
+
+    def sim_device(self) -> SimDevice:
+        """A pymodbus SimDevice with four distinct tables, each up to its last used address.
+
+        Reading past a table's end is answered with ILLEGAL DATA ADDRESS, as a real
+        device does.
+        """
+
+        def block(table: Table) -> list[SimData]:
+            size = max((s.prop.visitor.end for s in self.by_table.get(table, ())), default=1)
+            if table.is_bit:
+                return [SimData(0, count=size, values=False, datatype=DataType.BITS)]
+            return [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]
+
+        return SimDevice(
+            id=self.device.unit_id,
+            simdata=(block(Table.COIL), block(Table.DISCRETE_INPUT),
+                     block(Table.HOLDING_REGISTER), block(Table.INPUT_REGISTER)),
+            action=self._action,
+        )
+
+    async def _action(self, function_code: int, start_address: int, address: int, count: int,
+                      current: list[int], set_values: list[int] | None) -> None:
+        if set_values is not None:  # a client write: keep it
+            table = Table.COIL if function_code in (5, 15) else Table.HOLDING_REGISTER
+            self.written[table].update(range(address, address + count))
+            return
+        table = _FC_TABLE.get(function_code)
+        if table is not None:
+            self.fill(table, current, start_address, address, count)
+
+    def fill(self, table: Table, current: list[int], base: int, address: int,
+             count: int) -> None:
+        """Write the current values of the properties overlapping the request."""
+        t = self.clock()
+        end = address + count
+        pinned = self.written[table]
+        for served in self.by_table.get(table, ()):
+            v = served.prop.visitor
+            if v.end <= address or v.offset >= end or v.offset in pinned:
+                continue
+            value = simulated_value(served.prop, served.device, t, self.period_s)
+            words = encode(v, value)
+            i = v.offset - base
+            if v.raw_type is RawType.BIT and v.bit is not None:
+                mask = 1 << v.bit
+                current[i] = (current[i] & ~mask) | (mask if value else 0)
+                continue
+            for k, w in enumerate(words):
+                current[i + k] = int(w)
+
+
+def _servers(devices: Iterable[DeviceSpec], period_s: float) -> list[Any]:
+    by_endpoint: dict[str, list[DeviceSpec]] = defaultdict(list)
+    for d in devices:
+        by_endpoint[d.endpoint.key].append(d)
+    servers: list[Any] = []
+    for group in by_endpoint.values():
+        ep = group[0].endpoint
+        sims = [SimulatedUnit(d, period_s).sim_device() for d in group]
+        if isinstance(ep, TcpEndpoint):
+            framer = FramerType.SOCKET if ep.framing is Framing.MBAP else FramerType.RTU
+            servers.append(ModbusTcpServer(sims, framer=framer, address=(ep.host, ep.port)))
+        elif isinstance(ep, SerialEndpoint):
+            servers.append(ModbusSerialServer(
+                sims, port=ep.port, baudrate=ep.baudrate, bytesize=ep.bytesize,
+                parity=ep.parity, stopbits=ep.stopbits,
+            ))
+        units = ", ".join(f"{d.key} (unit {d.unit_id})" for d in group)
+        log.info("simulating %s on %s", units, ep.key)
+    return servers
+
+
+async def run_simulator(devices: Iterable[DeviceSpec], stop: asyncio.Event, *,
+                        period_s: float = 10.0) -> None:
+    """Serve ``devices`` until ``stop`` is set. Errors binding an endpoint propagate."""
+    servers = _servers(devices, period_s)
+    try:
+        for s in servers:
+            await s.serve_forever(background=True)
+        await stop.wait()
+    finally:
+        for s in servers:
+            await s.shutdown()

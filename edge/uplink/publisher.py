@@ -1,0 +1,170 @@
+"""The uplink: readings, events and the retained agent state over MQTT (DESIGN.md §5).
+
+Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.Topics`.
+
+* ``…/state`` (retained, QoS 1): ``{"state": "online"|"offline", "version", "since",
+  "agent", "devices": {"ns/name": "online"|"offline"}}``; the ``offline`` form is
+  the LWT, and is also published on a clean stop.
+* ``…/telemetry/{namespace}/{device}``: a reading, see :class:`edge.reading.Reading`.
+* ``…/events``: ``{"ts", "type", ...}``, e.g. ``{"type": "device_state", "device":
+  "ns/name", "state": "offline", "reason": "..."}``.
+* A property's ``pushMethod.mqtt`` gets ``{"device", "namespace", "property",
+  "value", "ts"}`` on its own topic and broker, at most once per ``reportCycle``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from edge.config.model import DeviceSpec, MqttPush
+from edge.reading import Reading
+from edge.uplink.client import BrokerClient, BrokerSettings, Will
+from edge.uplink.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def now_ms() -> int:
+    """Milliseconds since the Unix epoch (UTC)."""
+    return time.time_ns() // 1_000_000
+
+
+class Uplink:
+    """Publishes to the node's broker; all methods are safe to call from the event loop."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        topics: Topics,
+        *,
+        qos: int,
+        agent_version: str,
+        config_version: str,
+    ) -> None:
+        self.topics = topics
+        self.qos = qos
+        self._agent_version = agent_version
+        self._config_version = config_version
+        self._since = now_ms()
+        self._devices: dict[str, str] = {}
+        self._lock = threading.Lock()
+        offline = _json({"state": "offline", "version": config_version, "agent": agent_version})
+        self.client = BrokerClient(settings, will=Will(topics.state, offline))
+        self.client.add_connect_hook(self._publish_state)
+
+    def start(self) -> None:
+        """Start connecting; the retained ``online`` state follows every (re)connect."""
+        self.client.start()
+
+    def publish_reading(self, reading: Reading) -> None:
+        """Publish one reading on its device's telemetry topic at the configured QoS."""
+        topic = self.topics.telemetry(reading.namespace, reading.device)
+        self.client.publish(topic, _json(reading.to_payload()), qos=self.qos)
+
+    def publish_event(self, kind: str, **fields: Any) -> None:
+        """Publish ``{"ts", "type": kind, **fields}`` on ``…/events`` (QoS 1)."""
+        self.client.publish(self.topics.events, _json({"ts": now_ms(), "type": kind, **fields}))
+
+    def set_device_state(self, device: str, state: str, reason: str = "") -> None:
+        """Record a device's ``online``/``offline`` state: an event and the retained state."""
+        with self._lock:
+            if self._devices.get(device) == state:
+                return
+            self._devices[device] = state
+        self.publish_event("device_state", device=device, state=state, reason=reason)
+        self._publish_state()
+
+    def forget_devices(self, keep: set[str]) -> None:
+        """Drop the state of devices no longer configured."""
+        with self._lock:
+            for key in set(self._devices) - keep:
+                del self._devices[key]
+
+    def stop(self, *, timeout_s: float = 2.0) -> None:
+        """Publish the retained ``offline`` state, wait for its PUBACK, disconnect."""
+        info = self.client.publish(self.topics.state, self._state_payload("offline"), retain=True)
+        self.client.wait_acked(info, timeout_s)
+        self.client.stop()
+
+    def _state_payload(self, state: str) -> bytes:
+        with self._lock:
+            devices = dict(self._devices)
+        return _json(
+            {
+                "state": state,
+                "version": self._config_version,
+                "agent": self._agent_version,
+                "since": self._since,
+                "devices": devices,
+            }
+        )
+
+    def _publish_state(self) -> None:
+        self.client.publish(self.topics.state, self._state_payload("online"), retain=True)
+
+
+class PushSinks:
+    """The per-property ``pushMethod.mqtt`` sinks: one client per distinct broker."""
+
+    def __init__(self, devices: tuple[DeviceSpec, ...], client_id_prefix: str) -> None:
+        self._by_device: dict[str, list[tuple[str, MqttPush]]] = {}
+        self._clients: dict[tuple[str, int, bool], BrokerClient] = {}
+        self._last_push: dict[tuple[str, str], int] = {}
+        self._cycle: dict[tuple[str, str], int] = {}
+        for d in devices:
+            for p in d.properties:
+                if p.push_mqtt is None:
+                    continue
+                self._by_device.setdefault(d.key, []).append((p.name, p.push_mqtt))
+                self._cycle[(d.key, p.name)] = p.report_cycle_ms
+                broker = (p.push_mqtt.host, p.push_mqtt.port, p.push_mqtt.tls)
+                if broker not in self._clients:
+                    self._clients[broker] = BrokerClient(
+                        BrokerSettings(
+                            host=broker[0],
+                            port=broker[1],
+                            tls=broker[2],
+                            client_id=f"{client_id_prefix}-push-{len(self._clients)}",
+                        )
+                    )
+
+    def __bool__(self) -> bool:
+        return bool(self._by_device)
+
+    def start(self) -> None:
+        """Connect every sink broker in the background."""
+        for c in self._clients.values():
+            c.start()
+
+    def push(self, reading: Reading) -> None:
+        """Publish the good values of ``reading`` whose report cycle has elapsed."""
+        key = f"{reading.namespace}/{reading.device}"
+        for name, sink in self._by_device.get(key, ()):
+            if name not in reading.values:
+                continue
+            last = self._last_push.get((key, name))
+            if last is not None and reading.ts_ms - last < self._cycle[(key, name)]:
+                continue
+            self._last_push[(key, name)] = reading.ts_ms
+            payload = {
+                "device": reading.device,
+                "namespace": reading.namespace,
+                "property": name,
+                "value": reading.values[name],
+                "ts": reading.ts_ms,
+            }
+            client = self._clients[(sink.host, sink.port, sink.tls)]
+            client.publish(sink.topic, _json(payload), qos=sink.qos, retain=sink.retained)
+
+    def stop(self) -> None:
+        """Disconnect every sink broker."""
+        for c in self._clients.values():
+            c.stop()

@@ -115,13 +115,14 @@ def encode(visitor: Visitor, value: Value) -> list[int] | list[bool]:
     UTF-8 padded with NUL to ``limit * 2`` bytes, bytes are hex of exactly
     ``limit * 2`` bytes, booleans write 1/0; then big-endian, byte swap, word swap.
     ``decode(visitor, encode(visitor, v)) == v`` for every value ``v`` that decoding
-    can produce.
+    can produce. A ``bit`` inside a register encodes as a word holding only that bit:
+    writing it whole would clear the other 15 bits, so writers use :func:`bit_mask`
+    (FC 22) or read-modify-write instead.
 
     Raises:
         CodecError: the value has the wrong kind for the raw type, is out of the raw
             type's range after unscaling (the message gives the range), is not
-            finite, is too long, or the visitor is a bit inside a register (use
-            :func:`bit_mask` with a mask write, FC 22).
+            finite, or is too long.
     """
     if visitor.table.is_bit:
         return _encode_bits(visitor, value)
@@ -363,10 +364,7 @@ def _encode_registers(visitor: Visitor, value: Value) -> list[int]:
     if raw is RawType.BOOLEAN:
         return _words(visitor, b"\x00\x01" if _as_bool(raw, value) else b"\x00\x00")
     if raw is RawType.BIT:
-        raise CodecError(
-            f"bit {visitor.bit} of register {visitor.offset} cannot be written as a whole "
-            "register; use bit_mask() with a mask write (FC 22) or read-modify-write"
-        )
+        return [1 << _wire_bit(visitor) if _as_bool(raw, value) else 0]
     code = ">" + _STRUCT_CODE[raw]
     if raw.is_integer:
         raw_value = _unscale_integer(visitor, value, *_integer_range(raw))

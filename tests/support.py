@@ -1,0 +1,356 @@
+"""Real parts for integration tests: mosquitto, pymodbus servers, the agent process.
+
+Everything binds to 127.0.0.1 on free ports and is stopped by the PID it was
+started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Block until 127.0.0.1:port accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@dataclass
+class Broker:
+    """A mosquitto process on 127.0.0.1:port."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    conf: Path
+
+    def stop(self) -> None:
+        """Terminate the broker (by its PID) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_broker(workdir: Path, extra_conf: str = "", port: int | None = None) -> Broker:
+    """Start mosquitto with an anonymous plain listener (or ``extra_conf`` instead)."""
+    port = port or free_port()
+    conf = workdir / f"mosquitto-{port}.conf"
+    body = extra_conf or "allow_anonymous true\n"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n{body}persistence false\nlog_dest stderr\n"
+        "log_type error\nlog_type warning\n"
+    )
+    log = (workdir / f"mosquitto-{port}.log").open("wb")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return Broker(port, proc, conf)
+
+
+@dataclass
+class Message:
+    """One received MQTT message."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> Any:
+        """The payload parsed as JSON."""
+        return json.loads(self.payload)
+
+
+@dataclass
+class Subscriber:
+    """Collects every message on ``topic_filter`` (QoS 1) into :attr:`messages`."""
+
+    port: int
+    topic_filter: str = "#"
+    messages: list[Message] = field(default_factory=list)
+    tls: dict[str, str] | None = None
+    auth: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                        client_id=f"test-sub-{os.getpid()}-{id(self)}")
+        if self.tls:
+            c.tls_set(**self.tls)
+        if self.auth:
+            c.username_pw_set(*self.auth)
+        c.on_connect = lambda cl, *_: cl.subscribe(self.topic_filter, qos=1)
+        c.on_subscribe = lambda *_: self._ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        if not self._ready.wait(10):
+            raise TimeoutError("subscriber did not get its SUBACK")
+        self._client = c
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.time()))
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[Message], bool], count: int = 1,
+                 timeout: float = 15.0) -> list[Message]:
+        """Wait until ``count`` messages satisfy ``pred``; return them."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if pred(m)]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = sorted({m.topic for m in self.messages})
+                    raise TimeoutError(f"{len(found)}/{count} matching messages; seen {topics}")
+                self._cond.wait(left)
+
+    def on(self, topic: str) -> list[Message]:
+        """Messages received so far on exactly ``topic``."""
+        with self._cond:
+            return [m for m in self.messages if m.topic == topic]
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@dataclass
+class AgentProcess:
+    """``python -m edge run -c FILE`` as a child process."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` to the agent (by PID) and return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        """What the agent logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+def edge_cli(*args: str, cwd: Path | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m edge ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "edge", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def start_edge(args: list[str], workdir: Path, name: str = "agent") -> AgentProcess:
+    """Start ``python -m edge ARGS`` in the background, output to ``workdir/name.log``."""
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "edge", *args], cwd=workdir,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return AgentProcess(proc, log)
+
+
+def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, Any]],
+                     node: str = "gw-test", uplink: dict[str, Any] | None = None) -> Path:
+    """Write ``edge.yaml`` and ``manifests.yaml`` (multi-document) into ``workdir``."""
+    (workdir / "manifests.yaml").write_text(yaml.safe_dump_all(manifests, sort_keys=False))
+    agent = {
+        "node": node,
+        "devices": ["./manifests.yaml"],
+        "uplink": {"host": "127.0.0.1", "port": broker_port, "qos": 1, **(uplink or {})},
+        "log": {"level": "debug"},
+    }
+    path = workdir / "edge.yaml"
+    path.write_text(yaml.safe_dump(agent, sort_keys=False))
+    return path
+
+
+def device_docs(name: str, port: int, unit: int, props: list[dict[str, Any]],
+                namespace: str = "default", mode: str = "TCP",
+                extra_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A v1beta1 DeviceModel + Device pair.
+
+    Each entry of ``props`` is ``{"name", "type", "visitor": {...configData...}}`` plus
+    optional ``collectCycle``, ``accessMode``, ``minimum``, ``maximum``.
+    """
+    model = {
+        "apiVersion": "devices.kubeedge.io/v1beta1",
+        "kind": "DeviceModel",
+        "metadata": {"name": f"{name}-model", "namespace": namespace},
+        "spec": {"protocol": "modbus", "properties": [
+            {k: v for k, v in {
+                "name": p["name"], "type": p["type"],
+                "accessMode": p.get("accessMode", "ReadOnly"),
+                "minimum": p.get("minimum"), "maximum": p.get("maximum"),
+            }.items() if v is not None}
+            for p in props
+        ]},
+    }
+    config: dict[str, Any] = {"communicateMode": mode, "slaveID": unit, "timeout": 300}
+    if mode == "RTU":
+        config["serialPort"] = str(port)
+        config["baudRate"] = 19200
+    else:
+        config.update(ip="127.0.0.1", port=port)
+    config.update(extra_config or {})
+    device = {
+        "apiVersion": "devices.kubeedge.io/v1beta1",
+        "kind": "Device",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "deviceModelRef": {"name": f"{name}-model"},
+            "protocol": {"protocolName": "modbus", "configData": config},
+            "properties": [
+                {"name": p["name"], "collectCycle": p.get("collectCycle", 200),
+                 "visitors": {"protocolName": "modbus", "configData": p["visitor"]},
+                 **({"pushMethod": p["pushMethod"]} if "pushMethod" in p else {})}
+                for p in props
+            ],
+        },
+    }
+    return [model, device]
+
+
+def iter_json(messages: list[Message]) -> Iterator[Any]:
+    """Payloads of ``messages`` parsed as JSON."""
+    for m in messages:
+        yield m.json()
+
+
+@dataclass
+class Image:
+    """The register image of one unit id: address i of each table holds ``table[i]``."""
+
+    co: list[bool] = field(default_factory=lambda: [False])
+    di: list[bool] = field(default_factory=lambda: [False])
+    hr: list[int] = field(default_factory=lambda: [0])
+    ir: list[int] = field(default_factory=lambda: [0])
+
+
+class ModbusServer:
+    """A pymodbus 3 server (TCP, RTU over TCP, or serial RTU) in a thread of its own."""
+
+    def __init__(self, units: dict[int, Image], *, framing: str = "socket",
+                 port: int | None = None, serial_port: str | None = None) -> None:
+        import asyncio  # noqa: PLC0415
+
+        from pymodbus.framer import FramerType  # noqa: PLC0415
+        from pymodbus.server import ModbusSerialServer, ModbusTcpServer  # noqa: PLC0415
+        from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: PLC0415
+
+        def block(values: list[Any], kind: DataType) -> list[SimData]:
+            return [SimData(0, values=list(values), datatype=kind)]
+
+        devices = [
+            SimDevice(id=unit, simdata=(block(img.co, DataType.BITS), block(img.di, DataType.BITS),
+                                        block(img.hr, DataType.REGISTERS),
+                                        block(img.ir, DataType.REGISTERS)))
+            for unit, img in units.items()
+        ]
+        self.port = port or free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: Any = None
+        started = threading.Event()
+
+        async def main() -> None:
+            if serial_port:
+                self.server = ModbusSerialServer(devices, port=serial_port, baudrate=19200)
+            else:
+                framer = FramerType.SOCKET if framing == "socket" else FramerType.RTU
+                self.server = ModbusTcpServer(devices, framer=framer,
+                                              address=("127.0.0.1", self.port))
+            await self.server.serve_forever(background=True)
+            started.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(main())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not started.wait(10):
+            raise TimeoutError("pymodbus server did not start")
+        if not serial_port:
+            wait_port(self.port)
+
+    def stop(self) -> None:
+        """Shut the server down and end its thread."""
+        import asyncio  # noqa: PLC0415
+
+        asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@dataclass
+class PtyPair:
+    """Two linked pseudo-terminals made by socat: a serial line in a box."""
+
+    a: str
+    b: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """Terminate socat (by its PID)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+def start_pty_pair(workdir: Path) -> PtyPair:
+    """``socat pty,raw,echo=0,link=A pty,raw,echo=0,link=B``; waits for both links."""
+    a, b = workdir / "ttyA", workdir / "ttyB"
+    proc = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 5
+    while not (a.exists() and b.exists()):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("socat did not create the pty pair")
+        time.sleep(0.02)
+    return PtyPair(str(a), str(b), proc)

@@ -1,0 +1,257 @@
+"""Modbus PDUs and ADUs: build requests, check and decode responses.
+
+Sources of the formats:
+
+* PDU layouts, quantity limits, exception responses: *MODBUS Application Protocol
+  Specification V1.1b3* (2012), §4.1 (PDU ≤ 253 bytes), §6.1–§6.6, §6.11, §6.12
+  (function codes 1, 2, 3, 4, 5, 6, 15, 16) and §7 (exception responses and codes).
+* RTU ADU (address + PDU + CRC, CRC low byte first), CRC-16 and inter-frame silence:
+  *MODBUS over Serial Line Specification and Implementation Guide V1.02* (2006),
+  §2.5.1, §2.5.1.1 and §6.2.2.
+* MBAP header: *MODBUS Messaging on TCP/IP Implementation Guide V1.0b* (2006), §3.1.3.
+
+Everything here is synchronous and allocation-light: requests are immutable and
+cached, structs are precompiled, responses are decoded straight out of the receive
+buffer (``buf[start:end]`` is the response PDU, nothing is sliced).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Final
+
+from edge.modbus.errors import ModbusExceptionError, ModbusFrameError
+
+Buffer = bytes | bytearray
+"""A receive buffer; responses are decoded in place from ``buf[start:end]``."""
+
+Values = list[int] | list[bool]
+"""Decoded read data: registers as ints 0..65535, bits as bools."""
+
+MAX_PDU: Final = 253
+"""Largest PDU in bytes (Application Protocol V1.1b3 §4.1)."""
+
+MAX_READ_REGISTERS: Final = 125
+MAX_READ_BITS: Final = 2000
+MAX_WRITE_REGISTERS: Final = 123
+MAX_WRITE_COILS: Final = 1968
+
+MBAP = struct.Struct(">HHHB")
+"""MBAP header (TCP/IP Guide V1.0b §3.1.3): transaction id, protocol id (0), length
+(bytes that follow the length field: unit id + PDU), unit id — 7 bytes."""
+
+_FC_ADDR_QTY = struct.Struct(">BHH")  # fc, address, quantity|value (requests, echoes)
+_FC_ADDR_QTY_N = struct.Struct(">BHHB")  # fc, address, quantity, byte count (FC 15/16)
+_CRC = struct.Struct("<H")
+_REGISTERS = tuple(struct.Struct(f">{n}H") for n in range(MAX_READ_REGISTERS + 1))
+_BITS = tuple(tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256))
+
+# Kinds of request, i.e. how the normal response is checked.
+_READ_BITS: Final = 0
+_READ_REGISTERS: Final = 1
+_WRITE_SINGLE: Final = 2
+_WRITE_MULTIPLE: Final = 3
+
+
+class Request:
+    """An immutable request PDU together with what its response must look like.
+
+    Build one with :func:`read_request`, :func:`write_registers_request` or
+    :func:`write_coils_request`; ``pdu`` is the request PDU (function code first),
+    ``address``/``count`` the 0-based protocol address and the quantity.
+    """
+
+    __slots__ = ("_kind", "address", "count", "function_code", "pdu")
+
+    def __init__(self, kind: int, function_code: int, address: int, count: int, pdu: bytes):
+        self._kind = kind
+        self.function_code = function_code
+        self.address = address
+        self.count = count
+        self.pdu = pdu
+
+    def __repr__(self) -> str:
+        return f"Request(fc={self.function_code}, address={self.address}, count={self.count})"
+
+    def parse(self, buf: Buffer, start: int, end: int) -> Values | None:
+        """Check the response PDU ``buf[start:end]`` against this request and decode it.
+
+        Returns the registers (``list[int]``, exactly ``count``) or bits
+        (``list[bool]``, exactly ``count``, first address first) of a read, None for a
+        write. Raises :class:`ModbusExceptionError` for an exception response and
+        :class:`ModbusFrameError` for a wrong function code, a wrong length or byte
+        count, or a write echo that does not match the request.
+        """
+        size = end - start
+        if size < 2:
+            raise ModbusFrameError(f"response PDU of {size} bytes is too short")
+        fc = buf[start]
+        if fc != self.function_code:
+            if fc == self.function_code | 0x80:
+                if size != 2:
+                    raise ModbusFrameError(f"exception response of {size} bytes, expected 2")
+                raise ModbusExceptionError(self.function_code, buf[start + 1])
+            raise ModbusFrameError(f"function code {fc} in response to {self.function_code}")
+        kind = self._kind
+        if kind <= _READ_REGISTERS:
+            byte_count = buf[start + 1]
+            expected = 2 * self.count if kind == _READ_REGISTERS else (self.count + 7) >> 3
+            if byte_count != expected:
+                raise ModbusFrameError(
+                    f"byte count {byte_count}, expected {expected} for {self.count} "
+                    f"{'registers' if kind == _READ_REGISTERS else 'bits'}"
+                )
+            if size != 2 + byte_count:
+                raise ModbusFrameError(f"read response of {size} bytes, expected {2 + byte_count}")
+            if kind == _READ_REGISTERS:
+                return list(_REGISTERS[self.count].unpack_from(buf, start + 2))
+            bits: list[bool] = []
+            for i in range(start + 2, end):
+                bits.extend(_BITS[buf[i]])
+            del bits[self.count :]
+            return bits
+        echo = self.pdu if kind == _WRITE_SINGLE else self.pdu[:5]
+        if size != 5 or buf[start:end] != echo:
+            raise ModbusFrameError(
+                f"write response {bytes(buf[start:end]).hex()} does not echo {echo.hex()}"
+            )
+        return None
+
+
+def _check_range(address: int, count: int, limit: int, what: str) -> None:
+    if not 1 <= count <= limit:
+        raise ValueError(f"{what}: quantity {count} outside 1..{limit}")
+    if address < 0 or address + count > 0x10000:
+        raise ValueError(f"{what}: addresses {address}..{address + count - 1} outside 0..65535")
+
+
+@lru_cache(maxsize=4096)
+def read_request(function_code: int, address: int, count: int) -> Request:
+    """A read of ``count`` items from ``address`` (0-based protocol address).
+
+    Function codes (Application Protocol V1.1b3 §6.1–§6.4): 1 coils, 2 discrete
+    inputs (1..2000 bits), 3 holding registers, 4 input registers (1..125 registers).
+    Request PDU: fc u8, address u16 BE, quantity u16 BE. Raises ValueError for
+    another function code or a quantity or address range outside those limits.
+    Results are cached: equal arguments give the same object.
+    """
+    if function_code in (1, 2):
+        kind, limit = _READ_BITS, MAX_READ_BITS
+    elif function_code in (3, 4):
+        kind, limit = _READ_REGISTERS, MAX_READ_REGISTERS
+    else:
+        raise ValueError(f"function code {function_code} is not a read (1, 2, 3, 4)")
+    _check_range(address, count, limit, f"read fc {function_code}")
+    return Request(
+        kind, function_code, address, count, _FC_ADDR_QTY.pack(function_code, address, count)
+    )
+
+
+def write_registers_request(address: int, values: Sequence[int]) -> Request:
+    """A write of holding registers: FC 6 for one value, FC 16 for 2..123.
+
+    FC 6 (V1.1b3 §6.6): fc, address u16, value u16; the response echoes the request.
+    FC 16 (§6.12): fc, address u16, quantity u16, byte count u8 (2 × quantity), values
+    u16 BE; the response echoes fc, address, quantity. Values must be 0..65535;
+    raises ValueError otherwise or for an empty or too long ``values``.
+    """
+    count = len(values)
+    _check_range(address, count, MAX_WRITE_REGISTERS, "write registers")
+    for v in values:
+        if not 0 <= v <= 0xFFFF:
+            raise ValueError(f"register value {v} outside 0..65535")
+    if count == 1:
+        return Request(_WRITE_SINGLE, 6, address, 1, _FC_ADDR_QTY.pack(6, address, values[0]))
+    pdu = _FC_ADDR_QTY_N.pack(16, address, count, 2 * count) + _REGISTERS[count].pack(*values)
+    return Request(_WRITE_MULTIPLE, 16, address, count, pdu)
+
+
+def write_coils_request(address: int, values: Sequence[bool]) -> Request:
+    """A write of coils: FC 5 for one value, FC 15 for 2..1968.
+
+    FC 5 (V1.1b3 §6.5): fc, address u16, 0xFF00 (on) or 0x0000 (off); the response
+    echoes the request. FC 15 (§6.11): fc, address u16, quantity u16, byte count u8,
+    bits packed LSB-first (first coil = bit 0 of the first byte, unused high bits 0);
+    the response echoes fc, address, quantity. Raises ValueError for an empty or too
+    long ``values`` or an address range past 65535.
+    """
+    count = len(values)
+    _check_range(address, count, MAX_WRITE_COILS, "write coils")
+    if count == 1:
+        return Request(
+            _WRITE_SINGLE, 5, address, 1, _FC_ADDR_QTY.pack(5, address, 0xFF00 if values[0] else 0)
+        )
+    packed = bytearray((count + 7) >> 3)
+    for i, v in enumerate(values):
+        if v:
+            packed[i >> 3] |= 1 << (i & 7)
+    pdu = _FC_ADDR_QTY_N.pack(15, address, count, len(packed)) + packed
+    return Request(_WRITE_MULTIPLE, 15, address, count, pdu)
+
+
+def mbap_adu(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:
+    """MBAP header + PDU (TCP/IP Guide V1.0b §3.1.3); protocol id 0, length = 1 + len(pdu)."""
+    return MBAP.pack(transaction_id, 0, len(pdu) + 1, unit_id) + pdu
+
+
+def _make_crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE = _make_crc_table()
+
+
+def crc16(data: Buffer, start: int = 0, end: int | None = None) -> int:
+    """CRC-16/MODBUS of ``data[start:end]`` (Serial Line V1.02 §6.2.2).
+
+    Reflected polynomial 0xA001 (0x8005), initial value 0xFFFF, no final XOR,
+    table-driven. The CRC is sent low byte first; a frame that ends with its own
+    correct CRC therefore has a CRC of 0 over the whole frame.
+    """
+    crc = 0xFFFF
+    table = _CRC_TABLE
+    for i in range(start, len(data) if end is None else end):
+        crc = (crc >> 8) ^ table[(crc ^ data[i]) & 0xFF]
+    return crc
+
+
+def rtu_adu(unit_id: int, pdu: bytes) -> bytes:
+    """RTU ADU (Serial Line V1.02 §2.5.1): unit id u8 + PDU + CRC-16 little-endian."""
+    frame = bytes((unit_id,)) + pdu
+    return frame + _CRC.pack(crc16(frame))
+
+
+def rtu_response_length(buf: Buffer, start: int = 0) -> int | None:
+    """Total length of the RTU response frame that begins at ``buf[start]``.
+
+    Needs the first 3 bytes (unit id, function code, byte count or address high).
+    Exception (fc ≥ 0x80): 5; reads (fc 1–4): 5 + byte count; writes (5, 6, 15, 16): 8.
+    Returns None for any other function code: the frame cannot be delimited.
+    """
+    fc = buf[start + 1]
+    if fc & 0x80:
+        return 5
+    if 1 <= fc <= 4:
+        return 5 + buf[start + 2]
+    if fc in (5, 6, 15, 16):
+        return 8
+    return None
+
+
+def rtu_silence(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
+    """The inter-frame silence t3.5 in seconds (Serial Line V1.02 §2.5.1.1).
+
+    3.5 character times (start + data + parity + stop bits per character); fixed at
+    1.75 ms above 19200 baud.
+    """
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * (1 + bytesize + (parity.upper() != "N") + stopbits) / baudrate

@@ -46,7 +46,8 @@ def parse(path: Path) -> list[tuple[list[str], int]]:
         if not count.isdigit():
             continue
         frames = [
-            f for f in body.split(";")
+            f
+            for f in body.split(";")
             if f and not f.startswith(("process ", "thread ")) and f.strip()
         ]
         stacks.append((frames, int(count)))

@@ -64,6 +64,10 @@ DECODE_CASES: list[tuple[str, Visitor, list[int], Value]] = [
     ("f32 max", reg(F32), [0x7F7F, 0xFFFF], 3.4028235e38),
     ("f32 min subnormal", reg(F32), [0x0000, 0x0001], 1e-45),
     ("f32 16777216", reg(F32), [0x4B80, 0x0000], 16777216.0),
+    ("f32 16777218 needs 8 digits", reg(F32), [0x4B80, 0x0001], 16777218.0),
+    ("f32 1.0000001", reg(F32), [0x3F80, 0x0001], 1.0000001),
+    ("f32 0.099999994", reg(F32), [0x3DCC, 0xCCCC], 0.099999994),
+    ("f32 zero", reg(F32), [0x0000, 0x0000], 0.0),
     # int16 / uint16
     ("i16 1", reg(RawType.INT16), [0x0001], 1),
     ("i16 max", reg(RawType.INT16), [0x7FFF], 32767),

@@ -193,7 +193,7 @@ def _word_formats(visitor: Visitor, code: str) -> tuple[struct.Struct, struct.St
     each word's bytes. So: pack '<' iff exactly one swap is set, unpack '<' iff
     the register swap is set (2×2 cases, checked against KubeEdge patterns in tests).
     """
-    count = visitor.raw_type.register_count or visitor.limit
+    count = visitor.limit  # == register_count, checked by _check_register_limit
     pack_order = "<" if visitor.is_swap != visitor.is_register_swap else ">"
     unpack_order = "<" if visitor.is_register_swap else ">"
     return struct.Struct(pack_order + "H" * count), struct.Struct(unpack_order + code)
@@ -202,7 +202,7 @@ def _word_formats(visitor: Visitor, code: str) -> tuple[struct.Struct, struct.St
 def _integer_reader(visitor: Visitor) -> _Reader:
     raw = visitor.raw_type
     if raw is RawType.UINT16 and not visitor.is_swap:
-        return lambda data, index: int(data[index])
+        return lambda data, index: data[index]
     if raw is RawType.INT16 and not visitor.is_swap:
         return lambda data, index: data[index] - ((data[index] & 0x8000) << 1)
     return _unpacking_reader(*_word_formats(visitor, _STRUCT_CODE[raw]), int)
@@ -252,9 +252,15 @@ def _float_reader(visitor: Visitor) -> _FloatReader:
         return read64
     pack, unpack = packer.pack, unpacker.unpack
     shortest = _shortest_float32
+    f32_pack, f32_unpack = _FLOAT32.pack, _FLOAT32.unpack
+    normal, largest = _FLOAT32_MIN_NORMAL, _FLOAT32_MAX
 
     def read32(data: _Data, index: int) -> float:
         value: float = unpack(pack(data[index], data[index + 1]))[0]
+        # most readings are short decimals: 6 digits, inlined (see _shortest_float32)
+        short = float(format(value, ".6g"))
+        if f32_unpack(f32_pack(short))[0] == value and normal <= abs(value) <= largest:
+            return short
         if isfinite(value):
             return shortest(value)
         raise _not_finite(raw, value, data[index : index + 2])
@@ -262,19 +268,21 @@ def _float_reader(visitor: Visitor) -> _FloatReader:
     return read32
 
 
-_NORMAL_DIGITS = (".6g", ".7g", ".8g")
-_SUBNORMAL_DIGITS = (".1g", ".2g", ".3g", ".4g", ".5g", *_NORMAL_DIGITS)
+_LONGER_DIGITS = (".7g", ".8g")
+_SUBNORMAL_DIGITS = (".1g", ".2g", ".3g", ".4g", ".5g", ".6g", *_LONGER_DIGITS)
 
 
 def _shortest_float32(value: float) -> float:
-    """The float64 of the shortest decimal that round-trips to float32 ``value``.
+    """The float64 of the shortest decimal that round-trips to the finite float32
+    ``value``, when 6 digits did not (or ``value`` is zero or subnormal).
 
-    For a normal float32 (relative half-ulp ≤ 6e-8) a decimal of ≤ 6 digits that
-    round-trips is also what 6-digit rounding yields, so the search starts at 6
-    digits; subnormals have fewer bits and start at 1. 9 digits always round-trip.
+    For a normal float32 (relative half-ulp <= 6e-8, far below the 6-digit spacing
+    of >= 1e-6) a round-tripping decimal of <= 6 digits is exactly what rounding to
+    6 digits yields, so the decoder tries 6 digits first and this search goes on at
+    7; zero and subnormals have fewer bits and start at 1. 9 digits always round-trip.
     """
     pack, unpack = _FLOAT32.pack, _FLOAT32.unpack
-    for digits in _NORMAL_DIGITS if abs(value) >= _FLOAT32_MIN_NORMAL else _SUBNORMAL_DIGITS:
+    for digits in _LONGER_DIGITS if abs(value) >= _FLOAT32_MIN_NORMAL else _SUBNORMAL_DIGITS:
         candidate = float(format(value, digits))
         if unpack(pack(candidate))[0] == value:
             return candidate

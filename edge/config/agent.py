@@ -1,0 +1,276 @@
+"""The agent file ``edge.yaml``: node name, uplink, store, web, trust, plugins, policy.
+
+The top-level keys are fixed by DESIGN.md §3 so that operators' files keep working;
+sections are added, never renamed. Every setting has a default except ``node``.
+Unknown keys are errors. Relative paths are resolved against the directory of the
+agent file. ``store``, ``web``, ``trust``, ``plugins`` and ``policy`` are only checked
+for shape until their features exist.
+
+Example (every key shown with its default)::
+
+    node: gw-01                     # required; one MQTT topic level
+    devices: []                     # KubeEdge manifest files or directories
+    uplink:
+      host: 127.0.0.1
+      port: 1883
+      qos: 1                        # 0 or 1
+      topic_prefix: edge/v1/{node}
+      client_id: null               # null = edge-{node}
+      keepalive: 30                 # seconds
+      tls: {ca: null, cert: null, key: null}
+      username: null
+      password_file: null
+    store: {path: /var/lib/edge/edge.db, max_bytes: 268435456, ttl: 7d}
+    web: {listen: 127.0.0.1:8080}
+    trust: {keys: []}
+    plugins: {dir: ./plugins}
+    policy: {mode: audit}           # audit | enforce
+    modbus: {backoff_initial_ms: 500, backoff_max_ms: 30000, connect_timeout_ms: 3000}
+    log: {level: info}              # debug | info | warning | error
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from edge.config.sources import Report, Where
+
+_DURATION_PART = re.compile(r"(\d+)([dhms])")
+_SECONDS_PER_UNIT = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    value = value.expanduser()
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    if base is None or value.is_absolute():
+        return value
+    return Path(base) / value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+"""A path; relative ones are resolved against the agent file's directory."""
+
+
+def _duration_seconds(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    text = value.replace(" ", "")
+    if text.isdigit():
+        return int(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(
+            f"{value!r} is not a duration; use e.g. 7d, 12h, 30m, 45s, 1h30m or seconds"
+        )
+    return sum(int(n) * _SECONDS_PER_UNIT[u] for n, u in parts)
+
+
+Duration = Annotated[int, BeforeValidator(_duration_seconds), Field(gt=0)]
+"""Seconds, written as a number or as ``7d`` / ``12h`` / ``30m`` / ``45s`` (combinable)."""
+
+
+def _topic_level(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    bad = [c for c in "/+#\0" if c in value]
+    if bad:
+        raise ValueError(f"must be one MQTT topic level, without {' '.join(map(repr, bad))}")
+    return value
+
+
+def _publish_topic(value: str) -> str:
+    if not value or "+" in value or "#" in value:
+        raise ValueError("must be a non-empty MQTT topic without the wildcards + and #")
+    return value
+
+
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("must be host:port, e.g. 127.0.0.1:8080 or [::1]:8080")
+    return value
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class _Section(BaseModel):
+    """Base of every agent-file section: unknown keys are errors, defaults are checked,
+    an absent or null sub-section means all of its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sections(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            return data
+        missing: dict[str, object] = {
+            name: {}
+            for name, field in cls.model_fields.items()
+            if isinstance(field.annotation, type)
+            and issubclass(field.annotation, BaseModel)
+            and data.get(name) is None
+        }
+        return {**data, **missing}
+
+
+class TlsConfig(_Section):
+    """``uplink.tls``: CA bundle to verify the broker, client certificate and key for
+    mTLS (PEM files). ``cert`` and ``key`` are given together or not at all."""
+
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: give both or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when any TLS setting is given (the connection then uses TLS)."""
+        return any(p is not None for p in (self.ca, self.cert, self.key))
+
+
+class UplinkConfig(_Section):
+    """``uplink``: the MQTT broker readings are published to (DESIGN.md §5).
+
+    ``qos`` is 0 or 1; ``keepalive`` is seconds; ``topic_prefix`` may contain
+    ``{node}``; ``client_id`` None means ``edge-{node}``; ``password_file`` holds the
+    password (first line) so that it stays out of the agent file.
+    """
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    qos: Literal[0, 1] = 1
+    topic_prefix: Annotated[str, AfterValidator(_publish_topic)] = "edge/v1/{node}"
+    client_id: str | None = Field(default=None, min_length=1)
+    keepalive: int = Field(default=30, ge=1, le=65535)
+    tls: TlsConfig = TlsConfig()
+    username: str | None = None
+    password_file: ConfigPath | None = None
+
+
+class StoreConfig(_Section):
+    """``store``: the SQLite file, its size cap in bytes, how long readings are kept (s)."""
+
+    path: ConfigPath = Path("/var/lib/edge/edge.db")
+    max_bytes: int = Field(default=268_435_456, gt=0)
+    ttl: Duration = 7 * 86_400
+
+
+class WebConfig(_Section):
+    """``web``: the local status page's ``host:port``."""
+
+    listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8080"
+
+
+class TrustConfig(_Section):
+    """``trust``: Ed25519 public keys (PEM files) trusted for bundles and plugins."""
+
+    keys: list[ConfigPath] = []
+
+
+class PluginsConfig(_Section):
+    """``plugins``: the directory of WASM plugins and their manifests."""
+
+    dir: ConfigPath = Path("plugins")
+
+
+class PolicyConfig(_Section):
+    """``policy``: the eBPF network policy mode."""
+
+    mode: Literal["audit", "enforce"] = "audit"
+
+
+class ModbusConfig(_Section):
+    """``modbus``: connection behaviour shared by every endpoint, in milliseconds.
+
+    Reconnects back off exponentially (with jitter) from ``backoff_initial_ms`` to
+    ``backoff_max_ms``; ``connect_timeout_ms`` bounds one TCP connect or serial open.
+    """
+
+    backoff_initial_ms: int = Field(default=500, gt=0)
+    backoff_max_ms: int = Field(default=30_000, gt=0)
+    connect_timeout_ms: int = Field(default=3_000, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> ModbusConfig:
+        if self.backoff_initial_ms > self.backoff_max_ms:
+            raise ValueError("backoff_initial_ms must not be greater than backoff_max_ms")
+        return self
+
+
+class LogConfig(_Section):
+    """``log``: the log level."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AgentFile(_Section):
+    """The whole agent file (DESIGN.md §3). Only ``node`` is required.
+
+    ``node`` names the gateway: one MQTT topic level (no ``/``, ``+``, ``#``), also
+    matched against a Device's ``spec.nodeName``. ``devices`` lists KubeEdge manifest
+    files or directories (a single string is one entry).
+    """
+
+    node: Annotated[str, AfterValidator(_topic_level)]
+    devices: Annotated[list[ConfigPath], BeforeValidator(_as_list)] = []
+    uplink: UplinkConfig = UplinkConfig()
+    store: StoreConfig = StoreConfig()
+    web: WebConfig = WebConfig()
+    trust: TrustConfig = TrustConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    modbus: ModbusConfig = ModbusConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def topic_prefix(self) -> str:
+        """``uplink.topic_prefix`` with ``{node}`` filled in, e.g. ``edge/v1/gw-01``."""
+        return self.uplink.topic_prefix.replace("{node}", self.node)
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: ``uplink.client_id`` or ``edge-{node}``."""
+        return self.uplink.client_id or f"edge-{self.node}"
+
+
+def parse_agent(data: object, *, file: str, base_dir: Path, report: Report) -> AgentFile | None:
+    """Validate the parsed YAML of an agent file.
+
+    Relative paths are resolved against ``base_dir``. Problems (field paths like
+    ``uplink.port``) go to ``report`` against ``file``; returns None if there are any.
+    """
+    where = Where(file)
+    if not isinstance(data, dict):
+        got = "empty" if data is None else f"a {type(data).__name__}"
+        report.error(
+            where, "", f"must be a mapping of settings (node is required), but it is {got}"
+        )
+        return None
+    try:
+        return AgentFile.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as err:
+        report.validation_error(err, where, "", model=AgentFile)
+        return None

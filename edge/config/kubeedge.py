@@ -1,0 +1,322 @@
+"""KubeEdge Device and DeviceModel manifests → :class:`~edge.config.model.DeviceSpec`.
+
+Reads ``devices.kubeedge.io`` objects (v1beta1 in the ≤1.22 and 1.23 layouts, v1alpha2;
+DESIGN.md §3) from multi-document YAML files and directories, resolves every Device
+against its DeviceModel (same namespace, across all files read), merges the model's
+defaults under the device's values, and checks it all. Every problem names file,
+document, object and field; all are collected, and one error means nothing is applied.
+
+Modules: :mod:`edge.config.kubeedge_v1beta1` and :mod:`edge.config.kubeedge_v1alpha2`
+read the documents into the version-neutral shapes of :mod:`edge.config.kubeedge_docs`;
+:mod:`edge.config.kubeedge_modbus` checks the Modbus ``configData``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.config.kubeedge_docs import (
+    DEFAULT_CYCLE_MS,
+    GROUP,
+    VERSIONS,
+    BrokenDoc,
+    DeviceDoc,
+    Metadata,
+    ModelDoc,
+    ModelProperty,
+    ParsedObject,
+    PropertyEntry,
+    validate_shape,
+)
+from edge.config.kubeedge_modbus import Connection, parse_connection, parse_visitor
+from edge.config.kubeedge_v1alpha2 import device_v1alpha2, model_v1alpha2
+from edge.config.kubeedge_v1beta1 import device_v1beta1, model_v1beta1
+from edge.config.model import AccessMode, DeviceSpec, MethodSpec, ModbusOptions, PropertySpec
+from edge.config.sources import (
+    Document,
+    Report,
+    Where,
+    expand_manifest_paths,
+    join_field,
+    or_list,
+    read_yaml_documents,
+)
+
+_Parser = Callable[[Mapping[str, Any], Metadata, Where, Report], ModelDoc | DeviceDoc | None]
+_PARSERS: dict[tuple[str, str], _Parser] = {
+    ("v1beta1", "Device"): device_v1beta1,
+    ("v1beta1", "DeviceModel"): model_v1beta1,
+    ("v1alpha2", "Device"): device_v1alpha2,
+    ("v1alpha2", "DeviceModel"): model_v1alpha2,
+}
+_DEFAULT_OPTIONS = ModbusOptions()
+_SKIPPED_KINDS = {("v1beta1", "DeviceStatus")}  # 1.23: twins and state, written by edgecore
+
+
+def _parse_object(data: object, where: Where, report: Report) -> ParsedObject | None:
+    if not isinstance(data, dict):
+        got = type(data).__name__
+        report.error(where, where.field(), f"must be a mapping (a Kubernetes object), got {got}")
+        return None
+    api, kind = data.get("apiVersion"), str(data.get("kind"))
+    group, _, version = str(api).partition("/")
+    if group != GROUP or version not in VERSIONS:
+        report.warning(
+            where,
+            where.field("apiVersion"),
+            f"apiVersion {api!r} (kind {kind}) is not {GROUP}/{or_list(VERSIONS)}; ignored",
+        )
+        return None
+    if (version, kind) in _SKIPPED_KINDS:
+        return None
+    parser = _PARSERS.get((version, kind))
+    if parser is None:
+        known = sorted(k for v, k in (*_PARSERS, *_SKIPPED_KINDS) if v == version)
+        report.error(
+            where,
+            where.field("kind"),
+            f"kind {kind!r} is not known in {api}; accepted: {', '.join(known)}",
+        )
+        return None
+    unnamed = Where(where.file, where.document, f"{kind} (unnamed)", where.prefix)
+    meta = validate_shape(Metadata, data.get("metadata"), unnamed, where.field("metadata"), report)
+    if meta is None:
+        return BrokenDoc(kind, None, None, unnamed)
+    named = Where(where.file, where.document, f"{kind} {meta.namespace}/{meta.name}", where.prefix)
+    parsed = parser(data, meta, named, report)
+    return BrokenDoc(kind, meta.namespace, meta.name, named) if parsed is None else parsed
+
+
+def parse_objects(documents: Iterable[Document], report: Report) -> list[ParsedObject]:
+    """The Device and DeviceModel objects in ``documents``, in order.
+
+    Objects of other API groups or versions are ignored with a warning; an unknown kind
+    in ``devices.kubeedge.io`` is an error; 1.23 DeviceStatus objects are skipped. A
+    ``kind: List`` (``apiVersion: v1``, as ``kubectl get -o yaml`` writes) is read item
+    by item, with field paths under ``items[i]``.
+    """
+    objects: list[ParsedObject] = []
+    for doc in documents:
+        data = doc.data
+        items: list[tuple[object, Where]] = [(data, Where(doc.file, doc.index))]
+        if isinstance(data, dict) and data.get("apiVersion") == "v1" and data.get("kind") == "List":
+            listed = data.get("items")
+            items = [
+                (item, Where(doc.file, doc.index, prefix=join_field("items", i)))
+                for i, item in enumerate(listed if isinstance(listed, list) else [])
+            ]
+        for item, where in items:
+            parsed = _parse_object(item, where, report)
+            if parsed is not None:
+                objects.append(parsed)
+    return objects
+
+
+def _source(where: Where) -> str:
+    return f"{where.file}: document {where.document}"
+
+
+def _kind(obj: ParsedObject) -> str:
+    if isinstance(obj, BrokenDoc):
+        return obj.kind
+    return "Device" if isinstance(obj, DeviceDoc) else "DeviceModel"
+
+
+def _index(
+    objects: Iterable[ParsedObject], kind: str, report: Report
+) -> dict[tuple[str, str], ParsedObject]:
+    """Objects of ``kind`` by (namespace, name); a second one of the same name is an error."""
+    index: dict[tuple[str, str], ParsedObject] = {}
+    for obj in objects:
+        if _kind(obj) != kind or obj.namespace is None or obj.name is None:
+            continue
+        key = (obj.namespace, obj.name)
+        first = index.setdefault(key, obj)
+        if first is not obj:
+            report.error(
+                obj.where,
+                obj.where.field("metadata", "name"),
+                f"duplicate {kind} "
+                f"{obj.namespace}/{obj.name}: already defined in {_source(first.where)}",
+            )
+    return index
+
+
+def _property(
+    model_prop: ModelProperty,
+    entry: PropertyEntry | None,
+    device: DeviceDoc,
+    connection: Connection | None,
+    report: Report,
+) -> PropertySpec | None:
+    config = {**(model_prop.visitor or {}), **((entry.visitor if entry else None) or {})}
+    if not config:
+        report.warning(
+            device.where,
+            entry.field if entry else device.where.field("spec"),
+            f"property {model_prop.name!r} has no Modbus visitor (neither in the "
+            "DeviceModel nor in this Device); not polled",
+        )
+        return None
+    if entry is not None and entry.visitor is not None:
+        where, field = device.where, entry.visitor_field
+    else:
+        where, field = model_prop.where, model_prop.visitor_field
+    read = parse_visitor(
+        config,
+        where,
+        field,
+        report,
+        model=model_prop,
+        options=connection.options if connection else _DEFAULT_OPTIONS,
+    )
+    if read is None:
+        return None
+    if model_prop.access_mode is AccessMode.READ_WRITE and not read.visitor.table.writable:
+        report.warning(
+            where,
+            field,
+            f"property {model_prop.name!r} is ReadWrite but "
+            f"{read.visitor.table} cannot be written; it is only read",
+        )
+    return PropertySpec(
+        name=model_prop.name,
+        visitor=read.visitor,
+        value_type=read.value_type,
+        access_mode=model_prop.access_mode,
+        collect_cycle_ms=entry.collect_cycle_ms if entry else DEFAULT_CYCLE_MS,
+        report_cycle_ms=entry.report_cycle_ms if entry else DEFAULT_CYCLE_MS,
+        report_to_cloud=entry.report_to_cloud if entry else True,
+        minimum=read.minimum,
+        maximum=read.maximum,
+        unit=model_prop.unit,
+        desired=entry.desired if entry else None,
+        push_mqtt=entry.push_mqtt if entry else None,
+    )
+
+
+def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[MethodSpec, ...]:
+    names = {p.name for p in model.properties}
+    for method in device.methods:
+        for i, name in enumerate(method.property_names):
+            if name not in names:
+                report.error(
+                    device.where,
+                    join_field(method.field, "propertyNames", i),
+                    f"method {method.name!r} names property {name!r}, which DeviceModel "
+                    f"{model.namespace}/{model.name} does not have; it has: "
+                    f"{', '.join(sorted(names)) or 'none'}",
+                )
+    return tuple(MethodSpec(m.name, m.property_names, m.description) for m in device.methods)
+
+
+def _device(
+    device: DeviceDoc,
+    models: Mapping[tuple[str, str], ParsedObject],
+    node: str | None,
+    report: Report,
+) -> DeviceSpec | None:
+    where = device.where
+    if node and device.node_name and device.node_name != node:
+        report.warning(
+            where,
+            where.field("spec", "nodeName"),
+            f"belongs to node {device.node_name!r}, not to this gateway ({node!r}); skipped",
+        )
+        return None
+    model = models.get((device.namespace, device.model_name))
+    if not isinstance(model, ModelDoc):
+        if model is None:  # a broken model has been reported already
+            known = sorted(name for ns, name in models if ns == device.namespace)
+            report.error(
+                where,
+                where.field("spec", "deviceModelRef", "name"),
+                f"DeviceModel {device.namespace}/{device.model_name} is not in the "
+                f"manifests read; DeviceModels in namespace {device.namespace}: "
+                f"{', '.join(known) or 'none'}",
+            )
+        return None
+    protocol = device.protocol or model.protocol
+    if protocol != "modbus":
+        named = f"protocol {protocol!r} is not supported" if protocol else "no protocol is named"
+        report.warning(
+            where,
+            where.field("spec", "protocol"),
+            f"{named} (edge speaks modbus: "
+            "spec.protocol.protocolName or the DeviceModel's spec.protocol); skipped",
+        )
+        return None
+    connection = parse_connection(
+        {**model.protocol_config, **device.config}, where, device.config_field, report
+    )
+    model_props = {p.name: p for p in model.properties}
+    entries = {}
+    for entry in device.properties:
+        if entry.name in model_props:
+            entries[entry.name] = entry
+        else:
+            report.error(
+                where,
+                entry.field,
+                f"property {entry.name!r} is not in DeviceModel "
+                f"{model.namespace}/{model.name}; it has: "
+                f"{', '.join(model_props) or 'none'}",
+            )
+    properties = [
+        prop
+        for model_prop in model.properties
+        if (prop := _property(model_prop, entries.get(model_prop.name), device, connection, report))
+        is not None
+    ]
+    methods = _methods(device, model, report)
+    if connection is None:
+        return None
+    if not properties:
+        report.warning(where, where.field("spec"), "no property is polled")
+    return DeviceSpec(
+        namespace=device.namespace,
+        name=device.name,
+        model=model.name,
+        endpoint=connection.endpoint,
+        unit_id=connection.unit_id,
+        properties=tuple(properties),
+        options=connection.options,
+        methods=methods,
+        source=_source(where),
+    )
+
+
+def build_devices(
+    objects: Iterable[ParsedObject], *, node: str | None, report: Report
+) -> list[DeviceSpec]:
+    """Resolve every Device of ``objects`` against its DeviceModel into a DeviceSpec.
+
+    ``node`` is this gateway's name: a v1beta1 Device whose ``spec.nodeName`` names
+    another node is skipped with a warning (None: no filter). Devices of other
+    protocols are skipped with a warning. Problems go to ``report``; the list is only
+    meaningful when it has no errors.
+    """
+    objects = list(objects)
+    models = _index(objects, "DeviceModel", report)
+    devices = _index(objects, "Device", report)
+    specs = []
+    for device in devices.values():
+        if isinstance(device, DeviceDoc):
+            spec = _device(device, models, node, report)
+            if spec is not None:
+                specs.append(spec)
+    return specs
+
+
+def read_manifests(
+    paths: Sequence[Path], *, node: str | None, report: Report
+) -> tuple[list[DeviceSpec], list[str]]:
+    """Read manifest files and directories (``*.yaml``/``*.yml``, recursive, sorted) and
+    build their devices; returns ``(devices, files read)``. Problems go to ``report``;
+    the devices are only meaningful when it has no errors."""
+    files = expand_manifest_paths(paths, report)
+    documents = [doc for file in files for doc in read_yaml_documents(file, report)]
+    objects = parse_objects(documents, report)
+    return build_devices(objects, node=node, report=report), [str(f) for f in files]

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The benchmark: edge and the peer (ThingsBoard IoT Gateway) on one scenario, one
+# after the other on this machine, same duration, same simulator and harness.
+#
+# Usage: bench/run.sh s1|s2|all [SECONDS=60]
+#   s1 = 10 devices x 50 tags @ 100 ms, s2 = 100 devices x 20 tags @ 1 s
+#
+# Per scenario, in this order (each with its own throwaway broker and simulator):
+#   1. edge   : `edge run -c edge.yaml` under the shared measure.py
+#               -> bench/results/edge-<scenario>-<date>.json
+#   2. peer   : the shared peers/thingsboard/run.sh, once per storage in PEER_STORAGES
+#               -> bench/results/thingsboard-<scenario>-<storage>-<date>.json
+#   3. report : bench/report.py -> bench/results/REPORT.md
+#
+# Env (all optional):
+#   EDGE_BENCH_SHARED  the shared harness (default: <repo>/../shared/bench), used in place
+#   EDGE_BIN           the agent (default: <repo>/.venv/bin/edge)
+#   PEER_STORAGES      "memory sqlite" (default); "" skips the peer
+#   SIM_MODE           ports (default: one port per device) | units (one port, unit ids)
+#   BROKER_PORT        first port tried for edge's broker (18861); peers from +10, +20
+#   SIM_BASE_PORT      first port tried for edge's simulator (16300); peers from +300, +600
+#   WARMUP             seconds after the first reading left out of rates (5, as the peer)
+#   RESULTS            where results go (default: bench/results)
+#   PROFILE=1          after edge's measured run, run it again for PROFILE_SECONDS (30)
+#                      under py-spy (PYSPY, default /tmp/venv-pyspy/bin/py-spy) and write
+#                      bench/results/edge-<scenario>-<date>-profile.md
+#   RUN_ID             pairs the runs of one invocation (default: a UTC timestamp)
+# Only 127.0.0.1 is used. Everything started here is stopped by PID.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+SHARED="${EDGE_BENCH_SHARED:-$REPO/../shared/bench}"
+SHARED="$(cd "$SHARED" && pwd)"
+SCEN="${1:?usage: bench/run.sh s1|s2|all [SECONDS]}"
+DUR="${2:-60}"
+export RUN_ID="${RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}"
+
+if [ "$SCEN" = all ]; then
+  "$0" s1 "$DUR"
+  "$0" s2 "$DUR"
+  exit 0
+fi
+case "$SCEN" in s1|s2) ;; *) echo "unknown scenario $SCEN (s1|s2|all)" >&2; exit 2 ;; esac
+
+EDGE_BIN="${EDGE_BIN:-$REPO/.venv/bin/edge}"
+PEER_STORAGES="${PEER_STORAGES-memory sqlite}"
+SIM_MODE="${SIM_MODE:-ports}"
+BROKER_PORT0="${BROKER_PORT:-18861}"
+SIM_BASE_PORT0="${SIM_BASE_PORT:-16300}"
+WARMUP="${WARMUP:-5}"
+RESULTS="${RESULTS:-$HERE/results}"
+PYSPY="${PYSPY:-/tmp/venv-pyspy/bin/py-spy}"
+PROFILE_SECONDS="${PROFILE_SECONDS:-30}"
+DATE="$(date +%F)"
+TICK=100  # simulator value tick, ms (as the peer's run.sh)
+mkdir -p "$RESULTS"
+
+[ -x "$EDGE_BIN" ] || { echo "no agent at $EDGE_BIN (pip install -e $REPO into .venv)" >&2; exit 1; }
+[ -x /tmp/venv-bench/bin/python ] || "$SHARED/setup-venvs.sh" bench
+VB=/tmp/venv-bench/bin/python
+
+RUN="$(mktemp -d "/tmp/edge-bench-${SCEN}.XXXXXX")"
+echo "run dir: $RUN" >&2
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# --- ports: a range of free ports per run, so nothing lingering from a run matters
+read -r DEV TAGS POLL EXPECT < <(python3 "$HERE/gen_manifests.py" --out "$RUN/probe" \
+  --scenario "$SCEN" | python3 -c 'import json,sys; d=json.load(sys.stdin);
+print(d["devices"], d["tags_per_device"], d["poll_ms"], d["expected_points_per_s"])')
+rm -rf "$RUN/probe"
+NSIM=$([ "$SIM_MODE" = ports ] && echo "$DEV" || echo 1)
+AVOID=()
+take() {  # COUNT START -> first free base port outside what this run already took
+  python3 "$HERE/free_ports.py" "$1" "$2" "${AVOID[@]}"
+}
+# (take runs in a subshell: callers add what they took to AVOID)
+BROKER_PORT="$(take 1 "$BROKER_PORT0")"; AVOID+=(--avoid "$BROKER_PORT-$BROKER_PORT")
+SIM_BASE_PORT="$(take "$NSIM" "$SIM_BASE_PORT0")"
+AVOID+=(--avoid "$SIM_BASE_PORT-$((SIM_BASE_PORT + NSIM - 1))")
+
+# --- edge
+python3 "$HERE/gen_manifests.py" --out "$RUN" --scenario "$SCEN" --sim-mode "$SIM_MODE" \
+  --sim-base-port "$SIM_BASE_PORT" --broker-port "$BROKER_PORT" >/dev/null
+if ! "$EDGE_BIN" check -c "$RUN/edge.yaml" >"$RUN/check.out" 2>&1; then
+  echo "edge check failed on the generated config:" >&2; cat "$RUN/check.out" >&2; exit 1
+fi
+cat "$RUN/check.out" >&2
+EDGE_VER="$("$EDGE_BIN" --version 2>/dev/null | awk '{print $NF}')"
+GIT_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git -C "$REPO" diff --quiet HEAD -- edge 2>/dev/null || GIT_REV="$GIT_REV+dirty"
+STORE=none; [ -d "$REPO/edge/store" ] && STORE=sqlite
+
+BROKER_PID="$("$SHARED/start-broker.sh" "$BROKER_PORT")"; PIDS+=("$BROKER_PID")
+"$VB" "$SHARED/sim_devices.py" -n "$DEV" --mode "$SIM_MODE" --base-port "$SIM_BASE_PORT" \
+  --tick-ms "$TICK" --stats-file "$RUN/sim-stats.json" --ready-file "$RUN/sim.ready" \
+  --max-seconds $((DUR + PROFILE_SECONDS + 120)) >"$RUN/sim.log" 2>&1 &
+SIM_PID=$!; PIDS+=("$SIM_PID")
+for _ in $(seq 1 100); do [ -f "$RUN/sim.ready" ] && break; sleep 0.1; done
+[ -f "$RUN/sim.ready" ] || { echo "simulator did not start" >&2; cat "$RUN/sim.log" >&2; exit 1; }
+
+OUT="$RESULTS/edge-$SCEN-$DATE.json"
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "=== edge $SCEN (${DUR}s): broker :$BROKER_PORT, simulator :$SIM_BASE_PORT ($SIM_MODE)" >&2
+"$VB" "$SHARED/measure.py" --broker-port "$BROKER_PORT" --duration "$DUR" --warmup "$WARMUP" \
+  --data-topic 'edge/v1/bench/telemetry/#' --format device \
+  --label "edge-${SCEN}-${SIM_MODE}" --out "$OUT" \
+  --agent-log "$RUN/edge.out" --cwd "$RUN" \
+  --watch "broker=$BROKER_PID" --watch "simulator=$SIM_PID" --sim-stats "$RUN/sim-stats.json" \
+  --expect-points-per-s "$EXPECT" --series \
+  --meta "agent=edge $EDGE_VER ($GIT_REV)" --meta "scenario=$SCEN" --meta "storage=$STORE" \
+  --meta "devices=$DEV" --meta "tags_per_device=$TAGS" --meta "poll_ms=$POLL" \
+  --meta "sim_mode=$SIM_MODE" --meta "sim_tick_ms=$TICK" --meta "qos=1" \
+  -- "$EDGE_BIN" run -c "$RUN/edge.yaml" >"$RUN/measure.json"
+python3 "$HERE/annotate.py" "$OUT" "run_id=$RUN_ID" role=edge "scenario=$SCEN" \
+  "storage=$STORE" "loadavg_before=$LOAD_BEFORE" "run_dir=$RUN"
+echo "result: $OUT" >&2
+
+if [ "${PROFILE:-0}" = 1 ]; then
+  [ -x "$PYSPY" ] || { python3 -m venv "$(dirname "$(dirname "$PYSPY")")" \
+    && "$(dirname "$PYSPY")/pip" install -q py-spy; }
+  echo "=== edge $SCEN under py-spy (${PROFILE_SECONDS}s)" >&2
+  (cd "$RUN" && exec "$EDGE_BIN" run -c "$RUN/edge.yaml" >"$RUN/edge-profile.out" 2>&1) &
+  AGENT_PID=$!; PIDS+=("$AGENT_PID")
+  sleep 3  # past start-up: profile the steady state
+  "$PYSPY" record -p "$AGENT_PID" -d "$PROFILE_SECONDS" -r 100 --nonblocking -f raw \
+    -o "$RUN/profile.txt" >"$RUN/py-spy.log" 2>&1 || cat "$RUN/py-spy.log" >&2
+  kill "$AGENT_PID" 2>/dev/null || true
+  wait "$AGENT_PID" 2>/dev/null || true
+  if [ -s "$RUN/profile.txt" ]; then
+    PROF="$RESULTS/edge-$SCEN-$DATE-profile.md"
+    {
+      echo "# py-spy profile: edge, $SCEN, ${PROFILE_SECONDS}s at 100 Hz (run $RUN_ID, $GIT_REV)"
+      echo
+      python3 "$HERE/profile_top.py" "$RUN/profile.txt" --top 25
+    } >"$PROF"
+    echo "profile: $PROF (raw stacks: $RUN/profile.txt)" >&2
+  fi
+fi
+cleanup; PIDS=()
+
+# --- the peer, same scenario, same duration, its own broker and simulator
+for STORAGE in $PEER_STORAGES; do
+  sleep 2
+  BP="$(take 1 $((BROKER_PORT0 + 10)))"; AVOID+=(--avoid "$BP-$BP")
+  SP="$(take "$NSIM" $((SIM_BASE_PORT0 + 300)))"; AVOID+=(--avoid "$SP-$((SP + NSIM - 1))")
+  OUT="$RESULTS/thingsboard-$SCEN-$STORAGE-$DATE.json"
+  LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "=== thingsboard $SCEN $STORAGE (${DUR}s): broker :$BP, simulator :$SP ($SIM_MODE)" >&2
+  OUT="$OUT" BROKER_PORT="$BP" SIM_BASE_PORT="$SP" \
+    "$SHARED/peers/thingsboard/run.sh" "$SCEN" "$STORAGE" "$DUR" "$SIM_MODE" \
+    >"$RUN/thingsboard-$STORAGE.json" 2>"$RUN/thingsboard-$STORAGE.log" \
+    || { echo "peer run failed:" >&2; tail -20 "$RUN/thingsboard-$STORAGE.log" >&2; exit 1; }
+  python3 "$HERE/annotate.py" "$OUT" "run_id=$RUN_ID" role=peer "scenario=$SCEN" \
+    "storage=$STORAGE" "loadavg_before=$LOAD_BEFORE" \
+    "run_dir=$(sed -n 's/^run dir: //p' "$RUN/thingsboard-$STORAGE.log")"
+  echo "result: $OUT" >&2
+done
+
+python3 "$HERE/report.py" --results "$RESULTS" --out "$RESULTS/REPORT.md"
+echo "report: $RESULTS/REPORT.md" >&2

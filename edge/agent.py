@@ -46,9 +46,9 @@ def broker_settings(cfg: LoadedConfig) -> BrokerSettings:
         port=up.port,
         client_id=up.client_id or f"edge-{cfg.agent.node}",
         keepalive=up.keepalive,
-        ca=up.tls.ca,
-        cert=up.tls.cert,
-        key=up.tls.key,
+        ca=str(up.tls.ca) if up.tls.ca else None,
+        cert=str(up.tls.cert) if up.tls.cert else None,
+        key=str(up.tls.key) if up.tls.key else None,
         username=up.username,
         password=password,
     )

@@ -107,7 +107,7 @@ def check(config_path: Path) -> None:
     help="An agent file: simulate every device it names.",
 )
 @click.argument("manifests", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--period", default=10.0, show_default=True, help="Seconds per value cycle.")
+@click.option("--period", default=60.0, show_default=True, help="Seconds per value cycle.")
 @click.option("--log-level", default="info", show_default=True)
 def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: float,
              log_level: str) -> None:
@@ -166,7 +166,10 @@ def tail(config_path: Path, count: int) -> None:
             done.set()
 
     client.paho.on_message = on_message
-    client.add_connect_hook(lambda: client.paho.subscribe(f"{topics.prefix}/#", qos=1))
+    def subscribe() -> None:
+        client.paho.subscribe(f"{topics.prefix}/#", qos=1)
+
+    client.add_connect_hook(subscribe)
     client.start()
     try:
         done.wait()

@@ -207,7 +207,7 @@ def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, 
     return path
 
 
-def device_docs(name: str, port: int, unit: int, props: list[dict[str, Any]],
+def device_docs(name: str, port: int, unit: int, props: list[dict[str, Any]], *,
                 namespace: str = "default", mode: str = "TCP",
                 extra_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """A v1beta1 DeviceModel + Device pair.

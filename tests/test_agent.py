@@ -110,7 +110,7 @@ METER_PROPS: list[dict[str, Any]] = [
 METER_VALUES = {
     "voltage": 229.8, "temperature": -12.3, "hours": 0x12345, "flow": -1.5,
     "serial": "EDGE-01", "energy": -(2**40), "ratio": 1e-3, "alarm": True, "pump": True,
-    "door": False,
+    "door": True,
 }
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -37,12 +38,16 @@ from edge.config.model import (
     TcpEndpoint,
     Value,
 )
-from edge.modbus.codec import encode
+from edge.modbus.codec import bit_mask, encode
 
 log = logging.getLogger(__name__)
 
-_FC_TABLE = {1: Table.COIL, 2: Table.DISCRETE_INPUT, 3: Table.HOLDING_REGISTER,
-             4: Table.INPUT_REGISTER}
+_FC_TABLE = {
+    1: Table.COIL,
+    2: Table.DISCRETE_INPUT,
+    3: Table.HOLDING_REGISTER,
+    4: Table.INPUT_REGISTER,
+}
 _DEFAULT_RANGE = {True: (-100.0, 100.0), False: (0.0, 100.0)}  # keyed by "signed"
 
 
@@ -62,7 +67,7 @@ def simulated_value(prop: PropertySpec, device: str, t: float, period_s: float) 
     if raw is RawType.BYTES:
         return (cycle % 2**16).to_bytes(2, "big").hex().ljust(prop.visitor.limit * 4, "0")
     if prop.visitor.table.is_bit:  # several coils packed into an unsigned integer
-        return cycle % (2 ** min(prop.visitor.limit, 16))
+        return cycle % (1 << min(prop.visitor.limit, 16))
     lo, hi = _DEFAULT_RANGE[raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)]
     lo = prop.minimum if prop.minimum is not None else lo
     hi = prop.maximum if prop.maximum is not None else hi
@@ -84,8 +89,9 @@ class _Served:
 class SimulatedUnit:
     """The tables of one unit id, filled on demand by pymodbus's ``action`` hook."""
 
-    def __init__(self, device: DeviceSpec, period_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, device: DeviceSpec, period_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.device = device
         self.period_s = period_s
         self.clock = clock
@@ -109,23 +115,34 @@ class SimulatedUnit:
 
         return SimDevice(
             id=self.device.unit_id,
-            simdata=(block(Table.COIL), block(Table.DISCRETE_INPUT),
-                     block(Table.HOLDING_REGISTER), block(Table.INPUT_REGISTER)),
+            simdata=(
+                block(Table.COIL),
+                block(Table.DISCRETE_INPUT),
+                block(Table.HOLDING_REGISTER),
+                block(Table.INPUT_REGISTER),
+            ),
             action=self._action,
         )
 
-    async def _action(self, function_code: int, start_address: int, address: int, count: int,
-                      current: list[int], set_values: list[int] | None) -> None:
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        current: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
         if set_values is not None:  # a client write: keep it
-            table = Table.COIL if function_code in (5, 15) else Table.HOLDING_REGISTER
-            self.written[table].update(range(address, address + count))
-            return
+            written = Table.COIL if function_code in (5, 15) else Table.HOLDING_REGISTER
+            self.written[written].update(range(address, address + count))
+            return None
         table = _FC_TABLE.get(function_code)
         if table is not None:
             self.fill(table, current, start_address, address, count)
+        return None
 
-    def fill(self, table: Table, current: list[int], base: int, address: int,
-             count: int) -> None:
+    def fill(self, table: Table, current: list[int], base: int, address: int, count: int) -> None:
         """Write the current values of the properties overlapping the request."""
         t = self.clock()
         end = address + count
@@ -135,41 +152,57 @@ class SimulatedUnit:
             if v.end <= address or v.offset >= end or v.offset in pinned:
                 continue
             value = simulated_value(served.prop, served.device, t, self.period_s)
-            words = encode(v, value)
             i = v.offset - base
-            if v.raw_type is RawType.BIT and v.bit is not None:
-                mask = 1 << v.bit
-                current[i] = (current[i] & ~mask) | (mask if value else 0)
+            if v.raw_type is RawType.BIT:  # share the register with its other bits
+                and_mask, or_mask = bit_mask(v, value)
+                current[i] = (current[i] & and_mask) | (or_mask & ~and_mask)
                 continue
+            words = encode(v, value)
             for k, w in enumerate(words):
                 current[i + k] = int(w)
 
 
-def _servers(devices: Iterable[DeviceSpec], period_s: float) -> list[Any]:
+def _servers(
+    devices: Iterable[DeviceSpec], period_s: float, clock: Callable[[], float]
+) -> list[Any]:
     by_endpoint: dict[str, list[DeviceSpec]] = defaultdict(list)
     for d in devices:
         by_endpoint[d.endpoint.key].append(d)
     servers: list[Any] = []
     for group in by_endpoint.values():
         ep = group[0].endpoint
-        sims = [SimulatedUnit(d, period_s).sim_device() for d in group]
+        sims = [SimulatedUnit(d, period_s, clock).sim_device() for d in group]
         if isinstance(ep, TcpEndpoint):
             framer = FramerType.SOCKET if ep.framing is Framing.MBAP else FramerType.RTU
             servers.append(ModbusTcpServer(sims, framer=framer, address=(ep.host, ep.port)))
         elif isinstance(ep, SerialEndpoint):
-            servers.append(ModbusSerialServer(
-                sims, port=ep.port, baudrate=ep.baudrate, bytesize=ep.bytesize,
-                parity=ep.parity, stopbits=ep.stopbits,
-            ))
+            servers.append(
+                ModbusSerialServer(
+                    sims,
+                    port=ep.port,
+                    baudrate=ep.baudrate,
+                    bytesize=ep.bytesize,
+                    parity=ep.parity,
+                    stopbits=ep.stopbits,
+                )
+            )
         units = ", ".join(f"{d.key} (unit {d.unit_id})" for d in group)
         log.info("simulating %s on %s", units, ep.key)
     return servers
 
 
-async def run_simulator(devices: Iterable[DeviceSpec], stop: asyncio.Event, *,
-                        period_s: float = 10.0) -> None:
-    """Serve ``devices`` until ``stop`` is set. Errors binding an endpoint propagate."""
-    servers = _servers(devices, period_s)
+async def run_simulator(
+    devices: Iterable[DeviceSpec],
+    stop: asyncio.Event,
+    *,
+    period_s: float = 10.0,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Serve ``devices`` until ``stop`` is set; ``clock`` gives the simulated time (s).
+
+    Errors binding an endpoint propagate.
+    """
+    servers = _servers(devices, period_s, clock)
     try:
         for s in servers:
             await s.serve_forever(background=True)

@@ -166,8 +166,9 @@ class BrokerClient:
     ) -> None:
         if self.stats.connected:
             self.stats.disconnects += 1
-            log.warning("MQTT connection to %s:%d lost: %s",
-                        self.settings.host, self.settings.port, reason)
+            level = logging.INFO if reason.value == 0 else logging.WARNING
+            log.log(level, "MQTT connection to %s:%d closed: %s",
+                    self.settings.host, self.settings.port, reason)
         self.stats.connected = False
         self.stats.last_error = str(reason)
 

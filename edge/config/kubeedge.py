@@ -30,9 +30,10 @@ from edge.config.kubeedge_docs import (
     PropertyEntry,
     validate_shape,
 )
-from edge.config.kubeedge_modbus import Connection, parse_connection, parse_visitor
+from edge.config.kubeedge_modbus import Connection, parse_connection
 from edge.config.kubeedge_v1alpha2 import device_v1alpha2, model_v1alpha2
 from edge.config.kubeedge_v1beta1 import device_v1beta1, model_v1beta1
+from edge.config.kubeedge_visitor import parse_visitor
 from edge.config.model import AccessMode, DeviceSpec, MethodSpec, ModbusOptions, PropertySpec
 from edge.config.sources import (
     Document,

@@ -1,10 +1,9 @@
-"""Modbus ``configData``: endpoint, unit id and options of a device; visitors of properties.
+"""Modbus device ``protocol.configData``: endpoint, unit id and options.
 
 KubeEdge leaves ``configData`` free-form, so the keys are those the Modbus mappers in
-the wild read (kubeedge/examples temperature demo, kubeedge/mappers-go modbus-dmi),
-both dialects, plus edge's own options. Raw types follow DESIGN.md §4. Every value is
-checked here and every problem names the key's field; the result is the typed
-:mod:`edge.config.model`.
+the wild read (kubeedge/examples temperature demo, kubeedge/mappers-go modbus-dmi), in
+both dialects, plus edge's own options. Every value is checked and every problem names
+the key's field. :class:`ConfigReader` is shared with :mod:`edge.config.kubeedge_visitor`.
 """
 
 from __future__ import annotations
@@ -14,18 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, overload
 
-from edge.config.kubeedge_docs import PROTOCOL_ALIASES, Bound, Config, Entry, ModelProperty
+from edge.config.kubeedge_docs import PROTOCOL_ALIASES, Config, Entry
 from edge.config.kubeedge_docs import to_number as _to_number
 from edge.config.model import (
     Endpoint,
     Framing,
     ModbusOptions,
-    RawType,
     SerialEndpoint,
-    Table,
     TcpEndpoint,
-    ValueType,
-    Visitor,
 )
 from edge.config.sources import Report, Where, join_field, or_list
 
@@ -36,44 +31,14 @@ PROTOCOL_KEYS = (
 )  # fmt: skip
 """Device ``protocol.configData`` keys (canonical names; ``unitID`` and ``serialName``
 are accepted for ``slaveID`` and ``serialPort``)."""
-VISITOR_KEYS = (
-    "register", "offset", "limit", "scale", "isSwap", "isRegisterSwap",
-    "dataType", "bit", "min", "max",
-)  # fmt: skip
-"""Property ``visitors.configData`` keys."""
 
-GENERIC_TYPES = ("int", "float", "double", "string", "boolean", "bytes")
-"""KubeEdge's generic types, mapped to a raw type by ``limit``."""
-_BY_LIMIT: dict[tuple[str, int], RawType] = {
-    ("int", 1): RawType.INT16,
-    ("int", 2): RawType.INT32,
-    ("int", 4): RawType.INT64,
-    ("float", 1): RawType.INT16,  # × scale, as the kubeedge/examples mapper reads it
-    ("float", 2): RawType.FLOAT32,
-    ("float", 4): RawType.FLOAT64,
-    ("double", 4): RawType.FLOAT64,
-    ("boolean", 1): RawType.BOOLEAN,
-}
-_ANY_LIMIT = {"string": RawType.STRING, "bytes": RawType.BYTES}
-_RAW_VALUE_TYPE = {
-    RawType.FLOAT32: ValueType.FLOAT,
-    RawType.FLOAT64: ValueType.DOUBLE,
-    RawType.STRING: ValueType.STRING,
-    RawType.BYTES: ValueType.BYTES,
-    RawType.BOOLEAN: ValueType.BOOLEAN,
-    RawType.BIT: ValueType.BOOLEAN,
-}
-_VALUE_TYPES = {t.value for t in ValueType}
-_BIT_TABLE_TYPES = (RawType.UINT16, RawType.UINT32, RawType.UINT64)
-_FLOAT32_MAX = 3.4028234663852886e38
-_TABLES = {table.value.lower(): table for table in Table}
 _MODES = {"tcp": "TCP", "rtu": "RTU", "rtuovertcp": "RTUoverTCP"}
 _PARITY = {"none": "N", "n": "N", "even": "E", "e": "E", "odd": "O", "o": "O"}
 _INTEGER = re.compile(r"[+-]?\d+")
 _T = TypeVar("_T")
 
 
-def _num(value: float) -> str:
+def format_number(value: float) -> str:
     """A number as a person writes it: ``100``, ``-3276.8``, ``3.402823466e+38``."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.10g}"
 
@@ -91,7 +56,7 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-class _Reader:
+class ConfigReader:
     """Typed reads of one ``configData`` block (``field`` of ``where``); each problem is
     reported at the key's own field, and the key joins :attr:`failed`."""
 
@@ -220,7 +185,7 @@ class Connection:
     options: ModbusOptions
 
 
-def _endpoint(r: _Reader) -> Endpoint | None:
+def _endpoint(r: ConfigReader) -> Endpoint | None:
     mode = r.choice("communicateMode", _MODES, ("TCP", "RTU", "RTUoverTCP"))
     if mode is None and "communicateMode" in r.config:
         return None
@@ -268,7 +233,7 @@ def parse_connection(config: Config, where: Where, field: str, report: Report) -
     (1..2000), ``maxGap`` (16; 0 = no gap fill). Unknown keys are warnings. Returns None
     when anything is wrong (all of it reported).
     """
-    r = _Reader(config, where, field, report)
+    r = ConfigReader(config, where, field, report)
     r.warn_unknown(PROTOCOL_KEYS, PROTOCOL_ALIASES)
     endpoint = _endpoint(r)
     unit_id = r.integer("slaveID", 1, 0, 247)
@@ -289,288 +254,3 @@ def parse_connection(config: Config, where: Where, field: str, report: Report) -
         return None
     options = ModbusOptions(timeout_ms / 1000, retries, max_registers, max_bits, max_gap)
     return Connection(endpoint, unit_id, options)
-
-
-# --- a property: visitor, raw type, write bounds ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PropertyRead:
-    """What a property's visitor says: where and how to read it, its value type, and the
-    write bounds (the tighter of the model's and the visitor's)."""
-
-    visitor: Visitor
-    value_type: ValueType
-    minimum: float | None
-    maximum: float | None
-
-
-def _check_extent(
-    r: _Reader, table: Table, offset: int | None, limit: int, options: ModbusOptions
-) -> None:
-    if table.is_bit:
-        cap, most, unit, option = options.max_bits, 2000, "bits", "maxBitsPerRequest"
-    else:
-        cap, most, unit, option = options.max_registers, 125, "registers", "maxRegistersPerRequest"
-    if limit > cap:
-        lowered = "" if cap == most else f" ({option} of this device)"
-        r.error(
-            "limit",
-            f"limit {limit} is more than one read of {table} carries: {cap} {unit}{lowered}",
-        )
-    if offset is not None and offset + limit > 65536:
-        r.error(
-            "offset",
-            f"offset {offset} + limit {limit} runs past the last address (65535) of {table}",
-        )
-
-
-def _data_type(r: _Reader) -> tuple[RawType | None, str | None]:
-    """``(explicit raw type, generic type)`` named by ``dataType``; both None when absent
-    or invalid."""
-    entry = r.config.get("dataType")
-    if entry is None:
-        return None, None
-    name = str(entry.value).strip().lower()
-    if name in RawType.__members__.values():
-        return RawType(name), None
-    if name in GENERIC_TYPES:
-        return None, name
-    explicit = ", ".join(t.value for t in RawType)
-    r.error(
-        "dataType",
-        f"dataType {entry.value!r} is not known; accepted: {explicit} (exact), "
-        f"or {', '.join(GENERIC_TYPES)} (KubeEdge generic, mapped by limit)",
-    )
-    return None, None
-
-
-def _bit_table_type(
-    r: _Reader, table: Table, limit: int, explicit: RawType | None, generic: str | None
-) -> RawType | None:
-    if explicit is RawType.BOOLEAN or (explicit is None and generic == "boolean" and limit == 1):
-        if limit != 1:
-            r.error("limit", f"limit {limit} does not fit boolean (1 bit)")
-            return None
-        return RawType.BOOLEAN
-    if explicit is not None:
-        if explicit not in _BIT_TABLE_TYPES:
-            r.error(
-                "dataType",
-                f"dataType {explicit} cannot be read from {table}, a bit table: "
-                "use boolean, uint16, uint32 or uint64",
-            )
-            return None
-        if limit > (explicit.bits or 0):
-            r.error("limit", f"limit {limit} does not fit {explicit} ({explicit.bits} bits)")
-            return None
-        return explicit
-    fits = next((t for t in _BIT_TABLE_TYPES if limit <= (t.bits or 0)), None)
-    if fits is None:
-        r.error(
-            "limit",
-            f"limit {limit} bits do not fit one value (at most 64, uint64); split the property",
-        )
-    return fits
-
-
-def _raw_type(
-    r: _Reader, table: Table, limit: int, scale: float, model: ModelProperty
-) -> RawType | None:
-    """The raw type (DESIGN.md §4): an explicit ``dataType`` wins; a generic one (or the
-    model's type when ``dataType`` is absent) is mapped by ``limit``."""
-    explicit, generic = _data_type(r)
-    if "dataType" in r.failed:
-        return None
-    what = f"dataType {generic}"
-    if explicit is None and generic is None:
-        if model.type_name in (None, "STREAM"):
-            r.error(
-                "dataType",
-                f"no Modbus type: the DeviceModel property type is "
-                f"{model.type_name or 'absent'}; set dataType here or type in the model",
-            )
-            return None
-        generic = (model.type_name or "").lower()
-        what = f"DeviceModel type {model.type_name}"
-    if table.is_bit:
-        return _bit_table_type(r, table, limit, explicit, generic)
-    if explicit is not None:
-        count = explicit.register_count
-        if count is not None and count != limit:
-            r.error(
-                "limit",
-                f"limit {limit} does not fit {explicit} ({count} register{'s' * (count > 1)})",
-            )
-            return None
-        return explicit
-    assert generic is not None  # no explicit type: a generic one was found above
-    raw = _BY_LIMIT.get((generic, limit)) or _ANY_LIMIT.get(generic)
-    if raw is None:
-        fits = [f"{n} ({t})" for (g, n), t in _BY_LIMIT.items() if g == generic]
-        r.error(
-            "limit",
-            f"limit {limit} does not fit {what}: it takes limit {or_list(fits)}; "
-            "or set an explicit dataType",
-        )
-    elif generic == "int":
-        r.warning(
-            "dataType",
-            f"{what} with limit {limit} is read as signed {raw} (upstream "
-            f"mappers read it unsigned, which breaks negative values); set dataType {raw} "
-            f"or u{raw} to say which",
-        )
-    elif generic == "float" and limit == 1:
-        r.warning(
-            "dataType",
-            f"{what} with limit 1 is ambiguous: read as int16 × scale "
-            f"{_num(scale)}, as the upstream examples mapper does; set dataType int16 or "
-            "uint16 to say which",
-        )
-    return raw
-
-
-def _span(raw: RawType, table: Table, limit: int, scale: float) -> tuple[float, float] | None:
-    """The values ``raw`` can carry after ``scale``; None when any finite number fits."""
-    if table.is_bit:
-        return 0, 1 if raw is RawType.BOOLEAN else 2**limit - 1
-    if raw in (RawType.BOOLEAN, RawType.BIT):
-        return 0, 1
-    if raw is RawType.FLOAT32:
-        return -_FLOAT32_MAX * abs(scale), _FLOAT32_MAX * abs(scale)
-    bits = raw.bits
-    if bits is None:
-        return None
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if raw.signed else (0, 2**bits - 1)
-    if scale == 1:
-        return low, high
-    return min(low * scale, high * scale), max(low * scale, high * scale)
-
-
-def _visitor_bound(r: _Reader, key: str) -> Bound | None:
-    value = r.number(key)
-    return None if value is None else Bound(value, key, *r.at(key))
-
-
-def _write_bounds(
-    r: _Reader, raw: RawType, table: Table, limit: int, scale: float, model: ModelProperty
-) -> tuple[float | None, float | None]:
-    """Write bounds: the tighter of the model's ``minimum``/``maximum`` and the visitor's
-    ``min``/``max``; each must fit what ``raw`` carries after ``scale`` (bit-valued
-    properties are limited to their bits with a warning, as upstream samples put e.g.
-    ``maximum: 100`` on a coil)."""
-    visitor_low, visitor_high = _visitor_bound(r, "min"), _visitor_bound(r, "max")
-    lows = [b for b in (model.minimum, visitor_low) if b is not None]
-    highs = [b for b in (model.maximum, visitor_high) if b is not None]
-    if raw in (RawType.STRING, RawType.BYTES):
-        for b in (*lows, *highs):
-            r.report.warning(b.where, b.field, f"{b.key} is ignored for {raw}")
-        return None, None
-    minimum = max((b.value for b in lows), default=None)
-    maximum = min((b.value for b in highs), default=None)
-    span = _span(raw, table, limit, scale)
-    if span is not None:
-        low, high = span
-        held = f"{_num(low)}..{_num(high)}"
-        bit_valued = table.is_bit or raw in (RawType.BOOLEAN, RawType.BIT)
-        for b in (*lows, *highs):
-            if low <= b.value <= high:
-                continue
-            if bit_valued:
-                r.report.warning(
-                    b.where,
-                    b.field,
-                    f"{b.key} {_num(b.value)} is outside what "
-                    f"{raw} on {table} holds ({held}); writes are limited to {held}",
-                )
-            else:
-                r.failed.add(b.key)
-                r.report.error(
-                    b.where,
-                    b.field,
-                    f"{b.key} {_num(b.value)} does not fit {raw} × scale {_num(scale)} ({held})",
-                )
-        if bit_valued:
-            minimum = None if minimum is None else float(min(max(minimum, low), high))
-            maximum = None if maximum is None else float(min(max(maximum, low), high))
-    mine = visitor_high or visitor_low
-    if minimum is not None and maximum is not None and minimum > maximum and mine:
-        r.failed.add(mine.key)
-        r.report.error(
-            mine.where,
-            mine.field,
-            f"no value is allowed: minimum {_num(minimum)} > "
-            f"maximum {_num(maximum)} (the tighter of the DeviceModel's "
-            "minimum/maximum and the visitor's min/max wins)",
-        )
-    return minimum, maximum
-
-
-def _value_type(raw: RawType, model: ModelProperty, generic: str | None) -> ValueType:
-    if model.type_name in _VALUE_TYPES:
-        return ValueType(model.type_name)
-    if generic is not None:
-        return ValueType(generic.upper())
-    return _RAW_VALUE_TYPE.get(raw, ValueType.INT)
-
-
-def parse_visitor(
-    config: Config,
-    where: Where,
-    field: str,
-    report: Report,
-    *,
-    model: ModelProperty,
-    options: ModbusOptions,
-) -> PropertyRead | None:
-    """One property's visitor ``configData`` (the model's merged under the device's).
-
-    Keys (:data:`VISITOR_KEYS`): ``register`` (CoilRegister, DiscreteInputRegister,
-    HoldingRegister, InputRegister; required), ``offset`` (0..65535; required),
-    ``limit`` (1; registers or bits, offset + limit ≤ 65536, ≤ one request),
-    ``scale`` (1; non-zero), ``isSwap``, ``isRegisterSwap``, ``dataType`` (explicit
-    raw type or KubeEdge generic), ``bit`` (0..15, with ``dataType: bit``), ``min`` /
-    ``max`` (write bounds, combined with the model's ``minimum``/``maximum``). Unknown
-    keys are warnings. Swaps and scale do not apply to bit tables (a scale there is a
-    warning). Returns None when anything is wrong (all of it reported).
-    """
-    r = _Reader(config, where, field, report)
-    r.warn_unknown(VISITOR_KEYS, {})
-    table = r.choice("register", _TABLES, [t.value for t in Table], required="is required")
-    offset = r.integer("offset", None, 0, 65535, required="is required (the 0-based address)")
-    limit = r.integer("limit", 1, 1, 65536)
-    scale = r.number("scale")
-    if scale == 0:
-        r.error("scale", "scale must not be 0")
-    scale = scale or 1.0
-    is_swap, is_register_swap = r.boolean("isSwap"), r.boolean("isRegisterSwap")
-    if table is None or "limit" in r.failed:
-        _data_type(r)  # still report an unknown dataType
-        return None
-    _check_extent(r, table, offset, limit, options)
-    raw = _raw_type(r, table, limit, scale, model)
-    if raw is None:
-        return None
-    bit = None
-    if raw is RawType.BIT:
-        bit = r.integer("bit", None, 0, 15, required="is required with dataType bit (0 = LSB)")
-    elif "bit" in r.config:
-        r.error("bit", "bit is only used with dataType bit")
-    numeric = not table.is_bit and (raw.is_integer or raw in (RawType.FLOAT32, RawType.FLOAT64))
-    if scale != 1 and not numeric:
-        r.warning("scale", f"scale {_num(scale)} is ignored for {raw} on {table}")
-        scale = 1.0
-    minimum, maximum = _write_bounds(r, raw, table, limit, scale, model)
-    if not r.ok or offset is None:
-        return None
-    visitor = Visitor(
-        table=table,
-        offset=offset,
-        limit=limit,
-        raw_type=raw,
-        scale=scale,
-        is_swap=is_swap and not table.is_bit,
-        is_register_swap=is_register_swap and not table.is_bit,
-        bit=bit,
-    )
-    return PropertyRead(visitor, _value_type(raw, model, _data_type(r)[1]), minimum, maximum)

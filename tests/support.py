@@ -67,8 +67,9 @@ def start_broker(workdir: Path, extra_conf: str = "", port: int | None = None) -
     port = port or free_port()
     conf = workdir / f"mosquitto-{port}.conf"
     body = extra_conf or "allow_anonymous true\n"
+    user = "user root\n" if os.geteuid() == 0 else ""  # keep access to files under /tmp
     conf.write_text(
-        f"listener {port} 127.0.0.1\n{body}persistence false\nlog_dest stderr\n"
+        f"{user}listener {port} 127.0.0.1\n{body}persistence false\nlog_dest stderr\n"
         "log_type error\nlog_type warning\n"
     )
     log = (workdir / f"mosquitto-{port}.log").open("wb")
@@ -89,6 +90,7 @@ class Message:
     payload: bytes
     retain: bool
     at: float
+    qos: int = 0
 
     def json(self) -> Any:
         """The payload parsed as JSON."""
@@ -125,7 +127,8 @@ class Subscriber:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.time()))
+            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.time(),
+                                         msg.qos))
             self._cond.notify_all()
 
     def wait_for(self, pred: Callable[[Message], bool], count: int = 1,

@@ -63,20 +63,32 @@ def simulated_value(prop: PropertySpec, device: str, t: float, period_s: float) 
     if raw is RawType.BOOLEAN or raw is RawType.BIT:
         return cycle % 2 == 0
     if raw is RawType.STRING:
-        return f"{device}-{cycle}"[: prop.visitor.limit * 2]
+        room = prop.visitor.limit * 2
+        suffix = f"-{cycle % 100_000}"
+        return (device[: max(room - len(suffix), 0)] + suffix)[-room:]
     if raw is RawType.BYTES:
         return (cycle % 2**16).to_bytes(2, "big").hex().ljust(prop.visitor.limit * 4, "0")
     if prop.visitor.table.is_bit:  # several coils packed into an unsigned integer
         return cycle % (1 << min(prop.visitor.limit, 16))
+    return _number(prop, (0.5 + 0.5 * math.sin(2 * math.pi * (t / period_s + phase))))
+
+
+def _number(prop: PropertySpec, fraction: float) -> float | int:
+    """The number ``fraction`` (0..1) of the way through the property's range,
+    representable exactly by its raw type and scale."""
+    raw = prop.visitor.raw_type
     lo, hi = _DEFAULT_RANGE[raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)]
     lo = prop.minimum if prop.minimum is not None else lo
     hi = prop.maximum if prop.maximum is not None else hi
-    x = lo + (hi - lo) * (0.5 + 0.5 * math.sin(2 * math.pi * (t / period_s + phase)))
+    x = lo + (hi - lo) * fraction
     scale = prop.visitor.scale
     if raw.is_integer:
         steps = math.floor(x / scale) if scale > 0 else math.ceil(x / scale)
-        value = steps * scale
-        return int(value) if float(value).is_integer() and float(scale).is_integer() else value
+        if float(scale).is_integer():
+            return int(steps * scale)
+        return round(steps * scale, 10)  # 573 × 0.1 is 57.3, as the codec decodes it
+    if raw is RawType.FLOAT32:  # 6 significant digits survive float32 exactly
+        return float(f"{x:.6g}")
     return round(x, 3)
 
 

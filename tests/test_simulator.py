@@ -1,0 +1,130 @@
+"""`edge simulate`: serves what the manifests describe, with values that change over time.
+
+The example manifests (the demo's) are served with their endpoints moved to free
+ports and read back with the agent's own client, planner and codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from support import (
+    REPO,
+    Subscriber,
+    edge_cli,
+    free_port,
+    start_broker,
+    start_edge,
+    wait_port,
+)
+
+from edge.config.load import load_config, load_manifests
+from edge.config.model import DeviceSpec, RawType, TcpEndpoint
+from edge.modbus.client import ConnectionPool
+from edge.modbus.codec import decoder_for
+from edge.modbus.planner import plan_device
+from edge.modbus.simulator import run_simulator, simulated_value
+
+EXAMPLES = REPO / "examples"
+
+
+def moved(devices: tuple[DeviceSpec, ...]) -> tuple[DeviceSpec, ...]:
+    """The devices with every TCP endpoint moved to a free port (same port, same new one)."""
+    ports: dict[int, int] = {}
+    out = []
+    for d in devices:
+        assert isinstance(d.endpoint, TcpEndpoint)
+        port = ports.setdefault(d.endpoint.port, free_port())
+        out.append(dataclasses.replace(d, endpoint=dataclasses.replace(d.endpoint, port=port)))
+    return tuple(out)
+
+
+async def read_all(devices: tuple[DeviceSpec, ...]) -> dict[str, dict[str, object]]:
+    pool = ConnectionPool()
+    got: dict[str, dict[str, object]] = {}
+    try:
+        for d in devices:
+            conn = pool.get(d.endpoint)
+            values: dict[str, object] = {}
+            for requests in plan_device(d).values():
+                for r in requests:
+                    data = await conn.read(d.unit_id, r.table, r.address, r.count, timeout=2)
+                    for p in r.properties:
+                        values[p.name] = decoder_for(p.visitor)(data, p.visitor.offset - r.address)
+            got[d.key] = values
+    finally:
+        await pool.close()
+    return got
+
+
+@pytest.mark.parametrize("t", [1_700_000_000.0, 1_700_000_017.5])
+async def test_simulator_serves_exactly_the_simulated_values(t: float) -> None:
+    devices = moved(load_config(EXAMPLES / "edge.yaml").devices)
+    stop = asyncio.Event()
+    server = asyncio.create_task(run_simulator(devices, stop, period_s=60, clock=lambda: t))
+    try:
+        for port in {d.endpoint.port for d in devices if isinstance(d.endpoint, TcpEndpoint)}:
+            await asyncio.to_thread(wait_port, port)
+        got = await read_all(devices)
+    finally:
+        stop.set()
+        await server
+    expected = {
+        d.key: {p.name: simulated_value(p, d.name, t, 60) for p in d.properties} for d in devices
+    }
+    assert got == expected
+
+
+def test_simulated_values_change_over_time_and_stay_in_range() -> None:
+    devices, _ = load_manifests([EXAMPLES / "manifests"])
+    for d in devices:
+        for p in d.properties:
+            series = [simulated_value(p, d.name, 1_700_000_000 + 10 * i, 60) for i in range(12)]
+            assert len(set(series)) > 1, f"{d.key} {p.name} never changes"
+            if p.visitor.raw_type in (RawType.FLOAT32, RawType.INT16, RawType.UINT32):
+                lo = p.minimum if p.minimum is not None else -100
+                hi = p.maximum if p.maximum is not None else 100
+                assert all(lo <= float(v) <= hi for v in series), (d.key, p.name, series)
+
+
+def test_demo_configuration_end_to_end(tmp_path: Path) -> None:
+    """The demo's files, ports moved: `edge simulate` + `edge run` publish every device."""
+    broker = start_broker(tmp_path)
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    work = tmp_path / "examples"
+    ports = {5020: free_port(), 5021: free_port()}
+    for f in (work / "manifests").glob("*.yaml"):
+        text = f.read_text()
+        for old, new in ports.items():
+            text = re.sub(rf"\bport: \"?{old}\"?", f"port: {new}", text)
+        f.write_text(text)
+    cfg = work / "edge.yaml"
+    cfg.write_text(cfg.read_text().replace("port: 1883", f"port: {broker.port}"))
+    check = edge_cli("check", "-c", str(cfg))
+    assert check.returncode == 0, check.stderr
+    assert "3 device(s)" in check.stdout
+    sim = start_edge(["simulate", "-c", str(cfg)], work, name="simulate")
+    for port in ports.values():
+        wait_port(port)
+    sub = Subscriber(broker.port, "edge/v1/demo-gw/#")
+    agent = start_edge(["run", "-c", str(cfg)], work)
+    try:
+        for dev in ("default/meter-1", "plant/boiler-1", "default/temperature-1"):
+            topic = f"edge/v1/demo-gw/telemetry/{dev}"
+            reading = sub.wait_for(lambda m, t=topic: m.topic == t)[0].json()
+            assert reading["values"], reading
+            assert "quality" not in reading, reading
+        meter = sub.wait_for(lambda m: m.topic.endswith("/meter-1")
+                             and "voltage-l1" in m.json()["values"])[0].json()["values"]
+        assert 220 <= meter["voltage-l1"] <= 240
+        assert 49.8 <= meter["frequency"] <= 50.2
+    finally:
+        assert agent.stop() == 0, agent.output()
+        assert sim.stop() == 0, sim.output()
+        sub.stop()
+        broker.stop()

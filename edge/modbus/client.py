@@ -258,8 +258,11 @@ class Connection:
                 await slots.acquire()
                 try:
                     link = self._link or await self._connect(loop)
-                    if isinstance(link, RtuLink):
+                    while isinstance(link, RtuLink):
                         await link.wait_ready()
+                        if link is self._link:  # not lost while the line went quiet
+                            break
+                        link = await self._connect(loop)
                 except BaseException:
                     slots.release()
                     raise

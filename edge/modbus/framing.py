@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from edge.modbus.errors import (
+    ModbusConnectionError,
     ModbusError,
     ModbusExceptionError,
     ModbusFrameError,
@@ -114,6 +116,20 @@ class Link(asyncio.Protocol, abc.ABC):
         self.fail_all(ModbusFrameError(f"{self.key}: {reason}"))
         if self.transport is not None:
             self.transport.abort()
+        self._on_lost(self, None)  # at once: no request may go out on this transport
+
+    def _gone(self, exc: Exception) -> None:
+        """The transport failed under a request: report it, fail what is still in flight."""
+        self._on_lost(self, exc)
+        self.fail_all(ModbusConnectionError(f"{self.key}: connection lost: {exc}"))
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data``; a transport that is already closing counts as lost at once."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._gone(ConnectionError("transport is closing"))
+        else:
+            transport.write(data)
 
     def _expired(self, req: Request, unit_id: int, partial: int) -> ModbusError:
         where = f"{self.key} unit {unit_id} {req}"
@@ -144,8 +160,7 @@ class MbapLink(Link):
         self.abandoned.pop(tid, None)
         fut: asyncio.Future[Values | None] = self.loop.create_future()
         pending[tid] = (fut, req, unit_id, self.loop.call_at(deadline, self._expire, tid))
-        assert self.transport is not None
-        self.transport.write(mbap_adu(tid, unit_id, req.pdu))
+        self._send(mbap_adu(tid, unit_id, req.pdu))
         return fut
 
     def _expire(self, tid: int) -> None:
@@ -253,17 +268,27 @@ class RtuLink(Link):
     def exchange(
         self, req: Request, unit_id: int, deadline: float
     ) -> asyncio.Future[Values | None]:
-        self.buf.clear()
-        transport = self.transport
-        assert transport is not None
-        if self.serial_line:
-            port = transport.get_extra_info("serial")
-            if port is not None:
-                port.reset_input_buffer()
         fut: asyncio.Future[Values | None] = self.loop.create_future()
         self.current = (fut, req, unit_id, self.loop.call_at(deadline, self._expire, fut))
-        transport.write(rtu_adu(unit_id, req.pdu))
+        self.buf.clear()
+        if not self.serial_line or self._flush_port():
+            self._send(rtu_adu(unit_id, req.pdu))
         return fut
+
+    def _flush_port(self) -> bool:
+        """Discard the serial port's input buffer; False (and lost) if the port is gone."""
+        transport = self.transport
+        port = None if transport is None else transport.get_extra_info("serial")
+        if port is None:
+            return True
+        try:
+            port.reset_input_buffer()
+        except (OSError, termios.error) as e:  # SerialException is an OSError
+            assert transport is not None
+            transport.abort()
+            self._gone(e)
+            return False
+        return True
 
     def _expire(self, fut: asyncio.Future[Values | None]) -> None:
         cur = self.current

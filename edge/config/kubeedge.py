@@ -199,7 +199,7 @@ def _property(
 
 
 def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[MethodSpec, ...]:
-    names = {p.name for p in model.properties}
+    names = [p.name for p in model.properties]
     for method in device.methods:
         for i, name in enumerate(method.property_names):
             if name not in names:
@@ -208,7 +208,7 @@ def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[Method
                     join_field(method.field, "propertyNames", i),
                     f"method {method.name!r} names property {name!r}, which DeviceModel "
                     f"{model.namespace}/{model.name} does not have; it has: "
-                    f"{', '.join(sorted(names)) or 'none'}",
+                    f"{', '.join(names) or 'none'}",
                 )
     return tuple(MethodSpec(m.name, m.property_names, m.description) for m in device.methods)
 

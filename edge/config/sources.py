@@ -127,13 +127,17 @@ class Report:
 
     @property
     def problems(self) -> list[Problem]:
-        """All problems, errors and warnings, in the order found."""
-        return list(self._problems)
+        """All problems, errors and warnings, grouped by file (in the order the files
+        came up) and document, in the order found within one document."""
+        files: dict[str, int] = {}
+        for problem in self._problems:
+            files.setdefault(problem.file, len(files))
+        return sorted(self._problems, key=lambda p: (files[p.file], p.document or 0))
 
     @property
     def warnings(self) -> tuple[Problem, ...]:
         """The warnings only."""
-        return tuple(p for p in self._problems if p.severity == "warning")
+        return tuple(p for p in self.problems if p.severity == "warning")
 
     @property
     def has_errors(self) -> bool:
@@ -159,11 +163,15 @@ def _model_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]
 
 
 def _yaml_error_message(err: yaml.YAMLError) -> str:
-    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
-        mark = err.problem_mark
-        what = " ".join(part for part in (err.context, err.problem) if part)
-        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {what}"
-    return f"YAML syntax error: {err}"
+    if not (isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None):
+        return f"YAML syntax error: {err}"
+    mark = err.problem_mark
+    message = f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    if err.context:
+        started = err.context_mark
+        since = f" (line {started.line + 1})" if started and started.line != mark.line else ""
+        message += f", {err.context}{since}"
+    return message
 
 
 def _read_text(path: Path, report: Report) -> str | None:

@@ -132,7 +132,9 @@ class DevicePoller:
                 deadline += missed * period
             await asyncio.sleep(deadline - now)
 
-    async def poll_once(self, requests: tuple[_PlannedRequest, ...] | None = None) -> Reading | None:
+    async def poll_once(
+        self, requests: tuple[_PlannedRequest, ...] | None = None
+    ) -> Reading | None:
         """Run one cycle (all groups when ``requests`` is None); return the reading made."""
         if requests is None:
             requests = tuple(r for g in self._groups.values() for r in g)
@@ -185,7 +187,7 @@ class DevicePoller:
         if self._unanswered >= self._offline_after and self.stats.state != "offline":
             self.stats.state = "offline"
             self._on_state(self.device.key, "offline", self.stats.last_error)
-        return self.stats.state == "online"
+        return self.stats.state != "offline"
 
     async def _read(self, req: ReadRequest) -> list[int] | list[bool] | ModbusError:
         """Send one request with retries on timeout; the data, or the final error."""

@@ -1,0 +1,148 @@
+"""The poller against a real TCP server that misbehaves on purpose.
+
+Each unit id of the server answers in its own way: correctly, with an exception,
+from the wrong unit id, with a truncated frame, or never. Whatever one unit does,
+its properties are ``bad`` in its own reading, its counters rise, and the other
+devices on the same connection are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+
+from edge.config.model import (
+    DeviceSpec,
+    ModbusOptions,
+    PropertySpec,
+    RawType,
+    Table,
+    TcpEndpoint,
+    ValueType,
+    Visitor,
+)
+from edge.modbus.client import ConnectionPool
+from edge.modbus.poller import DevicePoller
+from edge.reading import Reading
+
+GOOD, EXCEPTION, WRONG_UNIT, SHORT, SILENT = 1, 2, 3, 4, 5
+HOLDING = [100, 200, 300, 400]
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            header = await reader.readexactly(7)
+            tid, _proto, length, unit = struct.unpack(">HHHB", header)
+            pdu = await reader.readexactly(length - 1)
+            fc, address, count = struct.unpack(">BHH", pdu[:5])
+            if unit == SILENT:
+                continue
+            if unit == EXCEPTION and address >= 2:
+                body = bytes([fc | 0x80, 2])
+            else:
+                regs = HOLDING[address : address + count]
+                body = bytes([fc, 2 * count]) + struct.pack(f">{count}H", *regs)
+            if unit == SHORT:
+                body = body[:-1]
+            answer_unit = unit + 100 if unit == WRONG_UNIT else unit
+            writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, answer_unit) + body)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    srv = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    yield srv.sockets[0].getsockname()[1]
+    srv.close()
+    await srv.wait_closed()
+
+
+def device(port: int, unit: int) -> DeviceSpec:
+    def prop(name: str, offset: int) -> PropertySpec:
+        return PropertySpec(
+            name, Visitor(Table.HOLDING_REGISTER, offset, 1, RawType.UINT16), ValueType.INT,
+            collect_cycle_ms=100,
+        )
+
+    return DeviceSpec(
+        namespace="default", name=f"unit-{unit}", model="m",
+        endpoint=TcpEndpoint("127.0.0.1", port), unit_id=unit,
+        # max_gap 0 puts "low" (0..1) and "high" (2..3) into two requests
+        properties=(prop("a", 0), prop("b", 1), prop("c", 2), prop("d", 3)),
+        options=ModbusOptions(timeout_s=0.2, retries=1, max_gap=0, max_registers=2),
+    )
+
+
+async def poll(port: int, unit: int, cycles: int = 1) -> tuple[DevicePoller, list[Reading]]:
+    pool = ConnectionPool(backoff_initial=0.05, backoff_max=0.1)
+    readings: list[Reading] = []
+    states: list[tuple[str, str]] = []
+    poller = DevicePoller(device(port, unit), pool.get(device(port, unit).endpoint),
+                          readings.append, lambda d, s, _r: states.append((d, s)),
+                          offline_after=2)
+    try:
+        for _ in range(cycles):
+            await poller.poll_once()
+    finally:
+        await pool.close()
+    return poller, readings
+
+
+async def test_good_device(server: int) -> None:
+    poller, readings = await poll(server, GOOD, cycles=2)
+    assert [r.values for r in readings] == [{"a": 100, "b": 200, "c": 300, "d": 400}] * 2
+    assert [r.seq for r in readings] == [1, 2]
+    assert poller.stats.state == "online"
+    assert poller.request_count == 2
+
+
+async def test_exception_reply_marks_only_its_request_bad(server: int) -> None:
+    poller, readings = await poll(server, EXCEPTION)
+    assert readings[0].values == {"a": 100, "b": 200}
+    assert readings[0].quality == {"c": "bad", "d": "bad"}
+    assert poller.stats.exceptions == 1
+    assert poller.stats.exception_codes == {2: 1}
+    assert poller.stats.state == "online"
+
+
+@pytest.mark.parametrize("unit", [WRONG_UNIT, SHORT])
+async def test_garbled_replies_are_bad_and_counted(server: int, unit: int) -> None:
+    poller, readings = await poll(server, unit)
+    assert readings[0].values == {}
+    assert readings[0].quality == dict.fromkeys("abcd", "bad")
+    assert poller.stats.frame_errors + poller.stats.timeouts >= 2
+    assert poller.stats.frame_errors >= 1
+
+
+async def test_silent_device_is_retried_then_goes_offline(server: int) -> None:
+    poller, readings = await poll(server, SILENT, cycles=3)
+    # 2 requests × (1 + 1 retry) per cycle, until offline after 2 unanswered cycles
+    assert poller.stats.timeouts == 3 * 2 * 2
+    assert poller.stats.state == "offline"
+    assert [r.quality for r in readings] == [dict.fromkeys("abcd", "bad")]
+
+
+async def test_misbehaving_units_do_not_disturb_a_good_one_on_the_same_connection(
+    server: int,
+) -> None:
+    pool = ConnectionPool()
+    got: list[Reading] = []
+    pollers = [
+        DevicePoller(device(server, u), pool.get(device(server, u).endpoint), got.append,
+                     lambda *_: None)
+        for u in (GOOD, EXCEPTION, WRONG_UNIT, SHORT)
+    ]
+    try:
+        for _ in range(3):
+            await asyncio.gather(*(p.poll_once() for p in pollers))
+    finally:
+        await pool.close()
+    good = [r for r in got if r.device == f"unit-{GOOD}"]
+    assert [r.values for r in good] == [{"a": 100, "b": 200, "c": 300, "d": 400}] * 3
+    assert all(not r.quality for r in good)

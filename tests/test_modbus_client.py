@@ -640,6 +640,34 @@ async def test_mbap_answers_matched_by_transaction_id() -> None:
         await pool.close()
 
 
+async def test_mbap_default_is_one_request_in_flight(pool: ConnectionPool) -> None:
+    def slow(req: Req) -> Action:
+        return [(0.05, good(Framing.MBAP, req))]
+
+    async with RawServer(Framing.MBAP, slow) as srv:
+        conn = pool.get(srv.endpoint)
+        await asyncio.gather(*(read_ok(conn, unit=u) for u in (1, 2, 3)))
+        assert srv.max_outstanding == 1
+        assert len(srv.received) == 3
+
+
+async def test_queued_requests_fail_when_closed() -> None:
+    pool = ConnectionPool()
+
+    def slow(req: Req) -> Action:
+        return [(0.3, good(Framing.RTU, req))]
+
+    async with RawServer(Framing.RTU, slow) as srv:
+        conn = pool.get(srv.endpoint)
+        calls = [asyncio.create_task(conn.read(u, HR, 0, 1, timeout=5.0)) for u in (1, 2, 3)]
+        await srv.request_seen.wait()
+        await pool.close()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, ModbusConnectionError) for r in results), results
+        assert len(srv.received) == 1  # the queued ones were never sent
+        assert conn.stats.connects == 1
+
+
 async def test_rtu_sends_one_request_at_a_time() -> None:
     pool = ConnectionPool(max_inflight=4)  # ignored for RTU: one bus, one request
     try:

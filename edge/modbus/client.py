@@ -275,6 +275,8 @@ class Connection:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> MbapLink | RtuLink:
         """The open link, connecting (once, shared by all waiting callers) if needed."""
+        if self._closed:
+            raise self._closed_error()
         task = self._connect_task
         if task is None:
             wait = self._retry_at - loop.time()

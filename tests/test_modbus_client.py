@@ -454,6 +454,36 @@ async def test_refused_port_and_backoff_schedule() -> None:
         await pool.close()
 
 
+async def test_connect_timeout_bounds_a_hanging_connect() -> None:
+    """A listener whose accept queue is full drops SYNs: the connect hangs."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect((HOST, port))
+        fillers.append(s)
+    pool = ConnectionPool(connect_timeout=0.3)
+    try:
+        conn = pool.get(TcpEndpoint(HOST, port))
+        with pytest.raises(ModbusTimeoutError, match="connecting"):
+            await conn.read(1, HR, 0, 1, timeout=0.1)  # its own timeout, connect goes on
+        with pytest.raises(ModbusConnectionError, match="connect timed out") as ei:
+            await conn.read(1, HR, 0, 1, timeout=5.0)  # waits for the same connect
+        assert ei.value.retry_in > 0
+        st = conn.stats
+        assert (st.connect_failures, st.timeouts, st.connects) == (1, 1, 0)
+    finally:
+        await pool.close()
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
 async def test_slow_endpoint_does_not_delay_another(pool: ConnectionPool) -> None:
     order: list[str] = []
 

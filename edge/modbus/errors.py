@@ -53,7 +53,8 @@ def exception_name(code: int) -> str:
 
 
 class ModbusTimeoutError(ModbusError):
-    """No answer (nothing of it) arrived within the request's ``timeout``."""
+    """The request's ``timeout`` passed before any of its answer arrived (also when it
+    was still queued behind other requests on the endpoint or waiting for a connect)."""
 
 
 class ModbusConnectionError(ModbusError):

@@ -11,8 +11,8 @@ Sources of the formats:
 * MBAP header: *MODBUS Messaging on TCP/IP Implementation Guide V1.0b* (2006), §3.1.3.
 
 Everything here is synchronous and allocation-light: requests are immutable and
-cached, structs are precompiled, responses are decoded straight out of the receive
-buffer (``buf[start:end]`` is the response PDU, nothing is sliced).
+cached, structs are precompiled, read responses are decoded straight out of the
+receive buffer (``buf[start:end]`` is the response PDU; it is not copied).
 """
 
 from __future__ import annotations

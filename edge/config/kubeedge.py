@@ -274,7 +274,7 @@ def _device(
     methods = _methods(device, model, report)
     if connection is None:
         return None
-    if not properties:
+    if not properties and not report.has_errors:
         report.warning(where, where.field("spec"), "no property is polled")
     return DeviceSpec(
         namespace=device.namespace,

@@ -295,7 +295,7 @@ def cycle_ms(value: int | None, key: str, where: Where, field: str, report: Repo
             where,
             field,
             f"{key} {value} is more than one day: KubeEdge cycles are "
-            f"milliseconds and this looks like nanoseconds ({value / 1e6:g} ms)",
+            f"milliseconds and this looks like nanoseconds ({value / 1e6:.10g} ms)",
         )
     return value
 

@@ -310,6 +310,8 @@ def parse_visitor(
     if table is None or "limit" in r.failed or "dataType" in r.failed:
         return None
     _check_extent(r, table, offset, limit, options)
+    if "limit" in r.failed:
+        return None
     raw = _raw_type(r, table, limit, scale, model, explicit, generic)
     if raw is None:
         return None

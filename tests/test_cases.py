@@ -53,7 +53,8 @@ def summarize(config: LoadedConfig, root: Path) -> dict[str, object]:
         "devices": [_device(d, root) for d in config.devices],
         "warnings": [_problem(w, root) for w in config.warnings],
     }
-    return json.loads(json.dumps(summary))  # enums → values, tuples → lists
+    plain: dict[str, object] = json.loads(json.dumps(summary))  # enums → values, tuples → lists
+    return plain
 
 
 def test_there_are_cases() -> None:

@@ -175,7 +175,6 @@ def test_v1beta1_temperature_demo_sample() -> None:
 def _v1alpha2_properties(
     first_offset: int, collect_ms: int, desired: str
 ) -> tuple[PropertySpec, ...]:
-    common = {"value_type": ValueType.INT, "access_mode": AccessMode.READ_WRITE}
     return (
         PropertySpec(
             name="temperature",
@@ -183,13 +182,15 @@ def _v1alpha2_properties(
             collect_cycle_ms=collect_ms,
             maximum=1.0,  # the model's maximum 100, limited to what one coil holds
             unit="degree celsius",
-            **common,
+            value_type=ValueType.INT,
+            access_mode=AccessMode.READ_WRITE,
         ),
         PropertySpec(
             name="temperature-enable",
             visitor=Visitor(Table.COIL, 3, 1, RawType.UINT16),
             desired=desired,  # status.twins[].desired in v1alpha2
-            **common,
+            value_type=ValueType.INT,
+            access_mode=AccessMode.READ_WRITE,
         ),
     )
 
@@ -1016,7 +1017,7 @@ def agent_problems(tmp_path: Path, text: str) -> list[str]:
 def test_agent_file_defaults(tmp_path: Path) -> None:
     loaded = load_config(write_agent(tmp_path, "node: gw-01\n"))
     base = tmp_path / "etc"
-    assert loaded.devices == loaded.warnings == loaded.files == ()
+    assert (loaded.devices, loaded.warnings, loaded.files) == ((), (), ())
     agent = loaded.agent
     assert agent.model_dump() == {
         "node": "gw-01",

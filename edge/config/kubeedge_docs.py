@@ -1,16 +1,17 @@
-"""KubeEdge ``devices.kubeedge.io`` documents, normalized across API versions.
+"""KubeEdge ``devices.kubeedge.io`` objects in one shape for every API version.
 
-Turns parsed YAML documents into :class:`ModelDoc` and :class:`DeviceDoc`: one shape
-for v1beta1 (≤1.22 layout with ``status.twins`` and the 1.23 layout with a separate
-DeviceStatus) and v1alpha2 (typed ``protocol.modbus`` / ``protocol.common`` blocks,
-``propertyVisitors``, typed model properties). The free-form ``configData`` stays a
-:data:`Config` of :class:`Entry` values that remember where each key was written, so
-that :mod:`edge.config.kubeedge_modbus` can check it and name the exact field.
+:mod:`edge.config.kubeedge_v1beta1` (≤1.22 layout with ``status.twins``, 1.23 layout
+with a separate DeviceStatus) and :mod:`edge.config.kubeedge_v1alpha2` (typed protocol
+blocks, ``propertyVisitors``, typed model properties) read documents into the
+:class:`ModelDoc` and :class:`DeviceDoc` defined here. The free-form ``configData``
+stays a :data:`Config` of :class:`Entry` values that remember where each key was
+written, so that :mod:`edge.config.kubeedge_modbus` and
+:mod:`edge.config.kubeedge_visitor` can check it and name the exact field.
 
-What is checked here is protocol-independent: object metadata, structure (pydantic,
-extra fields allowed as on any Kubernetes object), duplicate names inside one object,
-cycles, ``pushMethod``, model property types and bounds. Field names follow the CRDs
-in ``kubeedge/kubeedge`` ``build/crds/devices`` (see DESIGN.md §3).
+Also here: the pydantic base of the document shapes (extra keys allowed, as on any
+Kubernetes object) and the protocol-independent checks shared by both versions
+(metadata, duplicate names in one object, cycles, model property bounds). Field names
+follow the CRDs in kubeedge/kubeedge ``build/crds/devices`` (DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def bounds(
     return low, high
 
 
-def cycle_ms(value: int | None, key: str, where: Where, field: str, report: Report) -> int:
+def _cycle_ms(value: int | None, key: str, where: Where, field: str, report: Report) -> int:
     """A ``collectCycle``/``reportCycle`` in milliseconds: absent or 0 means
     :data:`DEFAULT_CYCLE_MS`; negative, or more than a day (nanoseconds given by
     mistake, as in some upstream samples), is an error."""
@@ -298,6 +299,18 @@ def cycle_ms(value: int | None, key: str, where: Where, field: str, report: Repo
             f"milliseconds and this looks like nanoseconds ({value / 1e6:.10g} ms)",
         )
     return value
+
+
+def cycles(
+    collect: int | None, report_cycle: int | None, where: Where, field: str, report: Report
+) -> tuple[int, int]:
+    """``(collectCycle, reportCycle)`` of the property entry at ``field``, milliseconds:
+    absent or 0 means :data:`DEFAULT_CYCLE_MS`; negative, or more than a day
+    (nanoseconds given by mistake, as in some upstream samples), is an error."""
+    return (
+        _cycle_ms(collect, "collectCycle", where, join_field(field, "collectCycle"), report),
+        _cycle_ms(report_cycle, "reportCycle", where, join_field(field, "reportCycle"), report),
+    )
 
 
 def report_duplicates(

@@ -31,7 +31,7 @@ from edge.config.kubeedge_docs import (
     PropertyEntry,
     bounds,
     config_entries,
-    cycle_ms,
+    cycles,
     report_duplicates,
     validate_items,
     validate_shape,
@@ -172,6 +172,9 @@ def device_v1alpha2(
                 "is required: a Modbus device's visitor gives "
                 "register, offset, limit, scale, isSwap, isRegisterSwap",
             )
+        collect_ms, report_ms = cycles(
+            visitor.collect_cycle, visitor.report_cycle, where, field, report
+        )
         properties.append(
             PropertyEntry(
                 name=visitor.property_name,
@@ -180,20 +183,8 @@ def device_v1alpha2(
                 if visitor.modbus is None
                 else config_entries(visitor.modbus, where, modbus_field, report),
                 visitor_field=modbus_field,
-                collect_cycle_ms=cycle_ms(
-                    visitor.collect_cycle,
-                    "collectCycle",
-                    where,
-                    join_field(field, "collectCycle"),
-                    report,
-                ),
-                report_cycle_ms=cycle_ms(
-                    visitor.report_cycle,
-                    "reportCycle",
-                    where,
-                    join_field(field, "reportCycle"),
-                    report,
-                ),
+                collect_cycle_ms=collect_ms,
+                report_cycle_ms=report_ms,
                 report_to_cloud=True,
                 desired=desired.get(visitor.property_name),
                 push_mqtt=None,

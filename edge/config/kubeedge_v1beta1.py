@@ -31,7 +31,7 @@ from edge.config.kubeedge_docs import (
     PropertyEntry,
     bounds,
     config_entries,
-    cycle_ms,
+    cycles,
     report_duplicates,
     validate_items,
     validate_shape,
@@ -195,26 +195,15 @@ def device_v1beta1(
         _DeviceProperty, spec.properties, where, where.field("spec", "properties"), report
     ):
         visitor_field = join_field(field, "visitors", "configData")
+        collect_ms, report_ms = cycles(prop.collect_cycle, prop.report_cycle, where, field, report)
         properties.append(
             PropertyEntry(
                 name=prop.name,
                 field=field,
                 visitor=_visitor_config(prop.visitors, where, visitor_field, report),
                 visitor_field=visitor_field,
-                collect_cycle_ms=cycle_ms(
-                    prop.collect_cycle,
-                    "collectCycle",
-                    where,
-                    join_field(field, "collectCycle"),
-                    report,
-                ),
-                report_cycle_ms=cycle_ms(
-                    prop.report_cycle,
-                    "reportCycle",
-                    where,
-                    join_field(field, "reportCycle"),
-                    report,
-                ),
+                collect_cycle_ms=collect_ms,
+                report_cycle_ms=report_ms,
                 report_to_cloud=prop.report_to_cloud,
                 desired=prop.desired.value if prop.desired else None,
                 push_mqtt=_push(prop.push_method, where, join_field(field, "pushMethod"), report),

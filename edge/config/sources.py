@@ -67,7 +67,7 @@ class Document:
 
 
 class Report:
-    """Collects problems in the order found; an identical problem is kept once.
+    """Collects the problems of one load; an identical problem is kept once.
 
     Field paths given to :meth:`error`/:meth:`warning` are already full paths (use
     :meth:`Where.field`).

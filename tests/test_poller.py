@@ -146,3 +146,14 @@ async def test_misbehaving_units_do_not_disturb_a_good_one_on_the_same_connectio
     good = [r for r in got if r.device == f"unit-{GOOD}"]
     assert [r.values for r in good] == [{"a": 100, "b": 200, "c": 300, "d": 400}] * 3
     assert all(not r.quality for r in good)
+
+
+async def test_unreachable_device_is_offline_at_once_without_readings() -> None:
+    probe = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()  # now nothing listens on `port`
+    poller, readings = await poll(port, GOOD, cycles=2)
+    assert poller.stats.state == "offline"
+    assert readings == []
+    assert poller.stats.connection_errors >= 1

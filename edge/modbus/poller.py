@@ -10,8 +10,10 @@ and hands one :class:`~edge.reading.Reading` to the sink. Failures stay local:
 * a connection that is down (or waiting out its reconnect backoff) fails at once.
 
 The device is ``online`` as soon as one request of a cycle is answered (an
-exception response is an answer) and ``offline`` after ``offline_after``
-consecutive cycles without any answer; readings are not produced while offline.
+exception response is an answer). It is ``offline`` at once when its connection
+cannot be made, and after ``offline_after`` consecutive cycles without any answer
+when requests time out; until then its readings carry every property as ``bad``.
+No readings are produced while it is offline.
 Cycles run on absolute deadlines; a cycle that overruns skips the missed deadlines
 (counted in ``stats.overruns``) instead of bursting to catch up.
 """
@@ -142,10 +144,12 @@ class DevicePoller:
         values: dict[str, Value] = {}
         quality: dict[str, str] = {}
         answered = False
+        unreachable = True
         for planned in requests:
             data = await self._read(planned.request)
             if isinstance(data, ModbusError):
                 answered = answered or isinstance(data, ModbusExceptionError | ModbusFrameError)
+                unreachable = unreachable and isinstance(data, ModbusConnectionError)
                 for name, _dec, _i in planned.decoders:
                     quality[name] = "bad"
                 continue
@@ -160,7 +164,7 @@ class DevicePoller:
         self.stats.cycles += 1
         self.stats.last_latency_ms = (time.perf_counter() - started) * 1000.0
         self.stats.last_poll_ms = time.time_ns() // 1_000_000
-        if not self._account(answered):
+        if not self._account(answered, unreachable=unreachable and bool(requests)):
             return None
         reading = Reading(
             namespace=self.device.namespace,
@@ -175,7 +179,7 @@ class DevicePoller:
         self._sink(reading)
         return reading
 
-    def _account(self, answered: bool) -> bool:
+    def _account(self, answered: bool, *, unreachable: bool) -> bool:
         """Update online/offline; True when a reading should be produced."""
         if answered:
             self._unanswered = 0
@@ -183,7 +187,7 @@ class DevicePoller:
                 self.stats.state = "online"
                 self._on_state(self.device.key, "online", "")
             return True
-        self._unanswered += 1
+        self._unanswered = self._offline_after if unreachable else self._unanswered + 1
         if self._unanswered >= self._offline_after and self.stats.state != "offline":
             self.stats.state = "offline"
             self._on_state(self.device.key, "offline", self.stats.last_error)

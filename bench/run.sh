@@ -10,6 +10,7 @@
 #               -> bench/results/edge-<scenario>-<date>.json
 #   2. peer   : the shared peers/thingsboard/run.sh, once per storage in PEER_STORAGES
 #               -> bench/results/thingsboard-<scenario>-<storage>-<date>.json
+#      (PROFILE=1: a py-spy profile of edge; NODELAY=1: edge again, broker TCP_NODELAY)
 #   3. report : bench/report.py -> bench/results/REPORT.md
 #
 # Env (all optional):
@@ -24,6 +25,9 @@
 #   PROFILE=1          after edge's measured run, run it again for PROFILE_SECONDS (30)
 #                      under py-spy (PYSPY, default /tmp/venv-pyspy/bin/py-spy) and write
 #                      bench/results/edge-<scenario>-<date>-profile.md
+#   NODELAY=1          (default) then measure edge once more against a broker with
+#                      TCP_NODELAY -> bench/results/edge-<scenario>-nodelay-<date>.json
+#                      (a diagnostic of the broker hop; NODELAY=0 skips it)
 #   RUN_ID             pairs the runs of one invocation (default: a UTC timestamp)
 # Only 127.0.0.1 is used. Everything started here is stopped by PID.
 set -euo pipefail
@@ -51,6 +55,7 @@ WARMUP="${WARMUP:-5}"
 RESULTS="${RESULTS:-$HERE/results}"
 PYSPY="${PYSPY:-/tmp/venv-pyspy/bin/py-spy}"
 PROFILE_SECONDS="${PROFILE_SECONDS:-30}"
+NODELAY="${NODELAY:-1}"
 DATE="$(date +%F)"
 TICK=100  # simulator value tick, ms (as the peer's run.sh)
 mkdir -p "$RESULTS"
@@ -100,27 +105,33 @@ STORE=none; [ -d "$REPO/edge/store" ] && STORE=sqlite
 BROKER_PID="$("$SHARED/start-broker.sh" "$BROKER_PORT")"; PIDS+=("$BROKER_PID")
 "$VB" "$SHARED/sim_devices.py" -n "$DEV" --mode "$SIM_MODE" --base-port "$SIM_BASE_PORT" \
   --tick-ms "$TICK" --stats-file "$RUN/sim-stats.json" --ready-file "$RUN/sim.ready" \
-  --max-seconds $((DUR + PROFILE_SECONDS + 120)) >"$RUN/sim.log" 2>&1 &
+  --max-seconds $((2 * DUR + PROFILE_SECONDS + 120)) >"$RUN/sim.log" 2>&1 &
 SIM_PID=$!; PIDS+=("$SIM_PID")
 for _ in $(seq 1 100); do [ -f "$RUN/sim.ready" ] && break; sleep 0.1; done
 [ -f "$RUN/sim.ready" ] || { echo "simulator did not start" >&2; cat "$RUN/sim.log" >&2; exit 1; }
 
+measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT: edge under measure.py
+  local out="$1" dir="$2" port="$3" bpid="$4" variant="$5" load
+  load="$(cut -d' ' -f1-3 /proc/loadavg)"
+  "$VB" "$SHARED/measure.py" --broker-port "$port" --duration "$DUR" --warmup "$WARMUP" \
+    --data-topic 'edge/v1/bench/telemetry/#' --format device \
+    --label "edge-${SCEN}-${SIM_MODE}-${variant}" --out "$out" \
+    --agent-log "$dir/edge.out" --cwd "$dir" \
+    --watch "broker=$bpid" --watch "simulator=$SIM_PID" --sim-stats "$RUN/sim-stats.json" \
+    --expect-points-per-s "$EXPECT" --series \
+    --meta "agent=edge $EDGE_VER ($GIT_REV)" --meta "scenario=$SCEN" --meta "storage=$STORE" \
+    --meta "devices=$DEV" --meta "tags_per_device=$TAGS" --meta "poll_ms=$POLL" \
+    --meta "sim_mode=$SIM_MODE" --meta "sim_tick_ms=$TICK" --meta "qos=1" \
+    --meta "broker=$variant" \
+    -- "$EDGE_BIN" run -c "$dir/edge.yaml" >"$dir/measure.json"
+  python3 "$HERE/annotate.py" "$out" "run_id=$RUN_ID" role=edge "scenario=$SCEN" \
+    "storage=$STORE" "broker=$variant" "loadavg_before=$load" "run_dir=$dir"
+  echo "result: $out" >&2
+}
+
 OUT="$RESULTS/edge-$SCEN-$DATE.json"
-LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "=== edge $SCEN (${DUR}s): broker :$BROKER_PORT, simulator :$SIM_BASE_PORT ($SIM_MODE)" >&2
-"$VB" "$SHARED/measure.py" --broker-port "$BROKER_PORT" --duration "$DUR" --warmup "$WARMUP" \
-  --data-topic 'edge/v1/bench/telemetry/#' --format device \
-  --label "edge-${SCEN}-${SIM_MODE}" --out "$OUT" \
-  --agent-log "$RUN/edge.out" --cwd "$RUN" \
-  --watch "broker=$BROKER_PID" --watch "simulator=$SIM_PID" --sim-stats "$RUN/sim-stats.json" \
-  --expect-points-per-s "$EXPECT" --series \
-  --meta "agent=edge $EDGE_VER ($GIT_REV)" --meta "scenario=$SCEN" --meta "storage=$STORE" \
-  --meta "devices=$DEV" --meta "tags_per_device=$TAGS" --meta "poll_ms=$POLL" \
-  --meta "sim_mode=$SIM_MODE" --meta "sim_tick_ms=$TICK" --meta "qos=1" \
-  -- "$EDGE_BIN" run -c "$RUN/edge.yaml" >"$RUN/measure.json"
-python3 "$HERE/annotate.py" "$OUT" "run_id=$RUN_ID" role=edge "scenario=$SCEN" \
-  "storage=$STORE" "loadavg_before=$LOAD_BEFORE" "run_dir=$RUN"
-echo "result: $OUT" >&2
+measure_edge "$OUT" "$RUN" "$BROKER_PORT" "$BROKER_PID" shared
 
 if [ "${PROFILE:-0}" = 1 ]; then
   [ -x "$PYSPY" ] || { python3 -m venv "$(dirname "$(dirname "$PYSPY")")" \
@@ -142,6 +153,39 @@ if [ "${PROFILE:-0}" = 1 ]; then
     } >"$PROF"
     echo "profile: $PROF (raw stacks: $RUN/profile.txt)" >&2
   fi
+fi
+
+if [ "$NODELAY" = 1 ]; then
+  # Same agent, same simulator, a broker that sets TCP_NODELAY on its sockets
+  # (mosquitto's set_tcp_nodelay; the shared start-broker.sh leaves it off, so
+  # Nagle's algorithm can hold the broker's small writes to the measuring
+  # subscriber for up to a delayed-ACK period, ~40 ms). A diagnostic for the
+  # read->MQTT budget; the figures judged are the ones with the shared broker.
+  NP="$(take 1 $((BROKER_PORT0 + 5)))"; AVOID+=(--avoid "$NP-$NP")
+  mkdir -p "$RUN/nodelay/manifests"
+  cp "$RUN/manifests/sim.yaml" "$RUN/nodelay/manifests/"
+  sed "s/\"port\": $BROKER_PORT,/\"port\": $NP,/" "$RUN/edge.yaml" >"$RUN/nodelay/edge.yaml"
+  cat >"$RUN/nodelay/mosquitto.conf" <<EOF
+listener $NP 127.0.0.1
+allow_anonymous true
+persistence false
+set_tcp_nodelay true
+log_dest stderr
+log_type error
+log_type warning
+max_queued_messages 1000000
+max_queued_bytes 0
+max_inflight_messages 0
+EOF
+  MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+  nohup "$MOSQ" -c "$RUN/nodelay/mosquitto.conf" >"$RUN/nodelay/mosquitto.log" 2>&1 </dev/null &
+  NB_PID=$!; PIDS+=("$NB_PID")
+  for _ in $(seq 1 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NP") 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "=== edge $SCEN (${DUR}s), broker with TCP_NODELAY :$NP" >&2
+  measure_edge "$RESULTS/edge-$SCEN-nodelay-$DATE.json" "$RUN/nodelay" "$NP" "$NB_PID" nodelay
 fi
 cleanup; PIDS=()
 

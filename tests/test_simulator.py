@@ -24,7 +24,15 @@ from support import (
 )
 
 from edge.config.load import load_config, load_manifests
-from edge.config.model import DeviceSpec, RawType, TcpEndpoint
+from edge.config.model import (
+    DeviceSpec,
+    PropertySpec,
+    RawType,
+    Table,
+    TcpEndpoint,
+    ValueType,
+    Visitor,
+)
 from edge.modbus.client import ConnectionPool
 from edge.modbus.codec import decoder_for
 from edge.modbus.planner import plan_device
@@ -128,3 +136,65 @@ def test_demo_configuration_end_to_end(tmp_path: Path) -> None:
         assert sim.stop() == 0, sim.output()
         sub.stop()
         broker.stop()
+
+
+def _prop(name: str, table: Table, offset: int, limit: int, raw: RawType,
+          bit: int | None = None) -> PropertySpec:
+    return PropertySpec(name, Visitor(table, offset, limit, raw, bit=bit), ValueType.INT)
+
+
+BITS_DEVICE = DeviceSpec(
+    namespace="default", name="bits", model="m", endpoint=TcpEndpoint("127.0.0.1", 0),
+    unit_id=9,
+    properties=(
+        _prop("c0", Table.COIL, 0, 1, RawType.BOOLEAN),
+        _prop("c3", Table.COIL, 3, 1, RawType.BOOLEAN),
+        _prop("c17", Table.COIL, 17, 1, RawType.BOOLEAN),
+        _prop("c40", Table.COIL, 40, 1, RawType.BOOLEAN),
+        _prop("di_packed", Table.DISCRETE_INPUT, 5, 20, RawType.UINT32),
+        _prop("b2", Table.HOLDING_REGISTER, 0, 1, RawType.BIT, bit=2),
+        _prop("b9", Table.HOLDING_REGISTER, 0, 1, RawType.BIT, bit=9),
+    ),
+)
+
+
+@pytest.mark.parametrize("max_gap", [0, 16, 100])
+@pytest.mark.parametrize("t", [1_700_000_000.0, 1_700_000_031.0])
+async def test_simulated_bits_read_back_exactly_for_any_request_shape(
+    max_gap: int, t: float
+) -> None:
+    port = free_port()
+    device = dataclasses.replace(
+        BITS_DEVICE, endpoint=TcpEndpoint("127.0.0.1", port),
+        options=dataclasses.replace(BITS_DEVICE.options, max_gap=max_gap),
+    )
+    stop = asyncio.Event()
+    server = asyncio.create_task(run_simulator([device], stop, period_s=60, clock=lambda: t))
+    try:
+        await asyncio.to_thread(wait_port, port)
+        got = await read_all((device,))
+    finally:
+        stop.set()
+        await server
+    assert got[device.key] == {p.name: simulated_value(p, "bits", t, 60)
+                               for p in device.properties}
+
+
+async def test_written_values_stick() -> None:
+    port = free_port()
+    device = dataclasses.replace(BITS_DEVICE, endpoint=TcpEndpoint("127.0.0.1", port))
+    stop = asyncio.Event()
+    server = asyncio.create_task(run_simulator([device], stop, period_s=60))
+    pool = ConnectionPool()
+    try:
+        await asyncio.to_thread(wait_port, port)
+        conn = pool.get(device.endpoint)
+        await conn.write_coils(9, 17, [True], timeout=2)
+        await conn.write_coils(9, 40, [False], timeout=2)
+        for _ in range(3):
+            assert await conn.read(9, Table.COIL, 17, 24, timeout=2) == [True] + [False] * 22 + [
+                False]
+    finally:
+        await pool.close()
+        stop.set()
+        await server

@@ -19,7 +19,7 @@ import math
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,13 +110,13 @@ class SimulatedUnit:
         self.by_table: dict[Table, list[_Served]] = defaultdict(list)
         for p in device.properties:
             self.by_table[p.visitor.table].append(_Served(device.name, p))
-        self.written: dict[Table, set[int]] = defaultdict(set)
+        self.written: dict[Table, dict[int, int | bool]] = defaultdict(dict)
 
     def sim_device(self) -> SimDevice:
         """A pymodbus SimDevice with four distinct tables, each up to its last used address.
 
         Reading past a table's end is answered with ILLEGAL DATA ADDRESS, as a real
-        device does.
+        device does (for bit tables: past the end of the last 16-bit group).
         """
 
         def block(table: Table) -> list[SimData]:
@@ -145,23 +145,28 @@ class SimulatedUnit:
         current: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
-        if set_values is not None:  # a client write: keep it
-            written = Table.COIL if function_code in (5, 15) else Table.HOLDING_REGISTER
-            self.written[written].update(range(address, address + count))
+        if set_values is not None:  # a client write: it sticks from now on
+            target = Table.COIL if function_code in (5, 15) else Table.HOLDING_REGISTER
+            self.written[target].update(enumerate(set_values, start=address))
             return None
         table = _FC_TABLE.get(function_code)
-        if table is not None:
-            self.fill(table, current, start_address, address, count)
+        if table is None:
+            return None
+        if table.is_bit:  # pymodbus passes the count of packed registers here
+            self.fill_bits(table, current, start_address, address, count)
+        else:
+            self.fill_registers(table, current, start_address, address, count)
         return None
 
-    def fill(self, table: Table, current: list[int], base: int, address: int, count: int) -> None:
-        """Write the current values of the properties overlapping the request."""
+    def fill_registers(self, table: Table, current: list[int], base: int, address: int,
+                       count: int) -> None:
+        """Write the current values of the properties overlapping ``address..+count``."""
         t = self.clock()
         end = address + count
-        pinned = self.written[table]
+        written = self.written[table]
         for served in self.by_table.get(table, ()):
             v = served.prop.visitor
-            if v.end <= address or v.offset >= end or v.offset in pinned:
+            if v.end <= address or v.offset >= end or v.offset in written:
                 continue
             value = simulated_value(served.prop, served.device, t, self.period_s)
             i = v.offset - base
@@ -169,9 +174,35 @@ class SimulatedUnit:
                 and_mask, or_mask = bit_mask(v, value)
                 current[i] = (current[i] & and_mask) | (or_mask & ~and_mask)
                 continue
-            words = encode(v, value)
-            for k, w in enumerate(words):
+            for k, w in enumerate(encode(v, value)):
                 current[i + k] = int(w)
+
+    def fill_bits(self, table: Table, current: list[int], base: int, address: int,
+                  registers: int) -> None:
+        """Set the bits of ``registers`` packed registers from the one holding ``address``.
+
+        pymodbus packs a bit table 16 to a register, bit ``a % 16`` of register
+        ``a // 16 - base`` holding address ``a``.
+        """
+        lo = address // 16 * 16
+        hi = lo + 16 * registers
+        bits = dict(self._bits(table, lo, hi - lo))
+        for a in range(lo, hi):
+            i, mask = a // 16 - base, 1 << (a % 16)
+            current[i] = (current[i] | mask) if bits.get(a) else (current[i] & ~mask)
+
+    def _bits(self, table: Table, address: int, count: int) -> Iterator[tuple[int, bool]]:
+        t = self.clock()
+        end = address + count
+        for served in self.by_table.get(table, ()):
+            v = served.prop.visitor
+            if v.end <= address or v.offset >= end:
+                continue
+            value = simulated_value(served.prop, served.device, t, self.period_s)
+            yield from enumerate((bool(b) for b in encode(v, value)), start=v.offset)
+        for a, b in self.written[table].items():
+            if address <= a < end:
+                yield a, bool(b)
 
 
 def _servers(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from support import (
+    Broker,
     Image,
     ModbusServer,
     Subscriber,
@@ -52,19 +53,24 @@ def device() -> Iterator[ModbusServer]:
     server.stop()
 
 
-def first_value(sub: Subscriber) -> Any:
-    topic = f"{PREFIX}/telemetry/default/tank"
-    return sub.wait_for(lambda m: m.topic == topic)[0].json()["values"]
-
-
-def test_tls_with_client_certificate(tmp_path: Path, pki: Path, device: ModbusServer) -> None:
+def mtls_broker(tmp_path: Path, pki: Path) -> tuple[Broker, Subscriber]:
+    """A broker that requires a client certificate, and a subscriber that has one."""
     broker = start_broker(tmp_path, (
         f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
         "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
     ))
     client_tls = {"ca_certs": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"),
                   "keyfile": str(pki / "client.key")}
-    sub = Subscriber(broker.port, f"{PREFIX}/#", tls=client_tls)
+    return broker, Subscriber(broker.port, f"{PREFIX}/#", tls=client_tls)
+
+
+def first_value(sub: Subscriber) -> Any:
+    topic = f"{PREFIX}/telemetry/default/tank"
+    return sub.wait_for(lambda m: m.topic == topic)[0].json()["values"]
+
+
+def test_tls_with_client_certificate(tmp_path: Path, pki: Path, device: ModbusServer) -> None:
+    broker, sub = mtls_broker(tmp_path, pki)
     cfg = write_agent_file(tmp_path, broker.port, device_docs("tank", device.port, 1, LEVEL),
                            uplink={"tls": {"ca": str(pki / "ca.crt"),
                                            "cert": str(pki / "client.crt"),
@@ -81,13 +87,7 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: Path, device: ModbusSe
 def test_tls_broker_refuses_agent_without_client_certificate(
     tmp_path: Path, pki: Path, device: ModbusServer
 ) -> None:
-    broker = start_broker(tmp_path, (
-        f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
-        "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
-    ))
-    client_tls = {"ca_certs": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"),
-                  "keyfile": str(pki / "client.key")}
-    sub = Subscriber(broker.port, f"{PREFIX}/#", tls=client_tls)
+    broker, sub = mtls_broker(tmp_path, pki)
     cfg = write_agent_file(tmp_path, broker.port, device_docs("tank", device.port, 1, LEVEL),
                            uplink={"tls": {"ca": str(pki / "ca.crt")}})
     agent = start_edge(["run", "-c", str(cfg)], tmp_path)

@@ -67,7 +67,9 @@ def _over(value: float, limit: float, unit: str, *, higher_is_better: bool = Fal
         return f"{value:.2f}{unit} ({abs(gap):.2f} points {'short' if gap > 0 else 'to spare'})"
     gap = value - limit
     if gap > 0:
-        return f"{value:.2f}{unit} ({gap:.2f}{unit} over, {value / limit:.1f}× the budget)"
+        ratio = value / limit if limit else math.inf
+        how = f"{ratio:.1f}× the budget" if ratio >= 1.5 else f"+{100 * (ratio - 1):.1f} %"
+        return f"{value:.2f}{unit} ({gap:.2f}{unit} over, {how})"
     return f"{value:.2f}{unit} ({-gap:.2f}{unit} under)"
 
 

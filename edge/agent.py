@@ -8,17 +8,14 @@ after a growing delay; it never takes the other devices or the process down.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from edge import __version__
-from edge.config.load import LoadedConfig
+from edge.config.runtime import RuntimeConfig
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
 from edge.reading import Reading
-from edge.uplink.client import BrokerSettings
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
 
@@ -27,53 +24,25 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_MAX_S = 30.0
 
 
-def config_version(cfg: LoadedConfig, agent_file: str | Path) -> str:
-    """A short content hash of the agent file and every manifest it loaded."""
-    h = hashlib.sha256()
-    for name in (str(agent_file), *sorted(cfg.files)):
-        h.update(Path(name).read_bytes())
-    return "sha256:" + h.hexdigest()[:12]
-
-
-def broker_settings(cfg: LoadedConfig) -> BrokerSettings:
-    """The uplink broker settings from the agent file (reads ``password_file``)."""
-    up = cfg.agent.uplink
-    password = None
-    if up.password_file:
-        password = Path(up.password_file).read_text(encoding="utf-8").strip()
-    return BrokerSettings(
-        host=up.host,
-        port=up.port,
-        client_id=up.client_id or f"edge-{cfg.agent.node}",
-        keepalive=up.keepalive,
-        ca=str(up.tls.ca) if up.tls.ca else None,
-        cert=str(up.tls.cert) if up.tls.cert else None,
-        key=str(up.tls.key) if up.tls.key else None,
-        username=up.username,
-        password=password,
-    )
-
-
 class Agent:
     """Runs until :meth:`run`'s ``stop`` event is set."""
 
-    def __init__(self, cfg: LoadedConfig, *, version: str) -> None:
+    def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        agent = cfg.agent
-        self.topics = Topics.for_node(agent.uplink.topic_prefix, agent.node)
+        self.topics = Topics(cfg.topic_prefix)
         self.uplink = Uplink(
-            broker_settings(cfg),
+            cfg.broker,
             self.topics,
-            qos=agent.uplink.qos,
+            qos=cfg.qos,
             agent_version=__version__,
-            config_version=version,
+            config_version=cfg.version,
         )
-        self.push = PushSinks(cfg.devices, f"edge-{agent.node}")
-        m = agent.modbus
+        self.push = PushSinks(cfg.devices, cfg.broker.client_id)
+        m = cfg.modbus
         self.pool = ConnectionPool(
-            backoff_initial=m.backoff_initial_ms / 1000.0,
-            backoff_max=m.backoff_max_ms / 1000.0,
-            connect_timeout=m.connect_timeout_ms / 1000.0,
+            backoff_initial=m.backoff_initial_s,
+            backoff_max=m.backoff_max_s,
+            connect_timeout=m.connect_timeout_s,
         )
         self.pollers = {
             d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state)
@@ -96,11 +65,11 @@ class Agent:
         log.info(
             "agent %s: node %s, %d devices, %d read requests per round, broker %s:%d",
             __version__,
-            self.cfg.agent.node,
+            self.cfg.node,
             len(self.pollers),
             sum(p.request_count for p in self.pollers.values()),
-            self.cfg.agent.uplink.host,
-            self.cfg.agent.uplink.port,
+            self.cfg.broker.host,
+            self.cfg.broker.port,
         )
         tasks = [
             asyncio.create_task(self._supervise(key, p.run), name=f"device[{key}]")

@@ -6,17 +6,21 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edge import __version__
 from edge.config.errors import ConfigError, Problem
-from edge.config.load import LoadedConfig, load_config, load_manifests
+
+if TYPE_CHECKING:
+    from edge.config.load import LoadedConfig
+    from edge.config.runtime import RuntimeConfig
 
 log = logging.getLogger("edge")
 
@@ -44,13 +48,32 @@ def _print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
         click.echo(str(p), err=True)
 
 
+def _problems_exit(path: Path, e: ConfigError) -> SystemExit:
+    _print_problems(e.problems)
+    click.echo(f"{path}: {len(e.problems)} problem(s); nothing was started", err=True)
+    return SystemExit(2)
+
+
 def _load_or_exit(path: Path) -> LoadedConfig:
+    """Load and validate in this process (for the short-lived commands)."""
+    from edge.config.load import load_config  # noqa: PLC0415
+
     try:
         cfg = load_config(path)
     except ConfigError as e:
-        _print_problems(e.problems)
-        click.echo(f"{path}: {len(e.problems)} problem(s); nothing was started", err=True)
-        raise SystemExit(2) from None
+        raise _problems_exit(path, e) from None
+    _print_problems(cfg.warnings)
+    return cfg
+
+
+def _runtime_or_exit(path: Path) -> RuntimeConfig:
+    """Load and validate in a child process, so the agent never holds the validators."""
+    from edge.config.runtime import load_runtime_config  # noqa: PLC0415
+
+    try:
+        cfg = load_runtime_config(path)
+    except ConfigError as e:
+        raise _problems_exit(path, e) from None
     _print_problems(cfg.warnings)
     return cfg
 
@@ -74,12 +97,11 @@ def main() -> None:
 @CONFIG_OPTION
 def run(config_path: Path) -> None:
     """Run the agent until SIGINT/SIGTERM."""
-    from edge.agent import Agent, config_version  # noqa: PLC0415 (keeps `edge check` light)
+    cfg = _runtime_or_exit(config_path)
+    from edge.agent import Agent  # noqa: PLC0415 (keeps `edge check` light)
 
-    cfg = _load_or_exit(config_path)
-    _setup_logging(cfg.agent.log.level)
-    agent = Agent(cfg, version=config_version(cfg, config_path))
-    asyncio.run(_until_signal(agent.run))
+    _setup_logging(cfg.log_level)
+    asyncio.run(_until_signal(Agent(cfg).run))
 
 
 @main.command()
@@ -116,6 +138,7 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
     Every device is served at the host:port and unit id of its manifest, with values
     that change over time inside each property's minimum..maximum.
     """
+    from edge.config.load import load_config, load_manifests  # noqa: PLC0415
     from edge.modbus.simulator import run_simulator  # noqa: PLC0415
 
     _setup_logging(log_level)
@@ -140,15 +163,13 @@ def tail(config_path: Path, count: int) -> None:
     """Print what the agent publishes (subscribes to the node's topics on its broker)."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
 
-    from edge.agent import broker_settings  # noqa: PLC0415
     from edge.uplink.client import BrokerClient  # noqa: PLC0415
     from edge.uplink.topics import Topics  # noqa: PLC0415
 
-    cfg = _load_or_exit(config_path)
-    topics = Topics.for_node(cfg.agent.uplink.topic_prefix, cfg.agent.node)
-    settings = broker_settings(cfg)
+    cfg = _runtime_or_exit(config_path)
+    topics = Topics(cfg.topic_prefix)
     client = BrokerClient(
-        dataclasses.replace(settings, client_id=f"{settings.client_id}-tail-{id(cfg)}")
+        dataclasses.replace(cfg.broker, client_id=f"{cfg.broker.client_id}-tail-{os.getpid()}")
     )
     done = threading.Event()
     seen = 0

@@ -7,17 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """Topics under one node's prefix, e.g. ``edge/v1/gw-01``.
-
-    ``prefix`` may contain ``{node}``, which is replaced by the node name.
-    """
+    """Topics under one node's prefix, e.g. ``edge/v1/gw-01`` (``{node}`` already filled in)."""
 
     prefix: str
-
-    @classmethod
-    def for_node(cls, template: str, node: str) -> Topics:
-        """Expand ``{node}`` in ``template`` and strip trailing slashes."""
-        return cls(template.replace("{node}", node).rstrip("/"))
 
     @property
     def state(self) -> str:

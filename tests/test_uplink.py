@@ -3,7 +3,9 @@ the LWT and a property's ``pushMethod.mqtt`` sink."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from support import (
     start_edge,
     write_agent_file,
 )
+
+from edge.uplink.client import BrokerClient, BrokerSettings
 
 PREFIX = "edge/v1/gw-test"
 LEVEL = [{"name": "level", "type": "INT",
@@ -161,3 +165,19 @@ def test_push_method_mqtt_sends_property_to_its_own_broker_and_topic(
         for b in (uplink, sink):
             b.stop()
 
+
+
+def test_uplink_socket_sends_without_nagle_delay(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    client = BrokerClient(BrokerSettings(host="127.0.0.1", port=broker.port, client_id="nd"))
+    client.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not client.stats.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sock = client.paho.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.stop()
+        broker.stop()

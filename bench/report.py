@@ -369,6 +369,37 @@ def report(runs: list[Run], rss_tier: str) -> str:
     return "\n".join(head + body)
 
 
+def longer_runs(results: Path) -> list[str]:
+    """Completeness of the edge runs in sub-directories (e.g. ``s1-300s/``), which narrow
+    the resolution that a 60 s window leaves (see :func:`resolution_pct`)."""
+    rows = []
+    for sub in sorted(d for d in results.iterdir() if d.is_dir()):
+        for r in load(sub):
+            if r["bench"]["role"] != "edge" or r.get("completeness") is None:
+                continue
+            scenario = get(r, "bench", "scenario")
+            b = next((b for b in budgets(scenario, "core") if b.name == "completeness"), None)
+            ok, detail = b.check(r, {}) if b else (None, "no completeness budget")
+            p99 = get(r, "latency_ms", "read_to_mqtt", "p99")
+            rows.append(
+                f"| `{sub.name}/{r['_file']}` | {scenario} | {num(r.get('window_s'), '.0f')} s "
+                f"| {detail} | {num(p99)} | {num(get(r, 'cpu_percent', 'mean'))} "
+                f"| {num(get(r, 'rss_mb', 'max'))} | {verdict(ok) if b else ''} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Longer edge runs",
+        "",
+        "edge alone (no peer), for a finer completeness; other figures as above.",
+        "",
+        "| file | scenario | window | completeness | read→MQTT p99 ms | CPU % | RSS MB | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -378,7 +409,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rss-tier", choices=sorted(RSS_TIERS), default="core")
     a = p.parse_args()
-    text = report(load(a.results), a.rss_tier)
+    text = report(load(a.results), a.rss_tier) + "\n".join(longer_runs(a.results))
     if a.out is None:
         sys.stdout.write(text)
     else:

@@ -66,7 +66,7 @@ def _load_or_exit(path: Path) -> LoadedConfig:
     return cfg
 
 
-def _runtime_or_exit(path: Path) -> RuntimeConfig:
+def _runtime_or_exit(path: Path, *, warn: bool = True) -> RuntimeConfig:
     """Load and validate in a child process, so the agent never holds the validators."""
     from edge.config.runtime import load_runtime_config  # noqa: PLC0415
 
@@ -74,7 +74,8 @@ def _runtime_or_exit(path: Path) -> RuntimeConfig:
         cfg = load_runtime_config(path)
     except ConfigError as e:
         raise _problems_exit(path, e) from None
-    _print_problems(cfg.warnings)
+    if warn:
+        _print_problems(cfg.warnings)
     return cfg
 
 
@@ -139,7 +140,7 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
     that change over time inside each property's minimum..maximum.
     """
     from edge.config.load import load_config, load_manifests  # noqa: PLC0415
-    from edge.modbus.simulator import run_simulator  # noqa: PLC0415
+    from edge.modbus.simulator import SimulatorError, run_simulator  # noqa: PLC0415
 
     _setup_logging(log_level)
     try:
@@ -153,7 +154,11 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         raise SystemExit(2) from None
     if not devices:
         raise click.UsageError("no devices to simulate: give -c edge.yaml or manifest paths")
-    asyncio.run(_until_signal(lambda stop: run_simulator(devices, stop, period_s=period)))
+    try:
+        asyncio.run(_until_signal(lambda stop: run_simulator(devices, stop, period_s=period)))
+    except SimulatorError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.command()
@@ -166,7 +171,7 @@ def tail(config_path: Path, count: int) -> None:
     from edge.uplink.client import BrokerClient  # noqa: PLC0415
     from edge.uplink.topics import Topics  # noqa: PLC0415
 
-    cfg = _runtime_or_exit(config_path)
+    cfg = _runtime_or_exit(config_path, warn=False)
     topics = Topics(cfg.topic_prefix)
     client = BrokerClient(
         dataclasses.replace(cfg.broker, client_id=f"{cfg.broker.client_id}-tail-{os.getpid()}")
@@ -181,7 +186,12 @@ def tail(config_path: Path, count: int) -> None:
             body = json.dumps(json.loads(msg.payload), separators=(",", ":"))
         except ValueError:
             body = repr(msg.payload)
-        click.echo(f"{rel} {body}")
+        try:
+            click.echo(f"{rel} {body}")
+        except BrokenPipeError:  # e.g. `edge tail | head`: the reader is gone
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            done.set()
+            return
         seen += 1
         if count and seen >= count:
             done.set()

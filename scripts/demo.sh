@@ -11,23 +11,37 @@ RUN="$(mktemp -d /tmp/edge-demo.XXXXXX)"
 PIDS=()
 cleanup() {
   trap - EXIT INT TERM
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do  # agent first, broker last
+    kill "${PIDS[i]}" 2>/dev/null || true
+    wait "${PIDS[i]}" 2>/dev/null || true
+  done
   echo "demo stopped; logs in $RUN" >&2
 }
 trap cleanup EXIT INT TERM
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+for port in 5020 5021; do
+  if listening "$port"; then
+    echo "port 127.0.0.1:$port is already in use; the demo's simulated devices need it" >&2
+    exit 1
+  fi
+done
+
+if listening 1883; then
   echo "using the MQTT broker already listening on 127.0.0.1:1883" >&2
 else
   printf 'listener 1883 127.0.0.1\nallow_anonymous true\npersistence false\n' >"$RUN/mosquitto.conf"
   "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$RUN/mosquitto.conf" >"$RUN/mosquitto.log" 2>&1 &
   PIDS+=("$!")
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 50); do listening 1883 && break; sleep 0.1; done
 fi
 "$EDGE" check -c edge.yaml
 "$EDGE" simulate -c edge.yaml >"$RUN/simulate.log" 2>&1 &
 PIDS+=("$!")
+for _ in $(seq 50); do listening 5020 && listening 5021 && break; sleep 0.1; done
+if ! { listening 5020 && listening 5021; }; then
+  echo "the simulator did not start; its log:" >&2; cat "$RUN/simulate.log" >&2; exit 1
+fi
 "$EDGE" run -c edge.yaml >"$RUN/agent.log" 2>&1 &
 PIDS+=("$!")
 echo "agent log: $RUN/agent.log -- values as they arrive at the broker (Ctrl-C stops the demo):" >&2

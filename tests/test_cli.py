@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
-from support import REPO, device_docs, edge_cli, free_port, write_agent_file
+from paho.mqtt import publish
+from support import (
+    REPO,
+    device_docs,
+    edge_cli,
+    free_port,
+    start_broker,
+    start_edge,
+    write_agent_file,
+)
 
 from edge import __version__
 
@@ -65,3 +78,49 @@ def test_check_reports_unknown_agent_keys(tmp_path: Path) -> None:
     out = edge_cli("check", "-c", str(cfg))
     assert out.returncode == 2
     assert "uplnk" in out.stderr
+
+
+def test_tail_prints_what_the_agent_publishes_and_survives_a_closed_pipe(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    cfg = write_agent_file(tmp_path, broker.port, [], node="gw-tail")
+    agent = start_edge(["run", "-c", str(cfg)], tmp_path)
+    try:
+        out = edge_cli("tail", "-c", str(cfg), "--count", "1", timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("state {"), out.stdout
+        assert '"state":"online"' in out.stdout
+        # `edge tail | head -c 1`: once head is gone, the next message must end tail
+        tail = subprocess.Popen([sys.executable, "-m", "edge", "tail", "-c", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert tail.stdout is not None
+        head = subprocess.run(["head", "-c", "1"], stdin=tail.stdout, capture_output=True,
+                              timeout=30, check=False)
+        tail.stdout.close()
+        assert head.stdout == b"s"
+        for _ in range(50):  # bounded: a few events until tail notices the closed pipe
+            if tail.poll() is not None:
+                break
+            publish.single("edge/v1/gw-tail/events", b"{}", hostname="127.0.0.1",
+                           port=broker.port)
+            time.sleep(0.1)
+        assert tail.wait(10) == 0
+        assert tail.stderr is not None
+        assert b"Traceback" not in tail.stderr.read()
+    finally:
+        agent.stop()
+        broker.stop()
+
+
+def test_simulate_on_a_busy_port_says_which_endpoint(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        docs = device_docs("meter", port, 1, [
+            {"name": "a", "type": "INT",
+             "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}])
+        cfg = write_agent_file(tmp_path, free_port(), docs)
+        out = edge_cli("simulate", "-c", str(cfg), timeout=30)
+    assert out.returncode == 1
+    assert f"cannot serve tcp://127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr

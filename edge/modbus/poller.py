@@ -92,6 +92,7 @@ class DevicePoller:
         self._on_state = on_state
         self._offline_after = offline_after
         self._unanswered = 0
+        self._failing: dict[ReadRequest, type[ModbusError]] = {}
         self._seq = first_seq
         self._groups = {
             cycle: tuple(
@@ -201,7 +202,7 @@ class DevicePoller:
         for _ in range(attempts):
             self.stats.requests += 1
             try:
-                return await self._conn.read(
+                data = await self._conn.read(
                     self.device.unit_id, req.table, req.address, req.count, timeout=opts.timeout_s
                 )
             except ModbusTimeoutError as e:
@@ -221,6 +222,15 @@ class DevicePoller:
                 self.stats.connection_errors += 1
                 error = e
                 break
+            else:
+                if self._failing.pop(req, None) is not None:
+                    log.info("%s: %s %d+%d answers again", self.device.key, req.table,
+                             req.address, req.count)
+                return data
         self.stats.last_error = f"{req.table} {req.address}+{req.count}: {error}"
-        log.debug("%s: %s", self.device.key, self.stats.last_error)
+        # say it once per kind of failure, not once per cycle
+        level = logging.DEBUG if self._failing.get(req) is type(error) else logging.WARNING
+        if not isinstance(error, ModbusConnectionError):  # the device state reports those
+            log.log(level, "%s: %s", self.device.key, self.stats.last_error)
+        self._failing[req] = type(error)
         return error

@@ -205,30 +205,34 @@ class SimulatedUnit:
                 yield a, bool(b)
 
 
+class SimulatorError(Exception):
+    """An endpoint could not be served (address in use, serial port missing, ...)."""
+
+
 def _servers(
     devices: Iterable[DeviceSpec], period_s: float, clock: Callable[[], float]
-) -> list[Any]:
+) -> list[tuple[str, Any]]:
     by_endpoint: dict[str, list[DeviceSpec]] = defaultdict(list)
     for d in devices:
         by_endpoint[d.endpoint.key].append(d)
-    servers: list[Any] = []
+    servers: list[tuple[str, Any]] = []
     for group in by_endpoint.values():
         ep = group[0].endpoint
         sims = [SimulatedUnit(d, period_s, clock).sim_device() for d in group]
         if isinstance(ep, TcpEndpoint):
             framer = FramerType.SOCKET if ep.framing is Framing.MBAP else FramerType.RTU
-            servers.append(ModbusTcpServer(sims, framer=framer, address=(ep.host, ep.port)))
+            server: Any = ModbusTcpServer(sims, framer=framer, address=(ep.host, ep.port))
         elif isinstance(ep, SerialEndpoint):
-            servers.append(
-                ModbusSerialServer(
-                    sims,
-                    port=ep.port,
-                    baudrate=ep.baudrate,
-                    bytesize=ep.bytesize,
-                    parity=ep.parity,
-                    stopbits=ep.stopbits,
-                )
+            server = ModbusSerialServer(
+                sims,
+                port=ep.port,
+                baudrate=ep.baudrate,
+                bytesize=ep.bytesize,
+                parity=ep.parity,
+                stopbits=ep.stopbits,
+                reconnect_delay=0,
             )
+        servers.append((ep.key, server))
         units = ", ".join(f"{d.key} (unit {d.unit_id})" for d in group)
         log.info("simulating %s on %s", units, ep.key)
     return servers
@@ -243,13 +247,20 @@ async def run_simulator(
 ) -> None:
     """Serve ``devices`` until ``stop`` is set; ``clock`` gives the simulated time (s).
 
-    Errors binding an endpoint propagate.
+    Raises:
+        SimulatorError: an endpoint could not be served; names it.
     """
     servers = _servers(devices, period_s, clock)
+    started: list[Any] = []
     try:
-        for s in servers:
-            await s.serve_forever(background=True)
+        for key, server in servers:
+            try:
+                await server.serve_forever(background=True)
+            except (OSError, RuntimeError) as e:
+                raise SimulatorError(f"cannot serve {key}: {e} (in use, or not a local "
+                                     "address / serial port?)") from e
+            started.append(server)
         await stop.wait()
     finally:
-        for s in servers:
-            await s.shutdown()
+        for server in started:
+            await server.shutdown()

@@ -110,6 +110,7 @@ class BrokerClient:
         c.max_inflight_messages_set(1000)
         c.on_socket_open = _no_delay
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         self._client = c
@@ -169,6 +170,14 @@ class BrokerClient:
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
         for hook in self._hooks.on_connect:
             hook()
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        first = not self.stats.last_error.startswith("cannot reach")
+        self.stats.last_error = f"cannot reach {self.settings.host}:{self.settings.port}"
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "MQTT broker %s:%d unreachable; retrying every %d-%d s",
+                self.settings.host, self.settings.port,
+                self.settings.reconnect_min_s, self.settings.reconnect_max_s)
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any

@@ -2,9 +2,10 @@
 
 Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.Topics`.
 
-* ``…/state`` (retained, QoS 1): ``{"state": "online"|"offline", "version", "since",
-  "agent", "devices": {"ns/name": "online"|"offline"}}``; the ``offline`` form is
-  the LWT, and is also published on a clean stop.
+* ``…/state`` (retained, QoS 1): ``{"state": "online", "version", "agent", "since",
+  "devices": {"ns/name": "online"|"offline"}}`` while running;
+  ``{"state": "offline", "version", "agent"}`` is the LWT and is also published on
+  a clean stop (the agent no longer vouches for any device then).
 * ``…/telemetry/{namespace}/{device}``: a reading, see :class:`edge.reading.Reading`.
 * ``…/events``: ``{"ts", "type", ...}``, e.g. ``{"type": "device_state", "device":
   "ns/name", "state": "offline", "reason": "..."}``.
@@ -56,8 +57,10 @@ class Uplink:
         self._since = now_ms()
         self._devices: dict[str, str] = {}
         self._lock = threading.Lock()
-        offline = _json({"state": "offline", "version": config_version, "agent": agent_version})
-        self.client = BrokerClient(settings, will=Will(topics.state, offline))
+        self._offline = _json(
+            {"state": "offline", "version": config_version, "agent": agent_version}
+        )
+        self.client = BrokerClient(settings, will=Will(topics.state, self._offline))
         self.client.add_connect_hook(self._publish_state)
 
     def start(self) -> None:
@@ -90,25 +93,23 @@ class Uplink:
 
     def stop(self, *, timeout_s: float = 2.0) -> None:
         """Publish the retained ``offline`` state, wait for its PUBACK, disconnect."""
-        info = self.client.publish(self.topics.state, self._state_payload("offline"), retain=True)
+        info = self.client.publish(self.topics.state, self._offline, retain=True)
         self.client.wait_acked(info, timeout_s)
         self.client.stop()
 
-    def _state_payload(self, state: str) -> bytes:
-        with self._lock:
-            devices = dict(self._devices)
-        return _json(
-            {
-                "state": state,
-                "version": self._config_version,
-                "agent": self._agent_version,
-                "since": self._since,
-                "devices": devices,
-            }
-        )
-
     def _publish_state(self) -> None:
-        self.client.publish(self.topics.state, self._state_payload("online"), retain=True)
+        """Publish the retained online state (called from the loop and paho's thread)."""
+        with self._lock:
+            payload = _json(
+                {
+                    "state": "online",
+                    "version": self._config_version,
+                    "agent": self._agent_version,
+                    "since": self._since,
+                    "devices": dict(self._devices),
+                }
+            )
+            self.client.publish(self.topics.state, payload, retain=True)
 
 
 class PushSinks:

@@ -258,6 +258,7 @@ FIGURES: list[tuple[str, Callable[[Run], str]]] = [
     ("Modbus requests/s", lambda r: num(r.get("modbus_requests_per_s"), ".0f")),
     ("simulator CPU %", lambda r: num(get(r, "watched", "simulator", "cpu_mean"))),
     ("threads (max)", lambda r: num(r.get("threads_max"), ".0f")),
+    ("other load, % of a core ²", lambda r: num(other_load(r), ".0f")),
 ]
 FIGURE_BUDGET = {
     "completeness %": "completeness",
@@ -266,6 +267,17 @@ FIGURE_BUDGET = {
     "RSS MB (max)": "RSS",
     "start-up s (start → first publish)": "start → first publish",
 }
+
+
+def other_load(run: Run) -> float | None:
+    """CPU of everything but the agent, its broker and simulator during the run, in % of a
+    core (measure.py's own share included): what else the machine was doing."""
+    machine, cpus = run.get("system_cpu_percent_mean_all_cores"), run.get("system_cpus")
+    mine = get(run, "cpu_percent", "mean")
+    if machine is None or not cpus or mine is None:
+        return None
+    helpers = sum(get(run, "watched", w, "cpu_mean") or 0.0 for w in ("broker", "simulator"))
+    return max(0.0, machine * cpus - mine - helpers)
 
 
 def verdict(ok: bool | None) -> str:
@@ -301,6 +313,12 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
     summary = [
         f"| {scenario} | {b.name} | {b.target} | {detail} | {verdict(ok)} |"
         for b, ok, detail in judged.values()
+    ]
+    out += [
+        "² The machine's CPU during the run (all cores, in % of one core) less the agent, "
+        "its broker and simulator: measure.py itself (a few %) and whatever else ran. "
+        "Much more than ~10 means the figures of that column were taken on a busy machine.",
+        "",
     ]
     if nodelay is not None:
         out += [

@@ -28,6 +28,9 @@
 #   NODELAY=1          (default) then measure edge once more against a broker with
 #                      TCP_NODELAY -> bench/results/edge-<scenario>-nodelay-<date>.json
 #                      (a diagnostic of the broker hop; NODELAY=0 skips it)
+#   QUIET_BUSY_PCT     before each measured run, wait until the whole machine is less
+#                      than this % busy (25; see wait_quiet.py) ...
+#   QUIET_MAX_WAIT     ... for at most this many seconds (300; 0 = don't wait)
 #   RUN_ID             pairs the runs of one invocation (default: a UTC timestamp)
 # Only 127.0.0.1 is used. Everything started here is stopped by PID.
 set -euo pipefail
@@ -56,9 +59,15 @@ RESULTS="${RESULTS:-$HERE/results}"
 PYSPY="${PYSPY:-/tmp/venv-pyspy/bin/py-spy}"
 PROFILE_SECONDS="${PROFILE_SECONDS:-30}"
 NODELAY="${NODELAY:-1}"
+QUIET_BUSY_PCT="${QUIET_BUSY_PCT:-25}"
+QUIET_MAX_WAIT="${QUIET_MAX_WAIT:-300}"
 DATE="$(date +%F)"
 TICK=100  # simulator value tick, ms (as the peer's run.sh)
 mkdir -p "$RESULTS"
+quiet() {  # wait for a quiet machine; prints how busy it was (% of all cores)
+  python3 "$HERE/wait_quiet.py" --busy-pct "$QUIET_BUSY_PCT" --max-wait-s "$QUIET_MAX_WAIT" \
+    || true
+}
 
 [ -x "$EDGE_BIN" ] || { echo "no agent at $EDGE_BIN (pip install -e $REPO into .venv)" >&2; exit 1; }
 [ -x /tmp/venv-bench/bin/python ] || "$SHARED/setup-venvs.sh" bench
@@ -111,7 +120,8 @@ for _ in $(seq 1 100); do [ -f "$RUN/sim.ready" ] && break; sleep 0.1; done
 [ -f "$RUN/sim.ready" ] || { echo "simulator did not start" >&2; cat "$RUN/sim.log" >&2; exit 1; }
 
 measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT: edge under measure.py
-  local out="$1" dir="$2" port="$3" bpid="$4" variant="$5" load
+  local out="$1" dir="$2" port="$3" bpid="$4" variant="$5" load busy
+  busy="$(quiet)"
   load="$(cut -d' ' -f1-3 /proc/loadavg)"
   "$VB" "$SHARED/measure.py" --broker-port "$port" --duration "$DUR" --warmup "$WARMUP" \
     --data-topic 'edge/v1/bench/telemetry/#' --format device \
@@ -125,7 +135,8 @@ measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT: edge under measu
     --meta "broker=$variant" \
     -- "$EDGE_BIN" run -c "$dir/edge.yaml" >"$dir/measure.json"
   python3 "$HERE/annotate.py" "$out" "run_id=$RUN_ID" role=edge "scenario=$SCEN" \
-    "storage=$STORE" "broker=$variant" "loadavg_before=$load" "run_dir=$dir"
+    "storage=$STORE" "broker=$variant" "loadavg_before=$load" \
+    "machine_busy_pct_before=$busy" "run_dir=$dir"
   echo "result: $out" >&2
 }
 
@@ -195,6 +206,7 @@ for STORAGE in $PEER_STORAGES; do
   BP="$(take 1 $((BROKER_PORT0 + 10)))"; AVOID+=(--avoid "$BP-$BP")
   SP="$(take "$NSIM" $((SIM_BASE_PORT0 + 300)))"; AVOID+=(--avoid "$SP-$((SP + NSIM - 1))")
   OUT="$RESULTS/thingsboard-$SCEN-$STORAGE-$DATE.json"
+  BUSY="$(quiet)"
   LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "=== thingsboard $SCEN $STORAGE (${DUR}s): broker :$BP, simulator :$SP ($SIM_MODE)" >&2
   OUT="$OUT" BROKER_PORT="$BP" SIM_BASE_PORT="$SP" \
@@ -202,7 +214,7 @@ for STORAGE in $PEER_STORAGES; do
     >"$RUN/thingsboard-$STORAGE.json" 2>"$RUN/thingsboard-$STORAGE.log" \
     || { echo "peer run failed:" >&2; tail -20 "$RUN/thingsboard-$STORAGE.log" >&2; exit 1; }
   python3 "$HERE/annotate.py" "$OUT" "run_id=$RUN_ID" role=peer "scenario=$SCEN" \
-    "storage=$STORAGE" "loadavg_before=$LOAD_BEFORE" \
+    "storage=$STORAGE" "loadavg_before=$LOAD_BEFORE" "machine_busy_pct_before=$BUSY" \
     "run_dir=$(sed -n 's/^run dir: //p' "$RUN/thingsboard-$STORAGE.log")"
   echo "result: $OUT" >&2
 done

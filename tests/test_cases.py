@@ -5,7 +5,10 @@ and either
 
 * ``expected.err``: every non-empty line must appear in the text of one problem of the
   :class:`ConfigError` that loading raises (so N lines naming N different faults prove
-  that all of them are reported at once), and nothing is returned; or
+  that all of them are reported at once), and nothing is returned. A line starting
+  with ``! `` must appear in no problem (a follow-on message that is not wanted);
+  ``{case}`` stands for the case's absolute directory (messages that name a resolved
+  path); or
 * ``expected.json``: the summary of what loads (devices, manifest files, warnings),
   compared for equality.
 
@@ -71,8 +74,11 @@ def test_case(case: Path) -> None:
     expected_err = case / "expected.err"
     expected_json = case / "expected.json"
     if expected_err.exists():
-        lines = [line.strip() for line in expected_err.read_text().splitlines() if line.strip()]
-        assert lines, f"{expected_err} is empty"
+        text = expected_err.read_text().replace("{case}", str(case.absolute()))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        unwanted = [line.removeprefix("! ") for line in lines if line.startswith("! ")]
+        lines = [line for line in lines if not line.startswith("! ")]
+        assert lines, f"{expected_err} names no problem that must be reported"
         loaded: LoadedConfig | None = None
         with pytest.raises(ConfigError) as raised:
             loaded = load_config(case / "edge.yaml")
@@ -83,6 +89,8 @@ def test_case(case: Path) -> None:
         assert not missing, (
             "not reported: " + "\n".join(missing) + "\nreported:\n" + "\n".join(problems)
         )
+        found = [line for line in unwanted if any(line in p for p in problems)]
+        assert not found, "reported, but unwanted: " + "\n".join(found)
         return
     actual = summarize(load_config(case / "edge.yaml"), case)
     if os.environ.get("EDGE_UPDATE_CASES") == "1":

@@ -7,6 +7,7 @@ points :func:`load_config` / :func:`load_manifests`.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ def prop(name: str, **config: Any) -> Doc:
 VOLTAGE = prop("voltage", register="InputRegister", offset=0, limit=2, dataType="float32")
 SETPOINT = prop("setpoint", register="HoldingRegister", offset=10, limit=1, dataType="int16")
 TCP = {"communicateMode": "TCP", "ip": "127.0.0.1", "port": 5020, "slaveID": 1}
+
+
+def unit(unit_id: int) -> Doc:
+    """:data:`TCP` with another unit id: a second device on the same endpoint."""
+    return {**TCP, "slaveID": unit_id}
 
 
 def device_doc(
@@ -336,6 +342,60 @@ def test_protocol_dialects(
 def test_protocol_errors(tmp_path: Path, config: Doc, expected: str) -> None:
     found = one_error(tmp_path, model_doc(), device_doc(config=config))
     assert found == f"spec.protocol.configData.{expected}"
+
+
+@pytest.mark.parametrize(
+    "ip",
+    ["10.0.0.5", "::1", "fe80::1%eth0", "2001:db8::5", "plc", "PLC-01.plant.example",
+     "plc.local.", "1plc.example", "a" * 63 + ".example"],
+)  # fmt: skip
+def test_ip_is_an_address_or_a_host_name(tmp_path: Path, ip: str) -> None:
+    (device,) = load(tmp_path, model_doc(), device_doc(config={**TCP, "ip": ip}))
+    assert device.endpoint == TcpEndpoint(ip, 5020)
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("127.0.0.1:5130", "holds a port, which ip does not take: put the port in port "
+                           "(ip: 127.0.0.1, port: 5130)"),
+        ("[::1]:502", "holds a port, which ip does not take: put the port in port "
+                      "(ip: ::1, port: 502)"),
+        ("mqtt://plc.local", "is a URL; give only the address or host name (ip: plc.local), "
+                             "and the port in port"),
+        ("tcp://", "is a URL; give only the address or host name, and the port in port"),
+        ("\tplc", "contains whitespace; give only the address or host name"),
+        ("1.2.3", "is not an IPv4 address (four numbers 0..255 joined by dots)"),
+        ("[fe80::1]", "is an IPv6 address in brackets; give it without them (ip: fe80::1)"),
+        ("plc-.local", "is neither an IPv4/IPv6 address nor a host name (RFC 1123: "
+                       "dot-separated labels of 1..63 letters, digits and '-', not starting "
+                       "or ending with '-')"),
+        ("a" * 64 + ".example", "is neither an IPv4/IPv6 address nor a host name (RFC 1123: "
+                                "dot-separated labels of 1..63 letters, digits and '-', not "
+                                "starting or ending with '-')"),
+        ("plc..local", "is neither an IPv4/IPv6 address nor a host name (RFC 1123: "
+                       "dot-separated labels of 1..63 letters, digits and '-', not starting "
+                       "or ending with '-')"),
+    ],
+)  # fmt: skip
+def test_ip_errors(tmp_path: Path, ip: str, expected: str) -> None:
+    found = one_error(tmp_path, model_doc(), device_doc(config={**TCP, "ip": ip}))
+    assert found == f"spec.protocol.configData.ip: ip {ip!r} {expected}"
+
+
+def test_rtu_over_tcp_ip_is_checked_too(tmp_path: Path) -> None:
+    config = {"communicateMode": "RTUoverTCP", "ip": "gw:4001"}
+    assert one_error(tmp_path, model_doc(), device_doc(config=config)) == (
+        "spec.protocol.configData.ip: ip 'gw:4001' holds a port, which ip does not take: "
+        "put the port in port (ip: gw, port: 4001)"
+    )
+
+
+def test_timeout_is_milliseconds(tmp_path: Path) -> None:
+    assert one_error(tmp_path, model_doc(), device_doc(config={**TCP, "timeout": "2s"})) == (
+        "spec.protocol.configData.timeout: timeout must be an integer number of milliseconds, "
+        "got '2s' (1000 for one second)"
+    )
 
 
 def test_extension_options_and_model_defaults_overridden_key_by_key(tmp_path: Path) -> None:
@@ -679,13 +739,32 @@ def test_cycles_are_milliseconds(tmp_path: Path, cycle: object, expected: int) -
                      "milliseconds and this looks like nanoseconds (86.400001 ms)"),
         (10_000_000_000, "collectCycle 10000000000 is more than one day: KubeEdge cycles are "
                          "milliseconds and this looks like nanoseconds (10000 ms)"),
-        (1.5, "Input should be a valid integer, got a number with a fractional part (got 1.5)"),
+        (1.5, "collectCycle must be an integer number of milliseconds, got 1.5 "
+              "(1000 for one second)"),
+        ("1s", "collectCycle must be an integer number of milliseconds, got '1s' "
+               "(1000 for one second)"),
+        (True, "collectCycle must be an integer number of milliseconds, got True "
+               "(1000 for one second)"),
     ],
 )  # fmt: skip
 def test_cycle_errors(tmp_path: Path, cycle: object, expected: str) -> None:
     entry = {**copy.deepcopy(VOLTAGE), "collectCycle": cycle}
     found = one_error(tmp_path, model_doc(), device_doc(entry, SETPOINT))
     assert found == f"spec.properties[0].collectCycle: {expected}"
+
+
+def test_an_invalid_property_entry_has_no_follow_on_messages(tmp_path: Path) -> None:
+    model = model_doc()
+    model["spec"]["properties"][1]["accessMode"] = "RW"  # setpoint: invalid in the model
+    device = device_doc({**copy.deepcopy(VOLTAGE), "reportToCloud": "maybe"},  # invalid entry
+                        copy.deepcopy(SETPOINT),
+                        methods=[{"name": "Set", "propertyNames": ["setpoint"]}])  # fmt: skip
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, model, device)
+    assert [f"{p.severity}: {p.field}" for p in raised.value.problems] == [
+        "error: spec.properties[1].accessMode",
+        "error: spec.properties[0].reportToCloud",
+    ]  # no "not polled" for voltage, no "not in DeviceModel" for setpoint or its method
 
 
 @pytest.mark.parametrize(
@@ -795,7 +874,8 @@ def test_a_directory_of_manifests(tmp_path: Path) -> None:
     root = tmp_path / "manifests"
     write_docs(root / "b-devices" / "meter-2.yml", device_doc(name="meter-2"))
     write_docs(root / "a-models.yaml", model_doc())
-    write_docs(root / "b-devices" / "nested" / "meter-1.yaml", device_doc(name="meter-1"))
+    write_docs(root / "b-devices" / "nested" / "meter-1.yaml",
+               device_doc(name="meter-1", config=unit(2)))  # fmt: skip
     write_docs(
         root / "..2024_01_01" / "meter-1.yaml", device_doc(name="meter-1")
     )  # ConfigMap mount
@@ -864,7 +944,7 @@ def test_all_problems_of_all_documents_at_once_and_nothing_applied(tmp_path: Pat
     bad = write_docs(tmp_path / "b.yaml",
                      device_doc(VOLTAGE, prop("setpoint", register="InputRegister", offset=-1,
                                               dataType="int16"),
-                                name="bad-1"),
+                                name="bad-1", config=unit(2)),
                      device_doc(name="bad-2", config={}),
                      device_doc(name="bad-3", model="nope"))  # fmt: skip
     with pytest.raises(ConfigError) as raised:
@@ -1017,7 +1097,11 @@ def agent_problems(tmp_path: Path, text: str) -> list[str]:
 def test_agent_file_defaults(tmp_path: Path) -> None:
     loaded = load_config(write_agent(tmp_path, "node: gw-01\n"))
     base = tmp_path / "etc"
-    assert (loaded.devices, loaded.warnings, loaded.files) == ((), (), ())
+    assert (loaded.devices, loaded.files) == ((), ())
+    assert [str(w) for w in loaded.warnings] == [
+        f"warning: {base / 'edge.yaml'}: devices: no device will be polled: devices lists no "
+        "manifest file or directory"
+    ]
     agent = loaded.agent
     assert agent.model_dump() == {
         "node": "gw-01",
@@ -1044,6 +1128,11 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
 def test_agent_file_full(tmp_path: Path) -> None:
     write_docs(tmp_path / "etc" / "manifests" / "m.yaml", model_doc())
     elsewhere = write_docs(tmp_path / "elsewhere" / "d.yaml", device_doc())
+    secrets = tmp_path / "secrets"
+    for file in ("etc/certs/ca.pem", "etc/certs/gw.pem", "secrets/gw.key",
+                 "etc/secrets/mqtt.pw", "etc/keys/cloud.pem"):  # fmt: skip
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text("-\n")
     path = write_agent(
         tmp_path,
         """\
@@ -1056,7 +1145,7 @@ uplink:
   topic_prefix: plant-3/{node}
   client_id: gateway-one
   keepalive: 60
-  tls: {ca: certs/ca.pem, cert: certs/gw.pem, key: /secrets/gw.key}
+  tls: {ca: certs/ca.pem, cert: certs/gw.pem, key: SECRETS/gw.key}
   username: gw-01
   password_file: secrets/mqtt.pw
 store: {path: data/edge.db, max_bytes: 1048576, ttl: 1d12h}
@@ -1066,7 +1155,7 @@ plugins: {dir: /opt/edge/plugins}
 policy: {mode: enforce}
 modbus: {backoff_initial_ms: 100, backoff_max_ms: 100, connect_timeout_ms: 1500}
 log: {level: debug}
-""".replace("ELSEWHERE", str(elsewhere)),
+""".replace("ELSEWHERE", str(elsewhere)).replace("SECRETS", str(secrets)),
     )
     base = tmp_path / "etc"
     loaded = load_config(path)
@@ -1074,7 +1163,7 @@ log: {level: debug}
     assert isinstance(agent, AgentFile)
     assert agent.devices == [base / "manifests", elsewhere]
     assert agent.uplink.tls.ca == base / "certs" / "ca.pem"
-    assert agent.uplink.tls.key == Path("/secrets/gw.key")
+    assert agent.uplink.tls.key == secrets / "gw.key"
     assert agent.uplink.tls.enabled
     assert agent.uplink.password_file == base / "secrets" / "mqtt.pw"
     assert (agent.store.path, agent.store.ttl) == (base / "data" / "edge.db", 36 * 3600)
@@ -1108,7 +1197,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: gw\nnodes: [a]\n",
          ["nodes: unknown key 'nodes'; accepted: node, devices, uplink, store, web, trust, "
           "plugins, policy, modbus, log"]),
-        ("node: gw\nuplink: {tls: {cert: c.pem}}\n",
+        ("node: gw\nuplink: {tls: {cert: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),
         ("node: gw\nuplink: {qos: 2, port: 0, topic_prefix: 'a/#'}\n",
          ["uplink.port: Input should be greater than or equal to 1 (got 0)",
@@ -1158,8 +1247,8 @@ def test_agent_and_manifest_problems_come_together(tmp_path: Path) -> None:
         tmp_path, "node: gw\ndevices: [m.yaml, gone.yaml]\nuplink: {qos: 9}\n"
     )
     assert problems == [
+        f"devices[1]: gone.yaml: no such file or directory ({tmp_path / 'etc' / 'gone.yaml'})",
         "uplink.qos: Input should be 0 or 1 (got 9)",
-        ": no such file or directory",
         "spec.protocol.configData.port: port 0 is out of range 1..65535",
     ]
 
@@ -1167,7 +1256,7 @@ def test_agent_and_manifest_problems_come_together(tmp_path: Path) -> None:
 def test_agent_node_filters_devices(tmp_path: Path) -> None:
     write_docs(tmp_path / "etc" / "m.yaml", model_doc(), device_doc(nodeName="gw-02"),
                device_doc(name="meter-2", nodeName="gw-01"),
-               device_doc(name="meter-3"))  # fmt: skip
+               device_doc(name="meter-3", config=unit(3)))  # fmt: skip
     loaded = load_config(write_agent(tmp_path, "node: gw-01\ndevices: [m.yaml]\n"))
     assert [d.name for d in loaded.devices] == ["meter-2", "meter-3"]
     assert [w.obj for w in loaded.warnings] == ["Device default/meter-1"]
@@ -1257,6 +1346,19 @@ def test_v1alpha2_conversion(tmp_path: Path) -> None:
          [{**LEVEL, "propertyName": "depth"}],
          "spec.propertyVisitors[0]: property 'depth' is not in DeviceModel default/a2-model; "
          "it has: level, pump"),
+        ({"modbus": {}, "common": {"tcp": {"ip": "10.1.1.1:5020"}}}, [LEVEL],
+         "spec.protocol.common.tcp.ip: ip '10.1.1.1:5020' holds a port, which ip does not take: "
+         "put the port in port (ip: 10.1.1.1, port: 5020)"),
+        ({"modbus": {}, "common": {"tcp": {"ip": "h"}, "collectTimeout": "1s"}}, [LEVEL],
+         "spec.protocol.common.collectTimeout: collectTimeout must be an integer number of "
+         "milliseconds, got '1s' (1000 for one second)"),
+        ({"modbus": {}, "common": {"tcp": {"ip": "h"}}}, [{**LEVEL, "reportCycle": "2s"}],
+         "spec.propertyVisitors[0].reportCycle: reportCycle must be an integer number of "
+         "milliseconds, got '2s' (1000 for one second)"),
+        ({"modbus": {}, "common": {"tcp": {"ip": "h"}}},
+         [{**LEVEL, "modbus": "HoldingRegister"}],  # nothing more is said about level
+         "spec.propertyVisitors[0].modbus: Input should be a valid dictionary "
+         "(got 'HoldingRegister')"),
     ],
 )  # fmt: skip
 def test_v1alpha2_errors(tmp_path: Path, protocol: Doc, visitors: list[Doc], expected: str) -> None:
@@ -1279,3 +1381,75 @@ def test_v1alpha2_non_modbus_device_is_skipped(tmp_path: Path) -> None:
     )
     assert devices == ()
     assert warnings[0].startswith("spec.protocol: protocol 'opcua' is not supported")
+
+
+# --- whole-gateway warnings ----------------------------------------------------------
+
+
+def test_devices_on_the_same_endpoint_and_unit_id_are_warned(tmp_path: Path) -> None:
+    devices, warnings = load_warned(
+        tmp_path, model_doc(),
+        device_doc(name="a", config={"ip": "::1", "port": 502}),
+        device_doc(name="b", config={"ip": "0:0::1", "port": 502}),  # the same address
+        device_doc(name="c", config={"ip": "PLC.local"}),
+        device_doc(name="d", config={"ip": "plc.local", "communicateMode": "RTUoverTCP"}),
+        device_doc(name="e", config={"ip": "plc.local", "slaveID": 2}),
+    )  # fmt: skip
+    assert len(devices) == 5
+    assert [w.split(" as ")[0] for w in warnings] == [
+        "spec.protocol.configData: same endpoint [::1]:502 and unit id 1",
+        "spec.protocol.configData: same endpoint plc.local:502 and unit id 1",
+    ]
+    assert warnings[0].split(" as ")[1].startswith(f"Device default/a ({tmp_path / 'm.yaml'}: ")
+
+
+def no_device_warning(tmp_path: Path, agent: str, *docs: Doc) -> str:
+    if docs:
+        write_docs(tmp_path / "etc" / "m.yaml", *docs)
+    loaded = load_config(write_agent(tmp_path, agent))
+    assert loaded.devices == ()
+    (warning,) = [w for w in loaded.warnings if w.field == "devices"]
+    assert (warning.file, warning.severity) == (str(tmp_path / "etc" / "edge.yaml"), "warning")
+    return warning.message
+
+
+def test_no_device_to_poll_says_why(tmp_path: Path) -> None:
+    other_protocol = device_doc(name="opc")
+    other_protocol["spec"]["protocol"]["protocolName"] = "opcua"
+    assert no_device_warning(
+        tmp_path, "node: gw-01\ndevices: m.yaml\n", model_doc(),
+        device_doc(nodeName="gw-02"), device_doc(name="meter-2", nodeName="gw-03"),
+        device_doc(name="meter-3", nodeName="gw-02"), other_protocol,
+    ) == (
+        "no device will be polled: 2 Device(s) skipped for spec.nodeName 'gw-02' ≠ node 'gw-01'; "
+        "1 Device(s) skipped for spec.nodeName 'gw-03' ≠ node 'gw-01'; 1 Device(s) skipped for "
+        "protocol 'opcua' (to poll them, set node: gw-02 or gw-03 in this file, or change the "
+        "Devices' spec.nodeName to gw-01)"
+    )  # fmt: skip
+
+
+def test_no_device_only_models(tmp_path: Path) -> None:
+    assert no_device_warning(tmp_path, "node: gw\ndevices: [m.yaml]\n", model_doc()) == (
+        "no device will be polled: the 1 manifest file(s) hold no devices.kubeedge.io Device"
+    )
+
+
+def test_manifests_alone_do_not_warn_about_no_device(tmp_path: Path) -> None:
+    devices, warnings = load_manifests([write_docs(tmp_path / "m.yaml", model_doc())])
+    assert (devices, warnings) == ((), ())
+
+
+@pytest.mark.parametrize("key", ["uplink.password_file", "uplink.tls.ca", "trust.keys[0]"])
+def test_agent_files_must_be_regular_readable_files(tmp_path: Path, key: str) -> None:
+    base = tmp_path / "etc"
+    base.mkdir()
+    os.mkfifo(base / "pipe")
+    (base / "dir").mkdir()
+    agent = {"uplink.password_file": "uplink: {password_file: NAME}",
+             "uplink.tls.ca": "uplink: {tls: {ca: NAME}}",
+             "trust.keys[0]": "trust: {keys: [NAME]}"}[key]  # fmt: skip
+    for name, expected in [("pipe", "is not a regular file"), ("dir", "is a directory, not a file"),
+                           ("../gone", "no such file")]:  # fmt: skip
+        problems = agent_problems(tmp_path, f"node: gw\n{agent.replace('NAME', name)}\n")
+        resolved = os.path.abspath(base / name)
+        assert problems == [f"{key}: {resolved}: {expected}"]

@@ -3,8 +3,9 @@
 The top-level keys are fixed by DESIGN.md §3 so that operators' files keep working;
 sections are added, never renamed. Every setting has a default except ``node``.
 Unknown keys are errors. Relative paths are resolved against the directory of the
-agent file. ``store``, ``web``, ``trust``, ``plugins`` and ``policy`` are only checked
-for shape until their features exist.
+agent file; the files named by ``uplink`` and ``trust`` must be readable, and every
+``devices`` entry must exist. ``store``, ``web``, ``trust``, ``plugins`` and
+``policy`` are otherwise only checked for shape until their features exist.
 
 Example (every key shown with its default)::
 
@@ -31,6 +32,7 @@ Example (every key shown with its default)::
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,10 +45,13 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from edge.config.sources import Report, Where
+from edge.config.sources import MESSAGE_ONLY, Report, Where
 
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
 _SECONDS_PER_UNIT = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
@@ -62,6 +67,49 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 """A path; relative ones are resolved against the agent file's directory."""
+
+
+def _error(message: str) -> PydanticCustomError:
+    return PydanticCustomError(MESSAGE_ONLY, "{message}", {"message": message})
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file; None when it is one."""
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "is a directory, not a file"
+    if not path.is_file():
+        return "is not a regular file"
+    try:
+        with path.open("rb"):
+            return None
+    except OSError as err:
+        return f"cannot read: {err.strerror}"
+
+
+def _readable_file(value: Path) -> Path:
+    problem = _unreadable(value)
+    if problem is not None:
+        raise _error(f"{os.path.abspath(value)}: {problem}")
+    return value
+
+
+ConfigFile = Annotated[ConfigPath, AfterValidator(_readable_file)]
+"""A :data:`ConfigPath` to a file that must be readable; otherwise the error names
+the absolute path: ``/etc/edge/ca.pem: no such file``."""
+
+
+def _existing_path(value: object, handler: ValidatorFunctionWrapHandler) -> Path:
+    path: Path = handler(value)
+    if not path.exists():
+        raise _error(f"{value}: no such file or directory ({os.path.abspath(path)})")
+    return path
+
+
+ExistingPath = Annotated[ConfigPath, WrapValidator(_existing_path)]
+"""A :data:`ConfigPath` that must exist; otherwise the error gives the path as written
+and as resolved: ``./manifests: no such file or directory (/etc/edge/manifests)``."""
 
 
 def _duration_seconds(value: object) -> object:
@@ -133,11 +181,11 @@ class _Section(BaseModel):
 
 class TlsConfig(_Section):
     """``uplink.tls``: CA bundle to verify the broker, client certificate and key for
-    mTLS (PEM files). ``cert`` and ``key`` are given together or not at all."""
+    mTLS (PEM files, readable). ``cert`` and ``key`` are given together or not at all."""
 
-    ca: ConfigPath | None = None
-    cert: ConfigPath | None = None
-    key: ConfigPath | None = None
+    ca: ConfigFile | None = None
+    cert: ConfigFile | None = None
+    key: ConfigFile | None = None
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> TlsConfig:
@@ -155,8 +203,8 @@ class UplinkConfig(_Section):
     """``uplink``: the MQTT broker readings are published to (DESIGN.md §5).
 
     ``qos`` is 0 or 1; ``keepalive`` is seconds; ``topic_prefix`` may contain
-    ``{node}``; ``client_id`` None means ``edge-{node}``; ``password_file`` holds the
-    password (first line) so that it stays out of the agent file.
+    ``{node}``; ``client_id`` None means ``edge-{node}``; ``password_file`` (readable)
+    holds the password (first line) so that it stays out of the agent file.
     """
 
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -167,7 +215,7 @@ class UplinkConfig(_Section):
     keepalive: int = Field(default=30, ge=1, le=65535)
     tls: TlsConfig = TlsConfig()
     username: str | None = None
-    password_file: ConfigPath | None = None
+    password_file: ConfigFile | None = None
 
 
 class StoreConfig(_Section):
@@ -187,7 +235,7 @@ class WebConfig(_Section):
 class TrustConfig(_Section):
     """``trust``: Ed25519 public keys (PEM files) trusted for bundles and plugins."""
 
-    keys: list[ConfigPath] = []
+    keys: list[ConfigFile] = []
 
 
 class PluginsConfig(_Section):
@@ -231,11 +279,11 @@ class AgentFile(_Section):
 
     ``node`` names the gateway: one MQTT topic level (no ``/``, ``+``, ``#``), also
     matched against a Device's ``spec.nodeName``. ``devices`` lists KubeEdge manifest
-    files or directories (a single string is one entry).
+    files or directories (a single string is one entry); each must exist.
     """
 
     node: Annotated[str, AfterValidator(_topic_level)]
-    devices: Annotated[list[ConfigPath], BeforeValidator(_as_list)] = []
+    devices: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = []
     uplink: UplinkConfig = UplinkConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()

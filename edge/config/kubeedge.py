@@ -13,7 +13,9 @@ read the documents into the version-neutral shapes of :mod:`edge.config.kubeedge
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,15 @@ from edge.config.kubeedge_modbus import Connection, parse_connection
 from edge.config.kubeedge_v1alpha2 import device_v1alpha2, model_v1alpha2
 from edge.config.kubeedge_v1beta1 import device_v1beta1, model_v1beta1
 from edge.config.kubeedge_visitor import parse_visitor
-from edge.config.model import AccessMode, DeviceSpec, MethodSpec, ModbusOptions, PropertySpec
+from edge.config.model import (
+    AccessMode,
+    DeviceSpec,
+    Endpoint,
+    MethodSpec,
+    ModbusOptions,
+    PropertySpec,
+    TcpEndpoint,
+)
 from edge.config.sources import (
     Document,
     Report,
@@ -62,8 +72,8 @@ def _parse_object(data: object, where: Where, report: Report) -> ParsedObject | 
         report.error(where, where.field(), f"must be a mapping (a Kubernetes object), got {got}")
         return None
     api, kind = data.get("apiVersion"), str(data.get("kind"))
-    group, _, version = str(api).partition("/")
-    if group != GROUP or version not in VERSIONS:
+    version = str(api).partition("/")[2]
+    if not _ours(data):
         report.warning(
             where,
             where.field("apiVersion"),
@@ -90,15 +100,24 @@ def _parse_object(data: object, where: Where, report: Report) -> ParsedObject | 
     return BrokenDoc(kind, meta.namespace, meta.name, named) if parsed is None else parsed
 
 
-def parse_objects(documents: Iterable[Document], report: Report) -> list[ParsedObject]:
-    """The Device and DeviceModel objects in ``documents``, in order.
+def _ours(data: object) -> bool:
+    """True for a mapping of API group ``devices.kubeedge.io`` in a known version."""
+    if not isinstance(data, dict):
+        return True  # reported as not being an object at all
+    group, _, version = str(data.get("apiVersion")).partition("/")
+    return group == GROUP and version in VERSIONS
 
-    Objects of other API groups or versions are ignored with a warning; an unknown kind
-    in ``devices.kubeedge.io`` is an error; 1.23 DeviceStatus objects are skipped. A
-    ``kind: List`` (``apiVersion: v1``, as ``kubectl get -o yaml`` writes) is read item
-    by item, with field paths under ``items[i]``.
+
+def parse_objects(documents: Iterable[Document], report: Report) -> tuple[list[ParsedObject], int]:
+    """The Device and DeviceModel objects in ``documents``, in order, and how many
+    objects of other API groups or versions were ignored (each with a warning).
+
+    An unknown kind in ``devices.kubeedge.io`` is an error; 1.23 DeviceStatus objects
+    are skipped. A ``kind: List`` (``apiVersion: v1``, as ``kubectl get -o yaml``
+    writes) is read item by item, with field paths under ``items[i]``.
     """
     objects: list[ParsedObject] = []
+    ignored = 0
     for doc in documents:
         data = doc.data
         items: list[tuple[object, Where]] = [(data, Where(doc.file, doc.index))]
@@ -109,10 +128,11 @@ def parse_objects(documents: Iterable[Document], report: Report) -> list[ParsedO
                 for i, item in enumerate(listed if isinstance(listed, list) else [])
             ]
         for item, where in items:
+            ignored += not _ours(item)
             parsed = _parse_object(item, where, report)
             if parsed is not None:
                 objects.append(parsed)
-    return objects
+    return objects, ignored
 
 
 def _source(where: Where) -> str:
@@ -202,7 +222,7 @@ def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[Method
     names = [p.name for p in model.properties]
     for method in device.methods:
         for i, name in enumerate(method.property_names):
-            if name not in names:
+            if name not in names and name not in model.broken_properties:
                 report.error(
                     device.where,
                     join_field(method.field, "propertyNames", i),
@@ -213,42 +233,26 @@ def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[Method
     return tuple(MethodSpec(m.name, m.property_names, m.description) for m in device.methods)
 
 
-def _device(
-    device: DeviceDoc,
-    models: Mapping[tuple[str, str], ParsedObject],
-    node: str | None,
-    report: Report,
-) -> DeviceSpec | None:
-    where = device.where
-    if node and device.node_name and device.node_name != node:
-        report.warning(
-            where,
-            where.field("spec", "nodeName"),
-            f"belongs to node {device.node_name!r}, not to this gateway ({node!r}); skipped",
-        )
-        return None
+def _model(
+    device: DeviceDoc, models: Mapping[tuple[str, str], ParsedObject], report: Report
+) -> ModelDoc | None:
+    """The DeviceModel of ``device``; None (reported) when it is not there or broken."""
     model = models.get((device.namespace, device.model_name))
-    if not isinstance(model, ModelDoc):
-        if model is None:  # a broken model has been reported already
-            known = sorted(name for ns, name in models if ns == device.namespace)
-            report.error(
-                where,
-                where.field("spec", "deviceModelRef", "name"),
-                f"DeviceModel {device.namespace}/{device.model_name} is not in the "
-                f"manifests read; DeviceModels in namespace {device.namespace}: "
-                f"{', '.join(known) or 'none'}",
-            )
-        return None
-    protocol = device.protocol or model.protocol
-    if protocol != "modbus":
-        named = f"protocol {protocol!r} is not supported" if protocol else "no protocol is named"
-        report.warning(
-            where,
-            where.field("spec", "protocol"),
-            f"{named} (edge speaks modbus: "
-            "spec.protocol.protocolName or the DeviceModel's spec.protocol); skipped",
+    if model is None:
+        known = sorted(name for ns, name in models if ns == device.namespace)
+        report.error(
+            device.where,
+            device.where.field("spec", "deviceModelRef", "name"),
+            f"DeviceModel {device.namespace}/{device.model_name} is not in the "
+            f"manifests read; DeviceModels in namespace {device.namespace}: "
+            f"{', '.join(known) or 'none'}",
         )
-        return None
+    return model if isinstance(model, ModelDoc) else None  # a broken one is reported
+
+
+def _device(device: DeviceDoc, model: ModelDoc, report: Report) -> DeviceSpec | None:
+    """``device`` (a Modbus one) merged with its ``model``; None when anything is wrong."""
+    where = device.where
     connection = parse_connection(
         {**model.protocol_config, **device.config}, where, device.config_field, report
     )
@@ -257,7 +261,7 @@ def _device(
     for entry in device.properties:
         if entry.name in model_props:
             entries[entry.name] = entry
-        else:
+        elif entry.name not in model.broken_properties:
             report.error(
                 where,
                 entry.field,
@@ -265,12 +269,13 @@ def _device(
                 f"{model.namespace}/{model.name}; it has: "
                 f"{', '.join(model_props) or 'none'}",
             )
-    properties = [
-        prop
-        for model_prop in model.properties
-        if (prop := _property(model_prop, entries.get(model_prop.name), device, connection, report))
-        is not None
-    ]
+    properties = []
+    for model_prop in model.properties:
+        if model_prop.name in device.broken_properties:
+            continue  # its entry is invalid, and reported
+        prop = _property(model_prop, entries.get(model_prop.name), device, connection, report)
+        if prop is not None:
+            properties.append(prop)
     methods = _methods(device, model, report)
     if connection is None:
         return None
@@ -289,35 +294,107 @@ def _device(
     )
 
 
-def build_devices(
-    objects: Iterable[ParsedObject], *, node: str | None, report: Report
-) -> list[DeviceSpec]:
-    """Resolve every Device of ``objects`` against its DeviceModel into a DeviceSpec.
+def _endpoint_identity(endpoint: Endpoint) -> str:
+    """``host:port`` (IP addresses in canonical form, names in lower case; framing
+    ignored) or the serial port: two devices with the same identity share a line."""
+    if not isinstance(endpoint, TcpEndpoint):
+        return endpoint.port
+    try:
+        host = ipaddress.ip_address(endpoint.host).compressed
+    except ValueError:
+        host = endpoint.host.lower()
+    return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
+
+
+def _warn_same_device(built: Sequence[tuple[DeviceDoc, DeviceSpec]], report: Report) -> None:
+    """Warn about each Device with the endpoint and unit id of an earlier one."""
+    first: dict[tuple[str, int], DeviceDoc] = {}
+    for doc, spec in built:
+        endpoint = _endpoint_identity(spec.endpoint)
+        other = first.setdefault((endpoint, spec.unit_id), doc)
+        if other is not doc:
+            report.warning(
+                doc.where,
+                doc.config_field,
+                f"same endpoint {endpoint} and unit id {spec.unit_id} as Device "
+                f"{other.namespace}/{other.name} ({_source(other.where)}): both would poll "
+                "the same device, probably a copy-paste mistake; change the ip and port "
+                "(or serial port) or the slaveID",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifests:
+    """What :func:`read_manifests` found.
+
+    ``devices`` are only meaningful when the report has no errors; ``files`` are the
+    manifest files read. The rest says why Devices are not polled (each case is also a
+    warning of its own): ``ignored`` counts objects of other API groups or versions,
+    ``found`` the Device objects, ``other_nodes`` holds the ``spec.nodeName`` of each
+    Device bound to another node, ``other_protocols`` the protocol of each Device
+    skipped for it ("" when it names none).
+    """
+
+    devices: tuple[DeviceSpec, ...]
+    files: tuple[str, ...]
+    ignored: int
+    found: int
+    other_nodes: tuple[str, ...]
+    other_protocols: tuple[str, ...]
+
+
+def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -> Manifests:
+    """Read manifest files and directories (``*.yaml``/``*.yml``, recursive, sorted) and
+    resolve every Device against its DeviceModel into a DeviceSpec.
 
     ``node`` is this gateway's name: a v1beta1 Device whose ``spec.nodeName`` names
     another node is skipped with a warning (None: no filter). Devices of other
-    protocols are skipped with a warning. Problems go to ``report``; the list is only
-    meaningful when it has no errors.
+    protocols are skipped with a warning; a Device with the endpoint and unit id of
+    another is a warning. Problems go to ``report``.
     """
-    objects = list(objects)
-    models = _index(objects, "DeviceModel", report)
-    devices = _index(objects, "Device", report)
-    specs = []
-    for device in devices.values():
-        if isinstance(device, DeviceDoc):
-            spec = _device(device, models, node, report)
-            if spec is not None:
-                specs.append(spec)
-    return specs
-
-
-def read_manifests(
-    paths: Sequence[Path], *, node: str | None, report: Report
-) -> tuple[list[DeviceSpec], list[str]]:
-    """Read manifest files and directories (``*.yaml``/``*.yml``, recursive, sorted) and
-    build their devices; returns ``(devices, files read)``. Problems go to ``report``;
-    the devices are only meaningful when it has no errors."""
     files = expand_manifest_paths(paths, report)
     documents = [doc for file in files for doc in read_yaml_documents(file, report)]
-    objects = parse_objects(documents, report)
-    return build_devices(objects, node=node, report=report), [str(f) for f in files]
+    objects, ignored = parse_objects(documents, report)
+    models = _index(objects, "DeviceModel", report)
+    devices = [d for d in _index(objects, "Device", report).values() if isinstance(d, DeviceDoc)]
+    built: list[tuple[DeviceDoc, DeviceSpec]] = []
+    other_nodes: list[str] = []
+    other_protocols: list[str] = []
+    for device in devices:
+        where = device.where
+        if node and device.node_name and device.node_name != node:
+            report.warning(
+                where,
+                where.field("spec", "nodeName"),
+                f"belongs to node {device.node_name!r}, not to this gateway ({node!r}); skipped",
+            )
+            other_nodes.append(device.node_name)
+            continue
+        model = _model(device, models, report)
+        if model is None:
+            continue
+        protocol = device.protocol or model.protocol
+        if protocol != "modbus":
+            named = (
+                f"protocol {protocol!r} is not supported" if protocol else "no protocol is named"
+            )
+            report.warning(
+                where,
+                where.field("spec", "protocol"),
+                f"{named} (edge speaks modbus: "
+                "spec.protocol.protocolName or the DeviceModel's spec.protocol); skipped",
+            )
+            other_protocols.append(protocol or "")
+            continue
+        spec = _device(device, model, report)
+        if spec is not None:
+            built.append((device, spec))
+    _warn_same_device(built, report)
+    return Manifests(
+        devices=tuple(spec for _doc, spec in built),
+        files=tuple(str(f) for f in files),
+        ignored=ignored,
+        found=len(devices),
+        other_nodes=tuple(other_nodes),
+        other_protocols=tuple(other_protocols),
+    )

@@ -17,7 +17,8 @@ follow the CRDs in kubeedge/kubeedge ``build/crds/devices`` (DESIGN.md §3).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +39,7 @@ MODEL_TYPES = ("INT", "FLOAT", "DOUBLE", "STRING", "BOOLEAN", "BYTES", "STREAM")
 """DeviceModel property types (v1beta1 ``type``; v1alpha2 ``type.<lower-case name>``)."""
 PROTOCOL_ALIASES = {"unitID": "slaveID", "serialName": "serialPort"}
 """Protocol ``configData`` keys written two ways in the wild → the canonical key."""
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,11 @@ class ModelProperty:
 
 @dataclass(frozen=True, slots=True)
 class ModelDoc:
-    """A DeviceModel: ``protocol`` (lower case) and ``protocolConfigData`` defaults."""
+    """A DeviceModel: ``protocol`` (lower case) and ``protocolConfigData`` defaults.
+
+    ``broken_properties`` names the properties whose entry is invalid (reported
+    already): nothing more is said about them.
+    """
 
     namespace: str
     name: str
@@ -93,6 +99,7 @@ class ModelDoc:
     protocol: str | None
     protocol_config: Config
     properties: tuple[ModelProperty, ...]
+    broken_properties: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +130,11 @@ class MethodEntry:
 
 @dataclass(frozen=True, slots=True)
 class DeviceDoc:
-    """A Device: its model reference, node, protocol (lower case) and ``configData``."""
+    """A Device: its model reference, node, protocol (lower case) and ``configData``.
+
+    ``broken_properties`` names the property entries that are invalid (reported
+    already): such a property is left out without further messages.
+    """
 
     namespace: str
     name: str
@@ -135,6 +146,7 @@ class DeviceDoc:
     config_field: str
     properties: tuple[PropertyEntry, ...]
     methods: tuple[MethodEntry, ...]
+    broken_properties: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +222,14 @@ def validate_items(
             yield item_field, parsed
 
 
+def invalid_names(data: list[Any] | None, key: str, valid: Iterable[str]) -> frozenset[str]:
+    """The names (at ``key``, e.g. ``name``) of the items of ``data`` that are not
+    among the ``valid`` ones: items that failed validation, so that nothing more is
+    said about them."""
+    named = {item.get(key) for item in data or () if isinstance(item, dict)}
+    return frozenset(n for n in named if isinstance(n, str)) - frozenset(valid)
+
+
 # --- value helpers --------------------------------------------------------------------
 
 
@@ -228,6 +248,26 @@ def to_number(value: object) -> float | None:
     else:
         return None
     return number if math.isfinite(number) else None
+
+
+def to_int(value: object) -> int | None:
+    """An int, an integral float, or a decimal string (``"+12"``) as int; None otherwise
+    (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+def not_milliseconds(key: str, value: object) -> str:
+    """The message for a duration ``value`` at ``key`` that is not an integer number of
+    milliseconds, e.g. ``'1s'``."""
+    return f"{key} must be an integer number of milliseconds, got {value!r} (1000 for one second)"
 
 
 def config_entries(
@@ -279,34 +319,41 @@ def bounds(
     return low, high
 
 
-def _cycle_ms(value: int | None, key: str, where: Where, field: str, report: Report) -> int:
+def _cycle_ms(value: object, key: str, where: Where, field: str, report: Report) -> int:
     """A ``collectCycle``/``reportCycle`` in milliseconds: absent or 0 means
-    :data:`DEFAULT_CYCLE_MS`; negative, or more than a day (nanoseconds given by
-    mistake, as in some upstream samples), is an error."""
-    if not value:
+    :data:`DEFAULT_CYCLE_MS`; not an integer (e.g. ``"1s"``), negative, or more than a
+    day (nanoseconds given by mistake, as in some upstream samples), is an error."""
+    if value is None:
         return DEFAULT_CYCLE_MS
-    if value < 0:
+    number = to_int(value)
+    if number is None:
+        report.error(where, field, not_milliseconds(key, value))
+        return DEFAULT_CYCLE_MS
+    if not number:
+        return DEFAULT_CYCLE_MS
+    if number < 0:
         report.error(
             where,
             field,
-            f"{key} {value} is negative; give milliseconds (0 or absent means {DEFAULT_CYCLE_MS})",
+            f"{key} {number} is negative; give milliseconds (0 or absent means {DEFAULT_CYCLE_MS})",
         )
-    elif value > _ONE_DAY_MS:
+    elif number > _ONE_DAY_MS:
         report.error(
             where,
             field,
-            f"{key} {value} is more than one day: KubeEdge cycles are "
-            f"milliseconds and this looks like nanoseconds ({value / 1e6:.10g} ms)",
+            f"{key} {number} is more than one day: KubeEdge cycles are "
+            f"milliseconds and this looks like nanoseconds ({number / 1e6:.10g} ms)",
         )
-    return value
+    return number
 
 
 def cycles(
-    collect: int | None, report_cycle: int | None, where: Where, field: str, report: Report
+    collect: object, report_cycle: object, where: Where, field: str, report: Report
 ) -> tuple[int, int]:
-    """``(collectCycle, reportCycle)`` of the property entry at ``field``, milliseconds:
-    absent or 0 means :data:`DEFAULT_CYCLE_MS`; negative, or more than a day
-    (nanoseconds given by mistake, as in some upstream samples), is an error."""
+    """``(collectCycle, reportCycle)`` of the property entry at ``field``, milliseconds
+    (an int, an integral float or a decimal string): absent or 0 means
+    :data:`DEFAULT_CYCLE_MS`; not an integer (e.g. ``"1s"``), negative, or more than a
+    day (nanoseconds given by mistake, as in some upstream samples), is an error."""
     return (
         _cycle_ms(collect, "collectCycle", where, join_field(field, "collectCycle"), report),
         _cycle_ms(report_cycle, "reportCycle", where, join_field(field, "reportCycle"), report),

@@ -8,13 +8,21 @@ the key's field. :class:`ConfigReader` is shared with :mod:`edge.config.kubeedge
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, overload
+from urllib.parse import urlsplit
 
-from edge.config.kubeedge_docs import PROTOCOL_ALIASES, Config, Entry
-from edge.config.kubeedge_docs import to_number as _to_number
+from edge.config.kubeedge_docs import (
+    PROTOCOL_ALIASES,
+    Config,
+    Entry,
+    not_milliseconds,
+    to_int,
+    to_number,
+)
 from edge.config.model import (
     Endpoint,
     Framing,
@@ -34,26 +42,13 @@ are accepted for ``slaveID`` and ``serialPort``)."""
 
 _MODES = {"tcp": "TCP", "rtu": "RTU", "rtuovertcp": "RTUoverTCP"}
 _PARITY = {"none": "N", "n": "N", "even": "E", "e": "E", "odd": "O", "o": "O"}
-_INTEGER = re.compile(r"[+-]?\d+")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _T = TypeVar("_T")
 
 
 def format_number(value: float) -> str:
     """A number as a person writes it: ``100``, ``-3276.8``, ``3.402823466e+38``."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.10g}"
-
-
-def _as_int(value: object) -> int | None:
-    """An int, an integral float, or a decimal string as int; None otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value)
-    return None
 
 
 class ConfigReader:
@@ -101,24 +96,44 @@ class ConfigReader:
         return entry
 
     @overload
-    def integer(self, key: str, default: int, low: int, high: int) -> int: ...
+    def integer(
+        self, key: str, default: int, low: int, high: int, *, milliseconds: bool = False
+    ) -> int: ...
 
     @overload
     def integer(
-        self, key: str, default: None, low: int, high: int, required: str | None = None
+        self,
+        key: str,
+        default: None,
+        low: int,
+        high: int,
+        required: str | None = None,
+        *,
+        milliseconds: bool = False,
     ) -> int | None: ...
 
     def integer(
-        self, key: str, default: int | None, low: int, high: int, required: str | None = None
+        self,
+        key: str,
+        default: int | None,
+        low: int,
+        high: int,
+        required: str | None = None,
+        *,
+        milliseconds: bool = False,
     ) -> int | None:
         """The integer at ``key`` in ``low..high`` (a numeric string is accepted);
-        ``default`` when absent or invalid (see :attr:`failed`)."""
+        ``default`` when absent or invalid (see :attr:`failed`). With ``milliseconds``
+        a value that is not an integer (e.g. ``"1s"``) is told to be milliseconds."""
         entry = self._get(key, required)
         if entry is None:
             return default
-        value = _as_int(entry.value)
+        value = to_int(entry.value)
         if value is None:
-            self.error(key, f"{entry.key} must be an integer, got {entry.value!r}")
+            if milliseconds:
+                self.error(key, not_milliseconds(entry.key, entry.value))
+            else:
+                self.error(key, f"{entry.key} must be an integer, got {entry.value!r}")
             return default
         if not low <= value <= high:
             self.error(key, f"{entry.key} {value} is out of range {low}..{high}")
@@ -130,7 +145,7 @@ class ConfigReader:
         entry = self.config.get(key)
         if entry is None:
             return None
-        value = _to_number(entry.value)
+        value = to_number(entry.value)
         if value is None:
             self.error(key, f"{entry.key} must be a number, got {entry.value!r}")
         return value
@@ -185,6 +200,74 @@ class Connection:
     options: ModbusOptions
 
 
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(text: str) -> bool:
+    """RFC 1123 §2.1: dot-separated labels of 1..63 letters, digits and hyphens, not
+    starting or ending with a hyphen, 253 characters at most (a final dot allowed); the
+    last label is not all digits, so that a mistyped IPv4 address is no host name."""
+    name = text.removesuffix(".")
+    labels = name.split(".")
+    return (
+        len(name) <= 253
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _host_error(key: str, value: str) -> str | None:
+    """Why the non-empty ``value`` written at ``key`` (``ip``) is not an IPv4 or IPv6
+    address or an RFC 1123 host name: it holds a port (``127.0.0.1:5020``), is a URL,
+    has whitespace or IPv6 brackets, or is neither. None when it is fine."""
+    if _is_address(value) or _is_host_name(value):
+        return None
+    return f"{key} {value!r} {_host_mistake(key, value)}"
+
+
+def _host_mistake(key: str, value: str) -> str:
+    """What is wrong with ``value``, which is neither an address nor a host name."""
+    if any(c.isspace() for c in value):
+        return "contains whitespace; give only the address or host name"
+    if "://" in value:
+        host = urlsplit(value).hostname
+        example = f" ({key}: {host})" if host else ""
+        return f"is a URL; give only the address or host name{example}, and the port in port"
+    host, colon, port = value.rpartition(":")
+    bare = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if colon and port.isdigit() and (_is_address(bare) or _is_host_name(bare)):
+        return (
+            f"holds a port, which {key} does not take: put the port in port "
+            f"({key}: {bare}, port: {port})"
+        )
+    if value.startswith("[") and value.endswith("]") and _is_address(value[1:-1]):
+        return f"is an IPv6 address in brackets; give it without them ({key}: {value[1:-1]})"
+    if re.fullmatch(r"[\d.]+", value):
+        return "is not an IPv4 address (four numbers 0..255 joined by dots)"
+    return (
+        "is neither an IPv4/IPv6 address nor a host name (RFC 1123: dot-separated labels "
+        "of 1..63 letters, digits and '-', not starting or ending with '-')"
+    )
+
+
+def _host(r: ConfigReader, mode: str) -> str | None:
+    """The checked ``ip`` of a TCP endpoint; None when absent or invalid (reported)."""
+    host = r.string("ip", required=f"is required with communicateMode {mode}")
+    if host is None:
+        return None
+    entry = r.config["ip"]
+    message = _host_error(entry.key, str(entry.value))
+    if message is not None:
+        r.error("ip", message)
+        return None
+    return host
+
+
 def _endpoint(r: ConfigReader) -> Endpoint | None:
     mode = r.choice("communicateMode", _MODES, ("TCP", "RTU", "RTUoverTCP"))
     if mode is None and "communicateMode" in r.config:
@@ -207,7 +290,7 @@ def _endpoint(r: ConfigReader) -> Endpoint | None:
             return None
         mode = "TCP" if has_ip else "RTU"
     if mode != "RTU":
-        host = r.string("ip", required=f"is required with communicateMode {mode}")
+        host = _host(r, mode)
         port = r.integer("port", 502, 1, 65535)
         framing = Framing.RTU if mode == "RTUoverTCP" else Framing.MBAP
         return TcpEndpoint(host, port, framing) if host and r.ok else None
@@ -227,7 +310,8 @@ def parse_connection(config: Config, where: Where, field: str, report: Report) -
     TCP when ``ip`` is given, RTU when a serial port is); ``ip``, ``port`` (502; string
     or int); ``serialPort``/``serialName``, ``baudRate`` (9600), ``dataBits`` (8),
     ``stopBits`` (1), ``parity`` (None/Even/Odd or N/E/O); ``slaveID``/``unitID`` 1..247
-    (default 1; 0 is broadcast, which cannot be polled); ``rs485Enabled`` and
+    (default 1; 0 is broadcast, which cannot be polled); ``ip`` is an IPv4/IPv6
+    address or an RFC 1123 host name, without port or scheme; ``rs485Enabled`` and
     ``serialType`` are accepted without effect. Edge's own: ``timeout`` (ms per request,
     1000), ``retries`` (1), ``maxRegistersPerRequest`` (1..125), ``maxBitsPerRequest``
     (1..2000), ``maxGap`` (16; 0 = no gap fill). Unknown keys are warnings. Returns None
@@ -243,7 +327,7 @@ def parse_connection(config: Config, where: Where, field: str, report: Report) -
             "unit id 0 is the broadcast address: no device answers it, so it "
             "cannot be polled; use the device's unit id 1..247",
         )
-    timeout_ms = r.integer("timeout", 1000, 1, 600_000)
+    timeout_ms = r.integer("timeout", 1000, 1, 600_000, milliseconds=True)
     retries = r.integer("retries", 1, 0, 100)
     max_registers = r.integer("maxRegistersPerRequest", 125, 1, 125)
     max_bits = r.integer("maxBitsPerRequest", 2000, 1, 2000)

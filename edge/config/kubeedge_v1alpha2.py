@@ -32,6 +32,7 @@ from edge.config.kubeedge_docs import (
     bounds,
     config_entries,
     cycles,
+    invalid_names,
     report_duplicates,
     validate_items,
     validate_shape,
@@ -56,8 +57,8 @@ _V1ALPHA2_PROTOCOL: dict[str, tuple[str, ...]] = {
 
 class _PropertyVisitorV1A2(K8sObject):
     property_name: str = Field(min_length=1)
-    collect_cycle: int | None = None
-    report_cycle: int | None = None
+    collect_cycle: Any = None  # milliseconds, checked by cycles()
+    report_cycle: Any = None
     modbus: dict[str, Any] | None = None
 
 
@@ -202,6 +203,9 @@ def device_v1alpha2(
         config_field=config_field,
         properties=tuple(properties),
         methods=(),
+        broken_properties=invalid_names(
+            spec.property_visitors, "propertyName", (p.name for p in properties)
+        ),
     )
 
 
@@ -253,4 +257,5 @@ def model_v1alpha2(
         spec.protocol.lower() if spec.protocol else None,
         {},
         tuple(properties),
+        invalid_names(spec.properties, "name", (p.name for p in properties)),
     )

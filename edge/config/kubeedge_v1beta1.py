@@ -32,6 +32,7 @@ from edge.config.kubeedge_docs import (
     bounds,
     config_entries,
     cycles,
+    invalid_names,
     report_duplicates,
     validate_items,
     validate_shape,
@@ -67,8 +68,8 @@ class _Method(K8sObject):
 
 class _DeviceProperty(K8sObject):
     name: str = Field(min_length=1)
-    collect_cycle: int | None = None
-    report_cycle: int | None = None
+    collect_cycle: Any = None  # milliseconds, checked by cycles()
+    report_cycle: Any = None
     report_to_cloud: bool = True
     desired: Desired | None = None
     visitors: _Visitors | None = None
@@ -223,6 +224,7 @@ def device_v1beta1(
         config_field=config_field,
         properties=tuple(properties),
         methods=_methods(spec.methods, where, report),
+        broken_properties=invalid_names(spec.properties, "name", (p.name for p in properties)),
     )
 
 
@@ -264,4 +266,5 @@ def model_v1beta1(
             spec.protocol_config_data, where, config_field, report, PROTOCOL_ALIASES
         ),
         properties=tuple(properties),
+        broken_properties=invalid_names(spec.properties, "name", (p.name for p in properties)),
     )

@@ -7,15 +7,17 @@ error, so that an invalid input applies nothing (DESIGN.md §3).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config.agent import AgentFile, parse_agent
 from edge.config.errors import ConfigError, Problem
-from edge.config.kubeedge import read_manifests
+from edge.config.kubeedge import Manifests, read_manifests
+from edge.config.kubeedge_docs import GROUP
 from edge.config.model import DeviceSpec
-from edge.config.sources import Report, read_yaml_file
+from edge.config.sources import MANIFEST_SUFFIXES, Report, Where, or_list, read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -30,21 +32,59 @@ class LoadedConfig:
 
 def _manifest_hint(data: object, base_dir: Path) -> tuple[list[Path], str | None]:
     """``devices`` and ``node`` read loosely from an invalid agent file, so that the
-    manifests' problems are reported together with the agent file's."""
+    manifests' problems are reported together with the agent file's. A missing path
+    is left out: the agent file's validation reports it."""
     if not isinstance(data, dict):
         return [], None
     devices = data.get("devices")
     listed = [devices] if isinstance(devices, str) else devices
-    paths = [base_dir / p for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
+    written = [p for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
+    paths = [base_dir / Path(p).expanduser() for p in written]
     node = data.get("node")
-    return paths, node if isinstance(node, str) else None
+    return [p for p in paths if p.exists()], node if isinstance(node, str) else None
+
+
+def _why_no_device(agent: AgentFile, manifests: Manifests) -> str:
+    """Why ``manifests`` give no device to poll, and what to change."""
+    if not agent.devices:
+        reason = "devices lists no manifest file or directory"
+    elif not manifests.files:
+        suffixes = ", ".join("*" + s for s in MANIFEST_SUFFIXES)
+        reason = f"no manifest file ({suffixes}) was found under devices"
+    elif not manifests.found:
+        reason = f"the {len(manifests.files)} manifest file(s) hold no {GROUP} Device"
+        if manifests.ignored:
+            reason += (
+                f"; {manifests.ignored} object(s) of other API groups or versions were ignored"
+            )
+    else:
+        reasons = [
+            f"{count} Device(s) skipped for spec.nodeName {name!r} ≠ node {agent.node!r}"
+            for name, count in Counter(manifests.other_nodes).items()
+        ]
+        reasons += [
+            f"{count} Device(s) skipped for protocol {name!r}"
+            if name
+            else f"{count} Device(s) skipped for naming no protocol"
+            for name, count in Counter(manifests.other_protocols).items()
+        ]
+        reason = "; ".join(reasons)
+        if manifests.other_nodes:
+            names = or_list(sorted(set(manifests.other_nodes)))
+            reason += (
+                f" (to poll them, set node: {names} in this file, or change the Devices' "
+                f"spec.nodeName to {agent.node})"
+            )
+    return f"no device will be polled: {reason}"
 
 
 def load_config(path: str | Path) -> LoadedConfig:
     """Load the agent file at ``path`` and every manifest under its ``devices``.
 
     Relative paths in the agent file are resolved against its directory; a Device
-    bound to another node (``spec.nodeName``) is skipped with a warning.
+    bound to another node (``spec.nodeName``) is skipped with a warning. When no
+    device is left to poll, a warning at ``devices`` says why (not an error: a
+    gateway may receive its devices later).
 
     Raises:
         ConfigError: with every problem (agent file and manifests; warnings included)
@@ -58,13 +98,15 @@ def load_config(path: str | Path) -> LoadedConfig:
     )
     node: str | None
     if agent is not None:
-        manifests, node = list(agent.devices), agent.node
+        paths, node = list(agent.devices), agent.node
     else:
-        manifests, node = _manifest_hint(data, path.parent)
-    devices, files = read_manifests(manifests, node=node, report=report)
+        paths, node = _manifest_hint(data, path.parent)
+    manifests = read_manifests(paths, node=node, report=report)
     if agent is None or report.has_errors:
         raise ConfigError(report.problems)
-    return LoadedConfig(agent, tuple(devices), report.warnings, tuple(files))
+    if not manifests.devices:
+        report.warning(Where(str(path)), "devices", _why_no_device(agent, manifests))
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files)
 
 
 def load_manifests(
@@ -78,6 +120,6 @@ def load_manifests(
         ConfigError: with every problem (warnings included) when any is an error.
     """
     report = Report()
-    devices, _files = read_manifests([Path(p) for p in paths], node=node, report=report)
+    manifests = read_manifests([Path(p) for p in paths], node=node, report=report)
     report.raise_if_errors()
-    return tuple(devices), report.warnings
+    return manifests.devices, report.warnings

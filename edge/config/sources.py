@@ -25,6 +25,9 @@ except ImportError:  # PyYAML built without libyaml
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 """File name endings read when a manifest path is a directory."""
+MESSAGE_ONLY = "message_only"
+"""The type of a pydantic custom error (``PydanticCustomError``) whose message is
+reported as it is, without the ``(got …)`` other errors get."""
 
 
 def join_field(prefix: str, *parts: str | int) -> str:
@@ -117,6 +120,8 @@ class Report:
                 message = f"unknown key {loc[-1]!r}"
                 if accepted:
                     message += f"; accepted: {', '.join(accepted)}"
+            elif item["type"] == MESSAGE_ONLY:
+                message = item["msg"]
             elif item["type"] == "value_error":
                 message = str(item.get("ctx", {}).get("error", item["msg"]))
                 if not isinstance(item["input"], dict):  # a section-level check

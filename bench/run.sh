@@ -30,7 +30,7 @@
 #                      (a diagnostic of the broker hop; NODELAY=0 skips it)
 #   QUIET_BUSY_PCT     before each measured run, wait until the whole machine is less
 #                      than this % busy (25; see wait_quiet.py) ...
-#   QUIET_MAX_WAIT     ... for at most this many seconds (300; 0 = don't wait)
+#   QUIET_MAX_WAIT     ... for at most this many seconds (120; 0 = don't wait)
 #   RUN_ID             pairs the runs of one invocation (default: a UTC timestamp)
 # Only 127.0.0.1 is used. Everything started here is stopped by PID.
 set -euo pipefail
@@ -60,7 +60,7 @@ PYSPY="${PYSPY:-/tmp/venv-pyspy/bin/py-spy}"
 PROFILE_SECONDS="${PROFILE_SECONDS:-30}"
 NODELAY="${NODELAY:-1}"
 QUIET_BUSY_PCT="${QUIET_BUSY_PCT:-25}"
-QUIET_MAX_WAIT="${QUIET_MAX_WAIT:-300}"
+QUIET_MAX_WAIT="${QUIET_MAX_WAIT:-120}"
 DATE="$(date +%F)"
 TICK=100  # simulator value tick, ms (as the peer's run.sh)
 mkdir -p "$RESULTS"
@@ -111,17 +111,18 @@ GIT_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git -C "$REPO" diff --quiet HEAD -- edge 2>/dev/null || GIT_REV="$GIT_REV+dirty"
 STORE=none; [ -d "$REPO/edge/store" ] && STORE=sqlite
 
+# wait for a quiet machine before starting anything (the simulator stops by itself)
+BUSY="$(quiet)"
 BROKER_PID="$("$SHARED/start-broker.sh" "$BROKER_PORT")"; PIDS+=("$BROKER_PID")
 "$VB" "$SHARED/sim_devices.py" -n "$DEV" --mode "$SIM_MODE" --base-port "$SIM_BASE_PORT" \
   --tick-ms "$TICK" --stats-file "$RUN/sim-stats.json" --ready-file "$RUN/sim.ready" \
-  --max-seconds $((2 * DUR + PROFILE_SECONDS + 120)) >"$RUN/sim.log" 2>&1 &
+  --max-seconds $((2 * DUR + PROFILE_SECONDS + QUIET_MAX_WAIT + 180)) >"$RUN/sim.log" 2>&1 &
 SIM_PID=$!; PIDS+=("$SIM_PID")
 for _ in $(seq 1 100); do [ -f "$RUN/sim.ready" ] && break; sleep 0.1; done
 [ -f "$RUN/sim.ready" ] || { echo "simulator did not start" >&2; cat "$RUN/sim.log" >&2; exit 1; }
 
-measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT: edge under measure.py
-  local out="$1" dir="$2" port="$3" bpid="$4" variant="$5" load busy
-  busy="$(quiet)"
+measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT BUSY: edge under measure.py
+  local out="$1" dir="$2" port="$3" bpid="$4" variant="$5" busy="$6" load
   load="$(cut -d' ' -f1-3 /proc/loadavg)"
   "$VB" "$SHARED/measure.py" --broker-port "$port" --duration "$DUR" --warmup "$WARMUP" \
     --data-topic 'edge/v1/bench/telemetry/#' --format device \
@@ -142,7 +143,7 @@ measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT: edge under measu
 
 OUT="$RESULTS/edge-$SCEN-$DATE.json"
 echo "=== edge $SCEN (${DUR}s): broker :$BROKER_PORT, simulator :$SIM_BASE_PORT ($SIM_MODE)" >&2
-measure_edge "$OUT" "$RUN" "$BROKER_PORT" "$BROKER_PID" shared
+measure_edge "$OUT" "$RUN" "$BROKER_PORT" "$BROKER_PID" shared "$BUSY"
 
 if [ "${PROFILE:-0}" = 1 ]; then
   [ -x "$PYSPY" ] || { python3 -m venv "$(dirname "$(dirname "$PYSPY")")" \
@@ -196,7 +197,9 @@ EOF
     sleep 0.1
   done
   echo "=== edge $SCEN (${DUR}s), broker with TCP_NODELAY :$NP" >&2
-  measure_edge "$RESULTS/edge-$SCEN-nodelay-$DATE.json" "$RUN/nodelay" "$NP" "$NB_PID" nodelay
+  BUSY="$(quiet)"
+  measure_edge "$RESULTS/edge-$SCEN-nodelay-$DATE.json" "$RUN/nodelay" "$NP" "$NB_PID" nodelay \
+    "$BUSY"
 fi
 cleanup; PIDS=()
 

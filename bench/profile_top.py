@@ -78,8 +78,10 @@ def summarise(stacks: list[tuple[list[str], int]], top: int) -> str:
 
     waiting = sum(n for name, n in self_f.items() if name.startswith(_WAIT_FRAMES))
     out = [
-        f"{total} samples; {waiting} ({100 * waiting / total:.1f} %) in the event loop's "
-        "select/epoll call (py-spy counts some waiting there as busy)",
+        f"{total} non-idle samples (py-spy leaves idle threads out, so samples ÷ rate ≈ CPU "
+        f"seconds); {waiting} ({100 * waiting / total:.1f} %) inside the event loop's "
+        "select/epoll call, i.e. the cost of waking up. A frame's self samples include the C "
+        "functions it calls (paho's `Client._loop` calls select() in its network thread).",
         "",
     ]
     out += [*table("self (innermost frame)", self_f), ""]

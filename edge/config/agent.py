@@ -51,6 +51,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from edge.config.hosts import host_error
 from edge.config.sources import MESSAGE_ONLY, Report, Where
 
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
@@ -145,6 +146,13 @@ def _publish_topic(value: str) -> str:
     return value
 
 
+def _host(value: str) -> str:
+    problem = host_error("host", value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 def _listen_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
@@ -207,7 +215,7 @@ class UplinkConfig(_Section):
     holds the password (first line) so that it stays out of the agent file.
     """
 
-    host: str = Field(default="127.0.0.1", min_length=1)
+    host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     qos: Literal[0, 1] = 1
     topic_prefix: Annotated[str, AfterValidator(_publish_topic)] = "edge/v1/{node}"

@@ -28,8 +28,9 @@ from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
 from edge.reading import Reading
 
-GOOD, EXCEPTION, WRONG_UNIT, SHORT, SILENT = 1, 2, 3, 4, 5
-HOLDING = [100, 200, 300, 400]
+GOOD, EXCEPTION, WRONG_UNIT, SHORT, SILENT, SPARSE = 1, 2, 3, 4, 5, 6
+HOLDING = [100, 200, 300, 400, *range(5, 20)]
+SPARSE_HOLE = range(1, 10)  # unit SPARSE has no registers there
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -41,7 +42,8 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             fc, address, count = struct.unpack(">BHH", pdu[:5])
             if unit == SILENT:
                 continue
-            if unit == EXCEPTION and address >= 2:
+            hole = unit == SPARSE and any(a in SPARSE_HOLE for a in range(address, address + count))
+            if (unit == EXCEPTION and address >= 2) or hole:
                 body = bytes([fc | 0x80, 2])
             else:
                 regs = HOLDING[address : address + count]
@@ -157,3 +159,51 @@ async def test_unreachable_device_is_offline_at_once_without_readings() -> None:
     assert poller.stats.state == "offline"
     assert readings == []
     assert poller.stats.connection_errors >= 1
+
+
+async def test_gap_fill_falls_back_to_separate_reads_on_illegal_address(server: int) -> None:
+    """Properties at 0 and 10 are merged into one read of 0..10 (gap fill); the device
+    has nothing at 1..9 and answers ILLEGAL DATA ADDRESS: from then on they are read
+    separately and are good."""
+    dev = DeviceSpec(
+        namespace="default", name="sparse", model="m", endpoint=TcpEndpoint("127.0.0.1", server),
+        unit_id=SPARSE,
+        properties=tuple(
+            PropertySpec(n, Visitor(Table.HOLDING_REGISTER, o, 1, RawType.UINT16), ValueType.INT)
+            for n, o in (("lo", 0), ("hi", 10))
+        ),
+        options=ModbusOptions(timeout_s=0.5, max_gap=16),
+    )
+    pool = ConnectionPool()
+    got: list[Reading] = []
+    poller = DevicePoller(dev, pool.get(dev.endpoint), got.append, lambda *_: None)
+    try:
+        assert poller.request_count == 1
+        await poller.poll_once()
+        assert poller.request_count == 2
+        await poller.poll_once()
+    finally:
+        await pool.close()
+    assert got[0].quality == {"lo": "bad", "hi": "bad"}
+    assert got[1].values == {"lo": 100, "hi": HOLDING[10]}
+    assert not got[1].quality
+
+
+async def test_offline_device_is_only_probed_with_backoff() -> None:
+    probe = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()  # nothing listens on `port` now
+    dev = device(port, GOOD)
+    pool = ConnectionPool(backoff_initial=0.01, backoff_max=0.01)
+    poller = DevicePoller(dev, pool.get(dev.endpoint), lambda _r: None, lambda *_: None)
+    task = asyncio.create_task(poller.run())
+    try:
+        await asyncio.sleep(2.5)  # 25 cycles of 100 ms
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+    # offline at the first cycle, then probes after 1 s and 2 s more: 2 or 3 cycles
+    assert poller.stats.state == "offline"
+    assert 2 <= poller.stats.cycles <= 3, poller.stats.cycles

@@ -13,7 +13,12 @@ The device is ``online`` as soon as one request of a cycle is answered (an
 exception response is an answer). It is ``offline`` at once when its connection
 cannot be made, and after ``offline_after`` consecutive cycles without any answer
 when requests time out; until then its readings carry every property as ``bad``.
-No readings are produced while it is offline.
+No readings are produced while it is offline, and an offline device is only probed,
+one cycle at a time with a delay doubling from 1 s to 60 s, so that a dead unit on a
+shared gateway or serial bus costs the others almost nothing.
+
+A device that answers ILLEGAL DATA ADDRESS to a request that reads unused addresses
+to merge properties (gap fill) gets those properties read separately from then on.
 Cycles run on absolute deadlines; a cycle that overruns skips the missed deadlines
 (counted in ``stats.overruns``) instead of bursting to catch up.
 """
@@ -36,10 +41,13 @@ from edge.modbus.client import (
     ModbusTimeoutError,
 )
 from edge.modbus.codec import CodecError, Decoder, decoder_for
-from edge.modbus.planner import ReadRequest, plan_device
+from edge.modbus.planner import ReadRequest, plan_device, plan_requests
 from edge.reading import Reading
 
 log = logging.getLogger(__name__)
+
+PROBE_INITIAL_S = 1.0
+PROBE_MAX_S = 60.0
 
 ReadingSink = Callable[[Reading], None]
 StateSink = Callable[[str, str, str], None]
@@ -72,6 +80,13 @@ class _PlannedRequest:
     decoders: tuple[tuple[str, Decoder, int], ...]  # property name, decoder, index
 
 
+def _planned(r: ReadRequest) -> _PlannedRequest:
+    return _PlannedRequest(
+        r,
+        tuple((p.name, decoder_for(p.visitor), p.visitor.offset - r.address) for p in r.properties),
+    )
+
+
 class DevicePoller:
     """Runs every collect cycle of one device until cancelled."""
 
@@ -94,17 +109,10 @@ class DevicePoller:
         self._unanswered = 0
         self._failing: dict[ReadRequest, type[ModbusError]] = {}
         self._seq = first_seq
+        self._probe_delay = PROBE_INITIAL_S
+        self._next_probe = 0.0
         self._groups = {
-            cycle: tuple(
-                _PlannedRequest(
-                    r,
-                    tuple(
-                        (p.name, decoder_for(p.visitor), p.visitor.offset - r.address)
-                        for p in r.properties
-                    ),
-                )
-                for r in requests
-            )
+            cycle: tuple(_planned(r) for r in requests)
             for cycle, requests in plan_device(device).items()
         }
 
@@ -116,17 +124,24 @@ class DevicePoller:
     async def run(self) -> None:
         """Poll every cycle group concurrently, forever (cancel to stop)."""
         async with asyncio.TaskGroup() as tg:
-            for cycle_ms, requests in self._groups.items():
+            for cycle_ms in self._groups:
                 tg.create_task(
-                    self._cycle_loop(cycle_ms / 1000.0, requests),
-                    name=f"poll[{self.device.key}@{cycle_ms}ms]",
+                    self._cycle_loop(cycle_ms), name=f"poll[{self.device.key}@{cycle_ms}ms]"
                 )
 
-    async def _cycle_loop(self, period: float, requests: tuple[_PlannedRequest, ...]) -> None:
+    async def _cycle_loop(self, cycle_ms: int) -> None:
         loop = asyncio.get_running_loop()
+        period = cycle_ms / 1000.0
         deadline = loop.time()
         while True:
-            await self.poll_once(requests)
+            if self.stats.state == "offline":
+                # an offline device is only probed, with backoff, so that it costs a
+                # shared bus or gateway nothing between probes
+                await asyncio.sleep(max(0.0, self._next_probe - loop.time()))
+                deadline = loop.time()
+                if self.stats.state == "offline" and deadline < self._next_probe:
+                    continue  # another cycle group probed meanwhile
+            await self.poll_once(cycle_ms)
             deadline += period
             now = loop.time()
             if deadline < now:
@@ -135,12 +150,13 @@ class DevicePoller:
                 deadline += missed * period
             await asyncio.sleep(deadline - now)
 
-    async def poll_once(
-        self, requests: tuple[_PlannedRequest, ...] | None = None
-    ) -> Reading | None:
-        """Run one cycle (all groups when ``requests`` is None); return the reading made."""
-        if requests is None:
-            requests = tuple(r for g in self._groups.values() for r in g)
+    async def poll_once(self, cycle_ms: int | None = None) -> Reading | None:
+        """Poll the group of ``cycle_ms`` (all groups when None); return the reading made."""
+        requests = (
+            self._groups[cycle_ms]
+            if cycle_ms is not None
+            else tuple(r for g in self._groups.values() for r in g)
+        )
         started = time.perf_counter()
         values: dict[str, Value] = {}
         quality: dict[str, str] = {}
@@ -148,6 +164,8 @@ class DevicePoller:
         unreachable = True
         for planned in requests:
             data = await self._read(planned.request)
+            if isinstance(data, ModbusExceptionError) and data.exception_code == 2:
+                self._split(planned.request)
             if isinstance(data, ModbusError):
                 answered = answered or isinstance(data, ModbusExceptionError | ModbusFrameError)
                 unreachable = unreachable and isinstance(data, ModbusConnectionError)
@@ -184,15 +202,42 @@ class DevicePoller:
         """Update online/offline; True when a reading should be produced."""
         if answered:
             self._unanswered = 0
+            self._probe_delay = PROBE_INITIAL_S
             if self.stats.state != "online":
                 self.stats.state = "online"
                 self._on_state(self.device.key, "online", "")
             return True
         self._unanswered = self._offline_after if unreachable else self._unanswered + 1
-        if self._unanswered >= self._offline_after and self.stats.state != "offline":
-            self.stats.state = "offline"
-            self._on_state(self.device.key, "offline", self.stats.last_error)
+        if self._unanswered >= self._offline_after:
+            if self.stats.state != "offline":
+                self.stats.state = "offline"
+                self._on_state(self.device.key, "offline", self.stats.last_error)
+            else:
+                self._probe_delay = min(self._probe_delay * 2, PROBE_MAX_S)
+            self._next_probe = asyncio.get_running_loop().time() + self._probe_delay
         return self.stats.state != "offline"
+
+    def _split(self, req: ReadRequest) -> None:
+        """ILLEGAL DATA ADDRESS on a request that reads unused addresses to merge
+        properties: read those properties without gap fill from now on."""
+        covered = {a for p in req.properties for a in range(p.visitor.offset, p.visitor.end)}
+        if len(covered) == req.count:
+            return  # nothing but the properties' own addresses: a real error
+        opts = self.device.options
+        parts = plan_requests(req.properties, max_registers=opts.max_registers,
+                              max_bits=opts.max_bits, max_gap=0)
+        for cycle, group in self._groups.items():
+            if any(g.request == req for g in group):
+                self._groups[cycle] = tuple(
+                    n for g in group
+                    for n in ((_planned(r) for r in parts) if g.request == req else (g,))
+                )
+        log.warning(
+            "%s: ILLEGAL DATA ADDRESS for %s %d+%d, which reads unused addresses to merge "
+            "properties; reading them in %d requests without gap fill from now on "
+            "(set maxGap: 0 to plan it so)",
+            self.device.key, req.table, req.address, req.count, len(parts),
+        )
 
     async def _read(self, req: ReadRequest) -> list[int] | list[bool] | ModbusError:
         """Send one request with retries on timeout; the data, or the final error."""

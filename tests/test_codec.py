@@ -578,3 +578,10 @@ def test_boolean_and_bit_round_trip() -> None:
                     written = (current & and_mask) | (or_mask & ~and_mask & 0xFFFF)
                     assert decode(b, [written]) is value
                     assert written & and_mask == current & and_mask  # other bits kept
+
+
+def test_scaled_float64_overflow_is_a_codec_error_not_infinity() -> None:
+    words = [0x7FEE, 0x7FFF, 0x8080, 0x9341]  # about 1.3e308: finite, ×10 is not
+    v = Visitor(Table.HOLDING_REGISTER, 0, 4, RawType.FLOAT64, scale=10.0)
+    with pytest.raises(CodecError, match="overflows"):
+        decode(v, words)

@@ -182,7 +182,14 @@ def _scaled_float(reader: _FloatReader, num: int, den: int) -> Decoder:
     if num == 1 and den == 1:
         return reader
     scale = num / den
-    return lambda data, index: float(format(reader(data, index) * scale, _SIGNIFICANT_FLOAT64))
+
+    def scaled(data: Sequence[int] | Sequence[bool], index: int) -> float:
+        value = reader(data, index) * scale
+        if math.isinf(value):  # a finite reading times the scale can overflow float64
+            raise CodecError(f"{reader(data, index)!r} × scale {scale!r} overflows float64")
+        return float(format(value, _SIGNIFICANT_FLOAT64))
+
+    return scaled
 
 
 def _word_formats(visitor: Visitor, code: str) -> tuple[struct.Struct, struct.Struct]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from edge import __version__
@@ -22,6 +23,8 @@ from edge.uplink.topics import Topics
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_MAX_S = 30.0
+UPLINK_WATCH_S = 1.0
+UPLINK_WARN_AFTER_S = 10.0
 
 
 class Agent:
@@ -75,6 +78,7 @@ class Agent:
             asyncio.create_task(self._supervise(key, p.run), name=f"device[{key}]")
             for key, p in self.pollers.items()
         ]
+        tasks.append(asyncio.create_task(self._watch_uplink(), name="uplink-watch"))
         try:
             await stop.wait()
         finally:
@@ -82,9 +86,29 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.pool.close()
+            self.uplink.cancel_pending()
             await asyncio.to_thread(self.uplink.stop)
             self.push.stop()
             log.info("agent stopped")
+
+    async def _watch_uplink(self) -> None:
+        """Say so when the broker stays unreachable, whatever paho did or did not log
+        (a listener that accepts and never answers, resets, or speaks garbage)."""
+        stats = self.uplink.client.stats
+        down_since = time.monotonic()
+        warned = False
+        while True:
+            await asyncio.sleep(UPLINK_WATCH_S)
+            if stats.connected:
+                down_since, warned = time.monotonic(), False
+            elif not warned and time.monotonic() - down_since >= UPLINK_WARN_AFTER_S:
+                warned = True
+                log.warning(
+                    "not connected to the MQTT broker %s:%d for %.0f s%s; readings are "
+                    "not being delivered", self.cfg.broker.host, self.cfg.broker.port,
+                    time.monotonic() - down_since,
+                    f" ({stats.last_error})" if stats.last_error else "",
+                )
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0

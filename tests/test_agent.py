@@ -265,3 +265,21 @@ def test_killed_agent_leaves_offline_state_via_lwt(
         assert retained.json()["state"] == "offline"
     finally:
         late.stop()
+
+
+def test_many_devices_going_offline_together_make_few_state_messages(
+    tmp_path: Path, broker: Broker, sub: Subscriber
+) -> None:
+    docs = [doc for i in range(20) for doc in device_docs(f"dev-{i}", free_port(), 1, [
+        {"name": "v", "type": "INT",
+         "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}])]
+    agent = run_agent(tmp_path, broker, docs)
+    try:
+        events = sub.wait_for(lambda m: m.topic == f"{PREFIX}/events", count=20)
+        assert {e.json()["device"] for e in events} == {f"default/dev-{i}" for i in range(20)}
+        full = sub.wait_for(lambda m: m.topic == f"{PREFIX}/state"
+                            and len(m.json().get("devices", {})) == 20)
+        assert set(full[0].json()["devices"].values()) == {"offline"}
+        assert len(sub.on(f"{PREFIX}/state")) <= 4  # not one per device
+    finally:
+        agent.stop()

@@ -181,3 +181,19 @@ def test_uplink_socket_sends_without_nagle_delay(tmp_path: Path) -> None:
     finally:
         client.stop()
         broker.stop()
+
+
+def test_broker_that_accepts_and_never_answers_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as mute:  # accepts connections (backlog), never speaks MQTT
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        cfg = write_agent_file(tmp_path, mute.getsockname()[1], [])
+        agent = start_edge(["run", "-c", str(cfg)], tmp_path)
+        try:
+            deadline = time.monotonic() + 30
+            while "not connected to the MQTT broker" not in agent.output():
+                assert time.monotonic() < deadline, agent.output()
+                assert agent.proc.poll() is None, agent.output()
+                time.sleep(0.2)
+        finally:
+            assert agent.stop() == 0, agent.output()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
+
+DROP_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,7 @@ class BrokerClient:
         self.settings = settings
         self.stats = ClientStats()
         self._hooks = _Hooks()
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -139,7 +143,11 @@ class BrokerClient:
             self.stats.published += 1
             return info
         self.stats.dropped += 1
-        log.warning("MQTT publish to %s dropped: %s", topic, mqtt.error_string(info.rc))
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:  # say it, but not per message
+            self._drop_logged_at = now
+            log.warning("MQTT publish to %s dropped (%s); %d dropped since start",
+                        topic, mqtt.error_string(info.rc), self.stats.dropped)
         return None
 
     def wait_acked(self, info: mqtt.MQTTMessageInfo | None, timeout_s: float) -> bool:

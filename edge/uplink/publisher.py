@@ -15,6 +15,7 @@ Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.T
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -27,6 +28,8 @@ from edge.uplink.client import BrokerClient, BrokerSettings, Will
 from edge.uplink.topics import Topics
 
 log = logging.getLogger(__name__)
+
+STATE_DELAY_S = 0.2
 
 
 def _json(obj: object) -> bytes:
@@ -57,6 +60,7 @@ class Uplink:
         self._since = now_ms()
         self._devices: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._state_pending: asyncio.TimerHandle | None = None
         self._offline = _json(
             {"state": "offline", "version": config_version, "agent": agent_version}
         )
@@ -77,12 +81,24 @@ class Uplink:
         self.client.publish(self.topics.events, _json({"ts": now_ms(), "type": kind, **fields}))
 
     def set_device_state(self, device: str, state: str, reason: str = "") -> None:
-        """Record a device's ``online``/``offline`` state: an event and the retained state."""
+        """Record a device's ``online``/``offline`` state: an event at once, and the
+        retained state STATE_DELAY_S later, so that many devices changing together
+        (a gateway or bus going down) make one state message, not one each.
+
+        Call from the event loop.
+        """
         with self._lock:
             if self._devices.get(device) == state:
                 return
             self._devices[device] = state
         self.publish_event("device_state", device=device, state=state, reason=reason)
+        if self._state_pending is None or self._state_pending.cancelled():
+            self._state_pending = asyncio.get_running_loop().call_later(
+                STATE_DELAY_S, self._publish_state_now
+            )
+
+    def _publish_state_now(self) -> None:
+        self._state_pending = None
         self._publish_state()
 
     def forget_devices(self, keep: set[str]) -> None:
@@ -91,8 +107,16 @@ class Uplink:
             for key in set(self._devices) - keep:
                 del self._devices[key]
 
+    def cancel_pending(self) -> None:
+        """Drop a retained-state update not yet sent (call from the loop before :meth:`stop`)."""
+        if self._state_pending is not None:
+            self._state_pending.cancel()
+
     def stop(self, *, timeout_s: float = 2.0) -> None:
-        """Publish the retained ``offline`` state, wait for its PUBACK, disconnect."""
+        """Publish the retained ``offline`` state, wait for its PUBACK, disconnect.
+
+        Blocks: call it from a worker thread, after :meth:`cancel_pending`.
+        """
         info = self.client.publish(self.topics.state, self._offline, retain=True)
         self.client.wait_acked(info, timeout_s)
         self.client.stop()

@@ -19,7 +19,6 @@ from edge import __version__
 from edge.config.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from edge.config.load import LoadedConfig
     from edge.config.runtime import RuntimeConfig
 
 log = logging.getLogger("edge")
@@ -52,18 +51,6 @@ def _problems_exit(path: Path, e: ConfigError) -> SystemExit:
     _print_problems(e.problems)
     click.echo(f"{path}: {len(e.problems)} problem(s); nothing was started", err=True)
     return SystemExit(2)
-
-
-def _load_or_exit(path: Path) -> LoadedConfig:
-    """Load and validate in this process (for the short-lived commands)."""
-    from edge.config.load import load_config  # noqa: PLC0415
-
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        raise _problems_exit(path, e) from None
-    _print_problems(cfg.warnings)
-    return cfg
 
 
 def _runtime_or_exit(path: Path, *, warn: bool = True) -> RuntimeConfig:
@@ -111,11 +98,11 @@ def check(config_path: Path) -> None:
     """Validate the agent file and every manifest it names; exit 0 only when all is valid."""
     from edge.modbus.planner import plan_device  # noqa: PLC0415
 
-    cfg = _load_or_exit(config_path)
+    cfg = _runtime_or_exit(config_path)  # the same bounded child as `edge run`
     props = sum(len(d.properties) for d in cfg.devices)
     requests = sum(len(r) for d in cfg.devices for r in plan_device(d).values())
     click.echo(
-        f"{config_path}: OK: node {cfg.agent.node}, {len(cfg.files)} manifest file(s), "
+        f"{config_path}: OK: node {cfg.node}, {len(cfg.files)} manifest file(s), "
         f"{len(cfg.devices)} device(s), {props} properties, {requests} read request(s) per round"
         + (f", {len(cfg.warnings)} warning(s)" if cfg.warnings else "")
     )

@@ -1453,3 +1453,30 @@ def test_agent_files_must_be_regular_readable_files(tmp_path: Path, key: str) ->
         problems = agent_problems(tmp_path, f"node: gw\n{agent.replace('NAME', name)}\n")
         resolved = os.path.abspath(base / name)
         assert problems == [f"{key}: {resolved}: {expected}"]
+
+
+# --- names become MQTT topic levels ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["meter-1", "m", "meter.1.a-b", "0", "a" * 253])
+def test_kubernetes_object_names_are_accepted(tmp_path: Path, name: str) -> None:
+    (device,) = load(tmp_path, model_doc(), device_doc(name=name))
+    assert device.name == name
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"name": "a+b"}, "metadata.name: name 'a+b' is not a DNS-1123 subdomain"),
+        ({"name": "Meter"}, "metadata.name: name 'Meter' is not a DNS-1123 subdomain"),
+        ({"name": "-a"}, "metadata.name: name '-a' is not a DNS-1123 subdomain"),
+        ({"name": "a..b"}, "metadata.name: name 'a..b' is not a DNS-1123 subdomain"),
+        ({"name": "a" * 254}, f"metadata.name: name '{'a' * 254}' (254 characters) is not"),
+        ({"name": "m", "namespace": "a.b"}, "metadata.namespace: namespace 'a.b' is not"),
+        ({"name": "m", "namespace": "n" * 64}, "metadata.namespace: namespace 'nnnnnnnn"),
+    ],
+)  # fmt: skip
+def test_kubernetes_object_name_errors(tmp_path: Path, metadata: Doc, expected: str) -> None:
+    device = device_doc()
+    device["metadata"] = metadata
+    assert one_error(tmp_path, model_doc(), device).startswith(expected)

@@ -30,6 +30,7 @@ from edge.config.kubeedge_docs import (
     ModelProperty,
     ParsedObject,
     PropertyEntry,
+    check_names,
     validate_shape,
 )
 from edge.config.kubeedge_modbus import Connection, parse_connection
@@ -95,9 +96,28 @@ def _parse_object(data: object, where: Where, report: Report) -> ParsedObject | 
     meta = validate_shape(Metadata, data.get("metadata"), unnamed, where.field("metadata"), report)
     if meta is None:
         return BrokenDoc(kind, None, None, unnamed)
-    named = Where(where.file, where.document, f"{kind} {meta.namespace}/{meta.name}", where.prefix)
+    return _parse_named(parser, kind, data, meta, where, report)
+
+
+def _parse_named(
+    parser: _Parser,
+    kind: str,
+    data: Mapping[str, Any],
+    meta: Metadata,
+    where: Where,
+    report: Report,
+) -> ParsedObject:
+    """The object ``parser`` reads from ``data``, reported against ``kind namespace/name``
+    (quoted when it holds unprintable characters); broken when its names are not the
+    Kubernetes ones."""
+    label = f"{meta.namespace}/{meta.name}"
+    label = label if label.isprintable() else repr(label)
+    named = Where(where.file, where.document, f"{kind} {label}", where.prefix)
+    names_ok = check_names(meta, named, where.field("metadata"), report)
     parsed = parser(data, meta, named, report)
-    return BrokenDoc(kind, meta.namespace, meta.name, named) if parsed is None else parsed
+    if parsed is not None and names_ok:
+        return parsed
+    return BrokenDoc(kind, meta.namespace, meta.name, named)
 
 
 def _ours(data: object) -> bool:

@@ -10,7 +10,7 @@ written, so that :mod:`edge.config.kubeedge_modbus` and
 
 Also here: the pydantic base of the document shapes (extra keys allowed, as on any
 Kubernetes object) and the protocol-independent checks shared by both versions
-(metadata, duplicate names in one object, cycles, model property bounds). Field names
+(metadata and its names, duplicate names in one object, cycles, model property bounds). Field names
 follow the CRDs in kubeedge/kubeedge ``build/crds/devices`` (DESIGN.md §3).
 """
 
@@ -40,6 +40,8 @@ MODEL_TYPES = ("INT", "FLOAT", "DOUBLE", "STRING", "BOOLEAN", "BYTES", "STREAM")
 PROTOCOL_ALIASES = {"unitID": "slaveID", "serialName": "serialPort"}
 """Protocol ``configData`` keys written two ways in the wild → the canonical key."""
 _INTEGER = re.compile(r"[+-]?\d+")
+_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,7 @@ class DeviceDoc:
 
 @dataclass(frozen=True, slots=True)
 class BrokenDoc:
-    """A Device or DeviceModel whose structure is invalid (already reported); kept so
+    """A Device or DeviceModel whose structure or name is invalid (already reported); kept so
     that duplicates are still found and devices using a broken model are not told
     that it is missing."""
 
@@ -181,6 +183,38 @@ class Metadata(K8sObject):
 
     name: str = Field(min_length=1)
     namespace: str = Field(default="default", min_length=1)
+
+
+def check_names(meta: Metadata, where: Where, field: str, report: Report) -> bool:
+    """Report a ``metadata.name`` that is not a DNS-1123 subdomain or a
+    ``metadata.namespace`` that is not a DNS-1123 label (the Kubernetes rules; both
+    become MQTT topic levels, which must not hold ``/``, ``+``, ``#`` or NUL);
+    False when either is reported."""
+    ok = True
+    if len(meta.name) > 253 or not _DNS_SUBDOMAIN.fullmatch(meta.name):
+        ok = False
+        report.error(
+            where,
+            join_field(field, "name"),
+            f"name {meta.name!r}{_length(meta.name, 253)} is not a DNS-1123 subdomain, as "
+            "Kubernetes requires: lowercase letters, digits, '-' and '.', each dot-separated "
+            "part starting and ending with a letter or digit, at most 253 characters",
+        )
+    if len(meta.namespace) > 63 or not re.fullmatch(_DNS_LABEL, meta.namespace):
+        ok = False
+        report.error(
+            where,
+            join_field(field, "namespace"),
+            f"namespace {meta.namespace!r}{_length(meta.namespace, 63)} is not a DNS-1123 "
+            "label, as Kubernetes requires: lowercase letters, digits and '-', starting and "
+            "ending with a letter or digit, at most 63 characters",
+        )
+    return ok
+
+
+def _length(text: str, most: int) -> str:
+    """`` (N characters)`` when ``text`` is longer than ``most``, else nothing."""
+    return f" ({len(text)} characters)" if len(text) > most else ""
 
 
 class ObjectRef(K8sObject):

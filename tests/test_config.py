@@ -1204,6 +1204,18 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
           "uplink.qos: Input should be 0 or 1 (got 2)",
           "uplink.topic_prefix: must be a non-empty MQTT topic without the wildcards + and # "
           "(got 'a/#')"]),
+        ("node: \"gw\\0\"\n", ["node: must not hold control characters: '\\x00' (got 'gw\\x00')"]),
+        ("node: gw\nuplink: {topic_prefix: \"a\\x85/{node}\"}\n",
+         ["uplink.topic_prefix: must not hold control characters: '\\x85' (got 'a\\x85/{node}')"]),
+        ("node: gw\nuplink: {topic_prefix: '/edge/{node}'}\n",
+         ["uplink.topic_prefix: must not have an empty topic level: no leading or trailing '/', "
+          "no '//' (got '/edge/{node}')"]),
+        ("node: gw\nuplink: {topic_prefix: $edge}\n",
+         ["uplink.topic_prefix: must not start with '$': brokers reserve such topics ($SYS) and "
+          "drop what clients publish to them (got '$edge')"]),
+        ("node: gw\nuplink: {topic_prefix: 'edge/{node}}'}\n",
+         ["uplink.topic_prefix: holds '{' or '}' besides {node}, the only placeholder (a typo?) "
+          "(got 'edge/{node}}')"]),
         ("node: gw\nstore: {ttl: 1w}\n",
          ["store.ttl: '1w' is not a duration; use e.g. 7d, 12h, 30m, 45s, 1h30m or seconds "
           "(got '1w')"]),
@@ -1223,6 +1235,17 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
 )  # fmt: skip
 def test_agent_file_errors(tmp_path: Path, text: str, expected: list[str]) -> None:
     assert agent_problems(tmp_path, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefix", "topic"),
+    [("plant-3", "plant-3"), ("{node}", "gw-01"), ("a/{node}/b/{node}", "a/gw-01/b/gw-01"),
+     ("edge v1/ünits$/{node}", "edge v1/ünits$/gw-01")],
+)  # fmt: skip
+def test_topic_prefix(tmp_path: Path, prefix: str, topic: str) -> None:
+    agent = {"node": "gw-01", "uplink": {"topic_prefix": prefix}}
+    path = write_agent(tmp_path, yaml.safe_dump(agent))
+    assert load_config(path).agent.topic_prefix == topic
 
 
 def test_agent_file_missing_or_broken(tmp_path: Path) -> None:

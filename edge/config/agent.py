@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -131,18 +132,41 @@ Duration = Annotated[int, BeforeValidator(_duration_seconds), Field(gt=0)]
 """Seconds, written as a number or as ``7d`` / ``12h`` / ``30m`` / ``45s`` (combinable)."""
 
 
+def _control_characters(value: str) -> str:
+    """The control characters (NUL included) in ``value``, each once, as ``'\\x00'``
+    …; empty when there are none. MQTT forbids NUL in strings and discourages the others
+    (MQTT 3.1.1 §1.5.3)."""
+    found = dict.fromkeys(c for c in value if unicodedata.category(c) == "Cc")
+    return " ".join(map(repr, found))
+
+
 def _topic_level(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
-    bad = [c for c in "/+#\0" if c in value]
+    bad = [c for c in "/+#" if c in value]
     if bad:
         raise ValueError(f"must be one MQTT topic level, without {' '.join(map(repr, bad))}")
+    control = _control_characters(value)
+    if control:
+        raise ValueError(f"must not hold control characters: {control}")
     return value
 
 
 def _publish_topic(value: str) -> str:
     if not value or "+" in value or "#" in value:
         raise ValueError("must be a non-empty MQTT topic without the wildcards + and #")
+    control = _control_characters(value)
+    if control:
+        raise ValueError(f"must not hold control characters: {control}")
+    if "" in value.split("/"):
+        raise ValueError("must not have an empty topic level: no leading or trailing '/', no '//'")
+    if value.startswith("$"):
+        raise ValueError(
+            "must not start with '$': brokers reserve such topics ($SYS) and drop what "
+            "clients publish to them"
+        )
+    if "{" in value.replace("{node}", "") or "}" in value.replace("{node}", ""):
+        raise ValueError("holds '{' or '}' besides {node}, the only placeholder (a typo?)")
     return value
 
 
@@ -210,9 +234,11 @@ class TlsConfig(_Section):
 class UplinkConfig(_Section):
     """``uplink``: the MQTT broker readings are published to (DESIGN.md §5).
 
-    ``qos`` is 0 or 1; ``keepalive`` is seconds; ``topic_prefix`` may contain
-    ``{node}``; ``client_id`` None means ``edge-{node}``; ``password_file`` (readable)
-    holds the password (first line) so that it stays out of the agent file.
+    ``qos`` is 0 or 1; ``keepalive`` is seconds; ``topic_prefix`` is an MQTT topic
+    that may contain ``{node}`` (no other placeholder), without wildcards, control
+    characters, empty levels or a leading ``$``; ``client_id`` None means
+    ``edge-{node}``; ``password_file`` (readable) holds the password (first line) so
+    that it stays out of the agent file.
     """
 
     host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
@@ -285,9 +311,10 @@ class LogConfig(_Section):
 class AgentFile(_Section):
     """The whole agent file (DESIGN.md §3). Only ``node`` is required.
 
-    ``node`` names the gateway: one MQTT topic level (no ``/``, ``+``, ``#``), also
-    matched against a Device's ``spec.nodeName``. ``devices`` lists KubeEdge manifest
-    files or directories (a single string is one entry); each must exist.
+    ``node`` names the gateway: one MQTT topic level (no ``/``, ``+``, ``#``, control
+    characters), also matched against a Device's ``spec.nodeName``. ``devices`` lists
+    KubeEdge manifest files or directories (a single string is one entry); each must
+    exist.
     """
 
     node: Annotated[str, AfterValidator(_topic_level)]

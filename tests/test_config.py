@@ -1248,6 +1248,36 @@ def test_topic_prefix(tmp_path: Path, prefix: str, topic: str) -> None:
     assert load_config(path).agent.topic_prefix == topic
 
 
+@pytest.mark.parametrize(
+    ("client_id", "warned"),
+    [("a" * 23, False), ("a" * 24, True), ("ü" * 12, True), ("a" * 65535, True)],
+)
+def test_client_id_longer_than_23_bytes_is_a_warning(
+    tmp_path: Path, client_id: str, warned: bool
+) -> None:
+    path = write_agent(tmp_path, yaml.safe_dump({"node": "gw", "uplink": {"client_id": client_id}}))
+    loaded = load_config(path)
+    assert loaded.agent.client_id == client_id
+    warnings = [w.message for w in loaded.warnings if w.field == "uplink.client_id"]
+    size = len(client_id.encode())
+    assert warnings == [
+        f"is {size} bytes long: MQTT 3.1.1 servers need only accept client ids of 1 to 23 "
+        "bytes (§3.1.3.1), so a broker may refuse it; most accept longer ones"
+    ] * warned
+
+
+@pytest.mark.parametrize(
+    ("client_id", "expected"),
+    [("a" * 65536, "is 65536 bytes long (UTF-8), more than the 65535 an MQTT string can hold "
+                   "(MQTT 3.1.1 §1.5.3)"),
+     ("gw\x7f", "must not hold control characters: '\\x7f' (got 'gw\\x7f')"),
+     ("", "String should have at least 1 character (got '')")],
+)  # fmt: skip
+def test_client_id_errors(tmp_path: Path, client_id: str, expected: str) -> None:
+    text = yaml.safe_dump({"node": "gw", "uplink": {"client_id": client_id}})
+    assert agent_problems(tmp_path, text) == [f"uplink.client_id: {expected}"]
+
+
 def test_agent_file_missing_or_broken(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(tmp_path / "edge.yaml")

@@ -55,6 +55,9 @@ from pydantic_core import PydanticCustomError
 from edge.config.hosts import host_error
 from edge.config.sources import MESSAGE_ONLY, Report, Where
 
+_MQTT_STRING_BYTES = 65_535
+"""The longest UTF-8 string MQTT carries (a 16-bit length)."""
+_CLIENT_ID_ACCEPTED_BYTES = 23
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
 _SECONDS_PER_UNIT = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
 
@@ -170,6 +173,19 @@ def _publish_topic(value: str) -> str:
     return value
 
 
+def _client_id(value: str) -> str:
+    control = _control_characters(value)
+    if control:
+        raise ValueError(f"must not hold control characters: {control}")
+    size = len(value.encode())
+    if size > _MQTT_STRING_BYTES:
+        raise _error(
+            f"is {size} bytes long (UTF-8), more than the {_MQTT_STRING_BYTES} an MQTT "
+            "string can hold (MQTT 3.1.1 §1.5.3)"
+        )
+    return value
+
+
 def _host(value: str) -> str:
     problem = host_error("host", value)
     if problem:
@@ -237,15 +253,16 @@ class UplinkConfig(_Section):
     ``qos`` is 0 or 1; ``keepalive`` is seconds; ``topic_prefix`` is an MQTT topic
     that may contain ``{node}`` (no other placeholder), without wildcards, control
     characters, empty levels or a leading ``$``; ``client_id`` None means
-    ``edge-{node}``; ``password_file`` (readable) holds the password (first line) so
-    that it stays out of the agent file.
+    ``edge-{node}``, otherwise it holds no control characters and at most 65535 bytes
+    (more than 23 is a warning: brokers need not accept them); ``password_file``
+    (readable) holds the password (first line) so that it stays out of the agent file.
     """
 
     host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     qos: Literal[0, 1] = 1
     topic_prefix: Annotated[str, AfterValidator(_publish_topic)] = "edge/v1/{node}"
-    client_id: str | None = Field(default=None, min_length=1)
+    client_id: Annotated[str, Field(min_length=1), AfterValidator(_client_id)] | None = None
     keepalive: int = Field(default=30, ge=1, le=65535)
     tls: TlsConfig = TlsConfig()
     username: str | None = None
@@ -343,7 +360,7 @@ def parse_agent(data: object, *, file: str, base_dir: Path, report: Report) -> A
     """Validate the parsed YAML of an agent file.
 
     Relative paths are resolved against ``base_dir``. Problems (field paths like
-    ``uplink.port``) go to ``report`` against ``file``; returns None if there are any.
+    ``uplink.port``) go to ``report`` against ``file``; returns None if there are errors.
     """
     where = Where(file)
     if not isinstance(data, dict):
@@ -353,7 +370,17 @@ def parse_agent(data: object, *, file: str, base_dir: Path, report: Report) -> A
         )
         return None
     try:
-        return AgentFile.model_validate(data, context={"base_dir": base_dir})
+        agent = AgentFile.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as err:
         report.validation_error(err, where, "", model=AgentFile)
         return None
+    client_id = agent.uplink.client_id
+    if client_id is not None and len(client_id.encode()) > _CLIENT_ID_ACCEPTED_BYTES:
+        report.warning(
+            where,
+            "uplink.client_id",
+            f"is {len(client_id.encode())} bytes long: MQTT 3.1.1 servers need only accept "
+            f"client ids of 1 to {_CLIENT_ID_ACCEPTED_BYTES} bytes (§3.1.3.1), so a broker "
+            "may refuse it; most accept longer ones",
+        )
+    return agent

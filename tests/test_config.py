@@ -1456,6 +1456,22 @@ def test_devices_on_the_same_endpoint_and_unit_id_are_warned(tmp_path: Path) -> 
     assert warnings[0].split(" as ")[1].startswith(f"Device default/a ({tmp_path / 'm.yaml'}: ")
 
 
+def test_devices_on_one_serial_port_share_its_line_settings(tmp_path: Path) -> None:
+    rtu = {"serialPort": "/dev/ttyS0", "baudRate": 19200, "parity": "Even"}
+    devices = load(tmp_path, model_doc(), device_doc(name="a", config={**rtu, "slaveID": 1}),
+                   device_doc(name="b", config={**rtu, "parity": "E", "slaveID": 2}))  # fmt: skip
+    assert len(devices) == 2
+    message = one_error(
+        tmp_path, model_doc(), device_doc(name="a", config={**rtu, "slaveID": 1}),
+        device_doc(name="b", config={**rtu, "baudRate": "9600", "slaveID": 2}),
+    )  # fmt: skip
+    assert message == (
+        f"spec.protocol.configData: serial port /dev/ttyS0 is also used by Device default/a "
+        f"({tmp_path / 'm.yaml'}: document 2) with other line settings: baudRate 9600 here, "
+        "19200 there; devices on one bus share its settings, make them equal"
+    )
+
+
 def no_device_warning(tmp_path: Path, agent: str, *docs: Doc) -> str:
     if docs:
         write_docs(tmp_path / "etc" / "m.yaml", *docs)

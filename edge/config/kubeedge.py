@@ -44,6 +44,7 @@ from edge.config.model import (
     MethodSpec,
     ModbusOptions,
     PropertySpec,
+    SerialEndpoint,
     TcpEndpoint,
 )
 from edge.config.sources import (
@@ -343,6 +344,34 @@ def _warn_same_device(built: Sequence[tuple[DeviceDoc, DeviceSpec]], report: Rep
             )
 
 
+_LINE_SETTINGS = (("baudRate", "baudrate"), ("dataBits", "bytesize"), ("parity", "parity"),
+                  ("stopBits", "stopbits"))  # fmt: skip
+"""A serial line's settings: the ``configData`` key and the SerialEndpoint field."""
+
+
+def _check_serial_lines(built: Sequence[tuple[DeviceDoc, DeviceSpec]], report: Report) -> None:
+    """Report each Device that opens a serial port an earlier one opens with other
+    line settings: one bus has one baud rate, data bits, parity and stop bits."""
+    first: dict[str, tuple[DeviceDoc, SerialEndpoint]] = {}
+    for doc, spec in built:
+        if not isinstance(spec.endpoint, SerialEndpoint):
+            continue
+        other, line = first.setdefault(spec.endpoint.port, (doc, spec.endpoint))
+        differ = [
+            f"{key} {getattr(spec.endpoint, attr)} here, {getattr(line, attr)} there"
+            for key, attr in _LINE_SETTINGS
+            if getattr(spec.endpoint, attr) != getattr(line, attr)
+        ]
+        if differ:
+            report.error(
+                doc.where,
+                doc.config_field,
+                f"serial port {line.port} is also used by Device {other.namespace}/{other.name} "
+                f"({_source(other.where)}) with other line settings: {'; '.join(differ)}; "
+                "devices on one bus share its settings, make them equal",
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Manifests:
     """What :func:`read_manifests` found.
@@ -370,7 +399,8 @@ def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -
     ``node`` is this gateway's name: a v1beta1 Device whose ``spec.nodeName`` names
     another node is skipped with a warning (None: no filter). Devices of other
     protocols are skipped with a warning; a Device with the endpoint and unit id of
-    another is a warning. Problems go to ``report``.
+    another is a warning; two Devices on one serial port with different line settings
+    are an error. Problems go to ``report``.
     """
     files = expand_manifest_paths(paths, report)
     documents = [doc for file in files for doc in read_yaml_documents(file, report)]
@@ -409,6 +439,7 @@ def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -
         spec = _device(device, model, report)
         if spec is not None:
             built.append((device, spec))
+    _check_serial_lines(built, report)
     _warn_same_device(built, report)
     return Manifests(
         devices=tuple(spec for _doc, spec in built),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -1125,14 +1127,38 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
     )
 
 
-def test_agent_file_full(tmp_path: Path) -> None:
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ca.pem (a self-signed CA), gw.pem + gw.key (a certificate and its key), other.key
+    (another key), locked.key (gw.key encrypted), ed25519.pub and ec.pub (public keys)."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=ca", cwd=d)
+    openssl("req", "-x509", *ec, "-keyout", "gw.key", "-out", "gw.pem", "-subj", "/CN=gw", cwd=d)
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-out", "other.key", cwd=d)  # fmt: skip
+    openssl("pkey", "-in", "gw.key", "-aes256", "-passout", "pass:secret", "-out", "locked.key",
+            cwd=d)  # fmt: skip
+    openssl("genpkey", "-algorithm", "ed25519", "-out", "ed25519.key", cwd=d)
+    openssl("pkey", "-in", "ed25519.key", "-pubout", "-out", "ed25519.pub", cwd=d)
+    openssl("pkey", "-in", "other.key", "-pubout", "-out", "ec.pub", cwd=d)
+    return d
+
+
+def test_agent_file_full(tmp_path: Path, pki: Path) -> None:
     write_docs(tmp_path / "etc" / "manifests" / "m.yaml", model_doc())
     elsewhere = write_docs(tmp_path / "elsewhere" / "d.yaml", device_doc())
     secrets = tmp_path / "secrets"
-    for file in ("etc/certs/ca.pem", "etc/certs/gw.pem", "secrets/gw.key",
-                 "etc/secrets/mqtt.pw", "etc/keys/cloud.pem"):  # fmt: skip
+    for file, source in [("etc/certs/ca.pem", "ca.pem"), ("etc/certs/gw.pem", "gw.pem"),
+                         ("secrets/gw.key", "gw.key"), ("etc/keys/cloud.pem", "ed25519.pub")]:
         (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / file).write_text("-\n")
+        shutil.copy(pki / source, tmp_path / file)
+    (tmp_path / "etc/secrets").mkdir()
+    (tmp_path / "etc/secrets/mqtt.pw").write_text("-\n")
     path = write_agent(
         tmp_path,
         """\
@@ -1197,7 +1223,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: gw\nnodes: [a]\n",
          ["nodes: unknown key 'nodes'; accepted: node, devices, uplink, store, web, trust, "
           "plugins, policy, modbus, log"]),
-        ("node: gw\nuplink: {tls: {cert: edge.yaml}}\n",
+        ("node: gw\nuplink: {tls: {key: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),
         ("node: gw\nuplink: {qos: 2, port: 0, topic_prefix: 'a/#'}\n",
          ["uplink.port: Input should be greater than or equal to 1 (got 0)",
@@ -1276,6 +1302,39 @@ def test_client_id_longer_than_23_bytes_is_a_warning(
 def test_client_id_errors(tmp_path: Path, client_id: str, expected: str) -> None:
     text = yaml.safe_dump({"node": "gw", "uplink": {"client_id": client_id}})
     assert agent_problems(tmp_path, text) == [f"uplink.client_id: {expected}"]
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        ({"ca": "gw.key"}, "uplink.tls.ca: PKI/gw.key: cannot be loaded as CA certificates (PEM, "
+         "-----BEGIN CERTIFICATE-----): [X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or "
+         "crl found"),
+        ({"cert": "ed25519.pub", "key": "gw.key"}, "uplink.tls.cert: PKI/ed25519.pub: cannot be "
+         "loaded as a certificate (PEM, -----BEGIN CERTIFICATE-----): [X509: "
+         "NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found"),
+        ({"cert": "gw.pem", "key": "other.key"}, "uplink.tls.key: PKI/other.key: does not match "
+         "cert PKI/gw.pem: [X509: KEY_VALUES_MISMATCH] key values mismatch"),
+        ({"cert": "gw.pem", "key": "ec.pub"}, "uplink.tls.key: PKI/ec.pub: cannot be loaded as a "
+         "PEM private key: [SSL] PEM lib"),
+        ({"cert": "gw.pem", "key": "locked.key"}, "uplink.tls.key: PKI/locked.key: is encrypted, "
+         "and the agent has no passphrase for it: store it unencrypted"),
+    ],
+)  # fmt: skip
+def test_tls_files_are_loaded_as_the_agent_loads_them(
+    tmp_path: Path, pki: Path, tls: Doc, expected: str
+) -> None:
+    agent = {"node": "gw", "uplink": {"tls": {k: str(pki / v) for k, v in tls.items()}}}
+    assert agent_problems(tmp_path, yaml.safe_dump(agent)) == [expected.replace("PKI", str(pki))]
+
+
+def test_trust_keys_are_ed25519_public_keys(tmp_path: Path, pki: Path) -> None:
+    keys = [str(pki / name) for name in ("ed25519.pub", "ec.pub", "ed25519.key")]
+    assert agent_problems(tmp_path, yaml.safe_dump({"node": "gw", "trust": {"keys": keys}})) == [
+        f"trust.keys[1]: {keys[1]}: is a public key, but not an Ed25519 one (signatures are "
+        "EdDSA/Ed25519)",
+        f"trust.keys[2]: {keys[2]}: holds no PEM public key (-----BEGIN PUBLIC KEY-----)",
+    ]
 
 
 def test_agent_file_missing_or_broken(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@
 The top-level keys are fixed by DESIGN.md §3 so that operators' files keep working;
 sections are added, never renamed. Every setting has a default except ``node``.
 Unknown keys are errors. Relative paths are resolved against the directory of the
-agent file; the files named by ``uplink`` and ``trust`` must be readable, and every
-``devices`` entry must exist. ``store``, ``web``, ``trust``, ``plugins`` and
-``policy`` are otherwise only checked for shape until their features exist.
+agent file; the files named by ``uplink`` and ``trust`` must be readable and load as
+the agent will load them (:mod:`edge.config.pem`), and every ``devices`` entry must
+exist. ``store``, ``web``, ``trust``, ``plugins`` and ``policy`` are otherwise only
+checked for shape until their features exist.
 
 Example (every key shown with its default)::
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,11 +50,13 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from edge.config.hosts import host_error
+from edge.config.pem import ca_error, cert_error, ed25519_key_error, key_error
 from edge.config.sources import MESSAGE_ONLY, Report, Where
 
 _MQTT_STRING_BYTES = 65_535
@@ -103,6 +107,26 @@ def _readable_file(value: Path) -> Path:
 ConfigFile = Annotated[ConfigPath, AfterValidator(_readable_file)]
 """A :data:`ConfigPath` to a file that must be readable; otherwise the error names
 the absolute path: ``/etc/edge/ca.pem: no such file``."""
+
+
+def _loadable(check: Callable[[Path], str | None]) -> AfterValidator:
+    """A validator of a readable file: ``check`` says what is wrong with its content."""
+
+    def validate(value: Path) -> Path:
+        problem = check(value)
+        if problem is not None:
+            raise _error(f"{os.path.abspath(value)}: {problem}")
+        return value
+
+    return AfterValidator(validate)
+
+
+CaFile = Annotated[ConfigFile, _loadable(ca_error)]
+"""A :data:`ConfigFile` of PEM CA certificates, as ``ssl`` loads them."""
+CertFile = Annotated[ConfigFile, _loadable(cert_error)]
+"""A :data:`ConfigFile` holding a PEM certificate."""
+TrustKey = Annotated[ConfigFile, _loadable(ed25519_key_error)]
+"""A :data:`ConfigFile` holding an Ed25519 public key in PEM."""
 
 
 def _existing_path(value: object, handler: ValidatorFunctionWrapHandler) -> Path:
@@ -229,11 +253,23 @@ class _Section(BaseModel):
 
 class TlsConfig(_Section):
     """``uplink.tls``: CA bundle to verify the broker, client certificate and key for
-    mTLS (PEM files, readable). ``cert`` and ``key`` are given together or not at all."""
+    mTLS (PEM files, readable). ``cert`` and ``key`` are given together or not at all.
+    Each is loaded with :mod:`ssl` as the agent will load it: the key must be
+    unencrypted and match the certificate."""
 
-    ca: ConfigFile | None = None
-    cert: ConfigFile | None = None
+    ca: CaFile | None = None
+    cert: CertFile | None = None
     key: ConfigFile | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_of_cert(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("cert")
+        if key is not None and cert is not None:
+            problem = key_error(cert, key)
+            if problem is not None:
+                raise _error(f"{os.path.abspath(key)}: {problem}")
+        return key
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> TlsConfig:
@@ -286,7 +322,7 @@ class WebConfig(_Section):
 class TrustConfig(_Section):
     """``trust``: Ed25519 public keys (PEM files) trusted for bundles and plugins."""
 
-    keys: list[ConfigFile] = []
+    keys: list[TrustKey] = []
 
 
 class PluginsConfig(_Section):

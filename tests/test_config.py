@@ -1576,11 +1576,68 @@ def test_agent_files_must_be_regular_readable_files(tmp_path: Path, key: str) ->
     agent = {"uplink.password_file": "uplink: {password_file: NAME}",
              "uplink.tls.ca": "uplink: {tls: {ca: NAME}}",
              "trust.keys[0]": "trust: {keys: [NAME]}"}[key]  # fmt: skip
-    for name, expected in [("pipe", "is not a regular file"), ("dir", "is a directory, not a file"),
+    for name, expected in [("pipe", "is not a regular file (a FIFO)"),
+                           ("/dev/zero", "is not a regular file (a character device)"),
+                           ("dir", "is a directory, not a file"),
                            ("../gone", "no such file")]:  # fmt: skip
         problems = agent_problems(tmp_path, f"node: gw\n{agent.replace('NAME', name)}\n")
         resolved = os.path.abspath(base / name)
         assert problems == [f"{key}: {resolved}: {expected}"]
+
+
+def test_devices_must_be_regular_files_or_directories(tmp_path: Path) -> None:
+    base = tmp_path / "etc"
+    base.mkdir()
+    os.mkfifo(base / "pipe.yaml")
+    problems = agent_problems(tmp_path, "node: gw\ndevices: [/dev/zero, pipe.yaml]\n")
+    assert problems == [
+        "devices[0]: /dev/zero: is not a regular file or directory but a character device "
+        "(/dev/zero)",
+        f"devices[1]: pipe.yaml: is not a regular file or directory but a FIFO "
+        f"({base / 'pipe.yaml'})",
+    ]
+    with pytest.raises(ConfigError) as raised:
+        load_manifests(["/dev/zero", base / "pipe.yaml"])
+    assert [str(p) for p in raised.value.problems] == [
+        "error: /dev/zero: is not a regular file or directory (a character device)",
+        f"error: {base / 'pipe.yaml'}: is not a regular file or directory (a FIFO)",
+    ]
+
+
+def test_a_fifo_in_a_manifest_directory_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    write_docs(tmp_path / "m" / "meters.yaml", model_doc(), device_doc())
+    os.mkfifo(tmp_path / "m" / "pipe.yaml")
+    devices, warnings = load_manifests([tmp_path / "m"])
+    assert [d.name for d in devices] == ["meter-1"]
+    assert [str(w) for w in warnings] == [
+        f"warning: {tmp_path / 'm' / 'pipe.yaml'}: is not a regular file (a FIFO); skipped"
+    ]
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "pipe"])
+def test_agent_file_must_be_a_regular_file(tmp_path: Path, special: str) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    path = tmp_path / special
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    kind = "a FIFO" if special == "pipe" else "a character device"
+    assert [str(p) for p in raised.value.problems] == [
+        f"error: {path}: is not a regular file ({kind})"
+    ]
+
+
+def test_a_manifest_over_16_mib_is_not_read(tmp_path: Path) -> None:
+    big = write_docs(tmp_path / "big.yaml", model_doc())
+    os.truncate(big, (16 << 20) + 1)
+    write_docs(tmp_path / "small.yaml", model_doc())
+    os.truncate(tmp_path / "small.yaml", 16 << 20)  # NUL padding: read, then not YAML
+    with pytest.raises(ConfigError) as raised:
+        load_manifests([big, tmp_path / "small.yaml"])
+    assert [f"{p.file}: {p.message}" for p in raised.value.problems][:1] == [
+        f"{big}: is larger than 16 MiB, the most edge reads from one file; split the manifests "
+        "into several files"
+    ]
+    assert raised.value.problems[1].file == str(tmp_path / "small.yaml")
 
 
 # --- names become MQTT topic levels ---------------------------------------------------

@@ -57,7 +57,7 @@ from pydantic_core import PydanticCustomError
 
 from edge.config.hosts import host_error
 from edge.config.pem import ca_error, cert_error, ed25519_key_error, key_error
-from edge.config.sources import MESSAGE_ONLY, Report, Where
+from edge.config.sources import MESSAGE_ONLY, Report, Where, special_file
 
 _MQTT_STRING_BYTES = 65_535
 """The longest UTF-8 string MQTT carries (a 16-bit length)."""
@@ -88,8 +88,9 @@ def _unreadable(path: Path) -> str | None:
         return "no such file"
     if path.is_dir():
         return "is a directory, not a file"
-    if not path.is_file():
-        return "is not a regular file"
+    kind = special_file(path)
+    if kind is not None:
+        return f"is not a regular file ({kind})"
     try:
         with path.open("rb"):
             return None
@@ -133,12 +134,18 @@ def _existing_path(value: object, handler: ValidatorFunctionWrapHandler) -> Path
     path: Path = handler(value)
     if not path.exists():
         raise _error(f"{value}: no such file or directory ({os.path.abspath(path)})")
+    kind = special_file(path)
+    if kind is not None:
+        raise _error(
+            f"{value}: is not a regular file or directory but {kind} ({os.path.abspath(path)})"
+        )
     return path
 
 
 ExistingPath = Annotated[ConfigPath, WrapValidator(_existing_path)]
-"""A :data:`ConfigPath` that must exist; otherwise the error gives the path as written
-and as resolved: ``./manifests: no such file or directory (/etc/edge/manifests)``."""
+"""A :data:`ConfigPath` to a regular file or a directory; otherwise the error gives the
+path as written and as resolved: ``./manifests: no such file or directory
+(/etc/edge/manifests)``."""
 
 
 def _duration_seconds(value: object) -> object:

@@ -32,8 +32,9 @@ class LoadedConfig:
 
 def _manifest_hint(data: object, base_dir: Path) -> tuple[list[Path], str | None]:
     """``devices`` and ``node`` read loosely from an invalid agent file, so that the
-    manifests' problems are reported together with the agent file's. A missing path
-    is left out: the agent file's validation reports it."""
+    manifests' problems are reported together with the agent file's. A path that is
+    missing, or neither a regular file nor a directory, is left out: the agent file's
+    validation reports it."""
     if not isinstance(data, dict):
         return [], None
     devices = data.get("devices")
@@ -41,7 +42,7 @@ def _manifest_hint(data: object, base_dir: Path) -> tuple[list[Path], str | None
     written = [p for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
     paths = [base_dir / Path(p).expanduser() for p in written]
     node = data.get("node")
-    return [p for p in paths if p.exists()], node if isinstance(node, str) else None
+    return [p for p in paths if p.is_file() or p.is_dir()], node if isinstance(node, str) else None
 
 
 def _why_no_device(agent: AgentFile, manifests: Manifests) -> str:

@@ -8,6 +8,8 @@ document index, manifest path expansion, and a :class:`Report` that gathers ever
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ except ImportError:  # PyYAML built without libyaml
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 """File name endings read when a manifest path is a directory."""
+MAX_FILE_BYTES = 16 << 20
+"""The largest configuration file read (agent file or manifest): 16 MiB."""
 MESSAGE_ONLY = "message_only"
 """The type of a pydantic custom error (``PydanticCustomError``) whose message is
 reported as it is, without the ``(got …)`` other errors get."""
@@ -179,13 +183,48 @@ def _yaml_error_message(err: yaml.YAMLError) -> str:
     return message
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a directory is, from its
+    ``st_mode``: ``a FIFO``, ``a character device``, …"""
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+class _UnfitFileError(Exception):
+    """A path that is not read: not a regular file, or too large."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The content of the regular file ``path``, at most :data:`MAX_FILE_BYTES`; a FIFO,
+    device or socket is rejected before anything is read (:class:`_UnfitFileError`)."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it is rejected below.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _UnfitFileError("is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise _UnfitFileError(f"is not a regular file ({file_kind(mode)})")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _UnfitFileError(
+            f"is larger than {MAX_FILE_BYTES >> 20} MiB, the most edge reads from one file; "
+            "split the manifests into several files"
+        )
+    return data
+
+
 def _read_text(path: Path, report: Report) -> str | None:
     try:
-        return path.read_text(encoding="utf-8")
+        return _read_bytes(path).decode("utf-8")
     except FileNotFoundError:
-        report.error(Where(str(path)), "", "no such file")
+        message = "no such file"
+    except _UnfitFileError as err:
+        message = str(err)
     except (OSError, UnicodeDecodeError) as err:
-        report.error(Where(str(path)), "", f"cannot read: {err}")
+        message = f"cannot read: {err}"
+    report.error(Where(str(path)), "", message)
     return None
 
 
@@ -225,30 +264,48 @@ def read_yaml_documents(path: Path, report: Report) -> list[Document]:
     return documents
 
 
-def _manifest_files(directory: Path) -> list[Path]:
+def special_file(path: Path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a directory
+    (symbolic links followed), e.g. ``a FIFO``; None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else file_kind(mode)
+
+
+def _manifest_files(directory: Path, report: Report) -> list[Path]:
     files = []
     for path in directory.rglob("*"):
         hidden = any(part.startswith(".") for part in path.relative_to(directory).parts)
-        if not hidden and path.suffix in MANIFEST_SUFFIXES and path.is_file():
+        if hidden or path.suffix not in MANIFEST_SUFFIXES:
+            continue
+        if path.is_file():
             files.append(path)
+        elif kind := special_file(path):
+            report.warning(Where(str(path)), "", f"is not a regular file ({kind}); skipped")
     return sorted(files)
 
 
 def expand_manifest_paths(paths: Iterable[Path], report: Report) -> list[Path]:
     """Files to read for ``paths``: a file as is, a directory as its ``*.yaml``/``*.yml``
     files (recursive, sorted, hidden names such as a ConfigMap mount's ``..data``
-    skipped). A path listed twice is read once; a missing path is an error."""
+    skipped; a FIFO, device or socket among them skipped with a warning). A path listed
+    twice is read once; a missing path, or one that is neither a regular file nor a
+    directory, is an error."""
     seen: set[Path] = set()
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = _manifest_files(path)
+            found = _manifest_files(path, report)
             if not found:
                 report.warning(Where(str(path)), "", "directory holds no *.yaml or *.yml files")
-        elif path.exists():
+        elif path.is_file():
             found = [path]
         else:
-            report.error(Where(str(path)), "", "no such file or directory")
+            kind = special_file(path)
+            problem = f"is not a regular file or directory ({kind})" if kind else ""
+            report.error(Where(str(path)), "", problem or "no such file or directory")
             continue
         for file in found:
             key = file.resolve()

@@ -225,7 +225,11 @@ def test_v1alpha2_tcp_and_rtu_samples() -> None:
             source=f"{V1ALPHA2_SAMPLES}/modbustcp-device-instance.yaml: document 1",
         ),
     )
-    assert [w.field for w in warnings] == ["spec.properties[0].type.int.maximum"]
+    assert [w.field for w in warnings] == [
+        "spec.nodeSelector",
+        "spec.nodeSelector",
+        "spec.properties[0].type.int.maximum",
+    ]
 
 
 @pytest.mark.parametrize(

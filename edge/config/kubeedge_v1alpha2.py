@@ -5,7 +5,8 @@ the typed ``spec.protocol.modbus.slaveID`` and ``spec.protocol.common.{tcp, com,
 collectTimeout, collectRetryTimes, customizedValues}`` become ``configData`` keys,
 ``spec.propertyVisitors[].modbus`` becomes a visitor ``configData``, desired values come
 from ``status.twins[].desired``, and typed model properties (``type: {int: {accessMode,
-minimum, maximum, unit}}``) become v1beta1 ones. ``nodeSelector`` is not evaluated.
+minimum, maximum, unit}}``) become v1beta1 ones. ``nodeSelector`` is not evaluated
+(a warning says so).
 Shapes follow kubeedge/kubeedge ``build/crds/devices`` (v1alpha2 CRDs, 2024-01).
 """
 
@@ -64,6 +65,7 @@ class _PropertyVisitorV1A2(K8sObject):
 
 class _DeviceSpecV1A2(K8sObject):
     device_model_ref: ObjectRef
+    node_selector: Any = None  # not evaluated, warned
     protocol: dict[str, Any] | None = None
     property_visitors: list[Any] | None = None
 
@@ -146,6 +148,14 @@ def device_v1alpha2(
     spec = validate_shape(_DeviceSpecV1A2, data.get("spec"), where, where.field("spec"), report)
     if spec is None:
         return None
+    if spec.node_selector is not None:
+        report.warning(
+            where,
+            where.field("spec", "nodeSelector"),
+            "is ignored: edge does not evaluate node selectors, so every gateway that reads "
+            "this Device polls it (v1beta1 spec.nodeName is what selects the devices of a "
+            "gateway)",
+        )
     status = validate_shape(
         _DeviceStatusV1A2, data.get("status") or {}, where, where.field("status"), report
     )

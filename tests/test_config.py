@@ -1246,6 +1246,12 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: gw\nuplink: {topic_prefix: 'edge/{node}}'}\n",
          ["uplink.topic_prefix: holds '{' or '}' besides {node}, the only placeholder (a typo?) "
           "(got 'edge/{node}}')"]),
+        ("node: gw\nuplink: {port: '1883', keepalive: true}\nstore: {ttl: 1.5}\n",
+         ["uplink.port: Input should be a valid integer (got '1883')",
+          "uplink.keepalive: Input should be a valid integer (got True)",
+          "store.ttl: Input should be a valid integer (got 1.5)"]),
+        ("node: gw\nuplink: {qos: true}\n",
+         ["uplink.qos: Input should be a valid integer (got True)"]),
         ("node: gw\nstore: {ttl: 1w}\n",
          ["store.ttl: '1w' is not a duration; use e.g. 7d, 12h, 30m, 45s, 1h30m or seconds "
           "(got '1w')"]),

@@ -2,7 +2,8 @@
 
 The top-level keys are fixed by DESIGN.md §3 so that operators' files keep working;
 sections are added, never renamed. Every setting has a default except ``node``.
-Unknown keys are errors. Relative paths are resolved against the directory of the
+Unknown keys are errors; integers are written as integers (``true``, ``1.0`` or
+``"1"`` are not one). Relative paths are resolved against the directory of the
 agent file; the files named by ``uplink`` and ``trust`` must be readable and load as
 the agent will load them (:mod:`edge.config.pem`), and every ``devices`` entry must
 exist. ``store``, ``web``, ``trust``, ``plugins`` and ``policy`` are otherwise only
@@ -53,7 +54,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from edge.config.hosts import host_error
 from edge.config.pem import ca_error, cert_error, ed25519_key_error, key_error
@@ -162,7 +163,7 @@ def _duration_seconds(value: object) -> object:
     return sum(int(n) * _SECONDS_PER_UNIT[u] for n, u in parts)
 
 
-Duration = Annotated[int, BeforeValidator(_duration_seconds), Field(gt=0)]
+Duration = Annotated[int, BeforeValidator(_duration_seconds), Field(gt=0, strict=True)]
 """Seconds, written as a number or as ``7d`` / ``12h`` / ``30m`` / ``45s`` (combinable)."""
 
 
@@ -228,6 +229,13 @@ def _listen_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError("must be host:port, e.g. 127.0.0.1:8080 or [::1]:8080")
+    return value
+
+
+def _no_bool_or_float(value: object) -> object:
+    """Reject ``true`` and ``1.0`` where an integer choice is expected, as strict ints do."""
+    if isinstance(value, bool | float):
+        raise PydanticKnownError("int_type")
     return value
 
 
@@ -302,11 +310,11 @@ class UplinkConfig(_Section):
     """
 
     host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    qos: Literal[0, 1] = 1
+    port: int = Field(default=1883, ge=1, le=65535, strict=True)
+    qos: Annotated[Literal[0, 1], BeforeValidator(_no_bool_or_float)] = 1
     topic_prefix: Annotated[str, AfterValidator(_publish_topic)] = "edge/v1/{node}"
     client_id: Annotated[str, Field(min_length=1), AfterValidator(_client_id)] | None = None
-    keepalive: int = Field(default=30, ge=1, le=65535)
+    keepalive: int = Field(default=30, ge=1, le=65535, strict=True)
     tls: TlsConfig = TlsConfig()
     username: str | None = None
     password_file: ConfigFile | None = None
@@ -316,7 +324,7 @@ class StoreConfig(_Section):
     """``store``: the SQLite file, its size cap in bytes, how long readings are kept (s)."""
 
     path: ConfigPath = Path("/var/lib/edge/edge.db")
-    max_bytes: int = Field(default=268_435_456, gt=0)
+    max_bytes: int = Field(default=268_435_456, gt=0, strict=True)
     ttl: Duration = 7 * 86_400
 
 
@@ -351,9 +359,9 @@ class ModbusConfig(_Section):
     ``backoff_max_ms``; ``connect_timeout_ms`` bounds one TCP connect or serial open.
     """
 
-    backoff_initial_ms: int = Field(default=500, gt=0)
-    backoff_max_ms: int = Field(default=30_000, gt=0)
-    connect_timeout_ms: int = Field(default=3_000, gt=0)
+    backoff_initial_ms: int = Field(default=500, gt=0, strict=True)
+    backoff_max_ms: int = Field(default=30_000, gt=0, strict=True)
+    connect_timeout_ms: int = Field(default=3_000, gt=0, strict=True)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> ModbusConfig:

@@ -1207,6 +1207,12 @@ log: {level: debug}
     assert [d.name for d in loaded.devices] == ["meter-1"]
 
 
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "ERROR"])
+def test_log_level_in_any_case(tmp_path: Path, level: str) -> None:
+    path = write_agent(tmp_path, f"node: gw\nlog: {{level: {level}}}\n")
+    assert load_config(path).agent.log.level == level.lower()
+
+
 @pytest.mark.parametrize(
     ("ttl", "seconds"),
     [("7d", 604800), ("12h", 43200), ("30m", 1800), ("45s", 45), ("1h30m", 5400), (90, 90),
@@ -1262,7 +1268,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
          ["policy.mode: Input should be 'audit' or 'enforce' (got 'block')"]),
         ("node: gw\nmodbus: {backoff_initial_ms: 5000, backoff_max_ms: 1000}\n",
          ["modbus: backoff_initial_ms must not be greater than backoff_max_ms"]),
-        ("node: gw\nlog: {level: trace}\n",
+        ("node: gw\nlog: {level: Trace}\n",
          ["log.level: Input should be 'debug', 'info', 'warning' or 'error' (got 'trace')"]),
         ("node: gw\nlog: {lvl: debug}\n", ["log.lvl: unknown key 'lvl'; accepted: level"]),
         ("", [": must be a mapping of settings (node is required), but it is empty"]),

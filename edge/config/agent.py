@@ -370,10 +370,14 @@ class ModbusConfig(_Section):
         return self
 
 
-class LogConfig(_Section):
-    """``log``: the log level."""
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
+
+class LogConfig(_Section):
+    """``log``: the log level, in any case (``INFO`` is ``info``)."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
 
 
 class AgentFile(_Section):

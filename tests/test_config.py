@@ -509,6 +509,10 @@ def test_raw_type_resolution(
          "dataType: dataType 'word' is not known; accepted: int16, uint16, int32, uint32, int64, "
          "uint64, float32, float64, string, bytes, boolean, bit (exact), or int, float, double, "
          "string, boolean, bytes (KubeEdge generic, mapped by limit)"),
+        ("INT", {"register": "HoldingRegister", "dataType": None},
+         "dataType: dataType is empty; accepted: int16, uint16, int32, uint32, int64, "
+         "uint64, float32, float64, string, bytes, boolean, bit (exact), or int, float, double, "
+         "string, boolean, bytes (KubeEdge generic, mapped by limit)"),
         (None, {"register": "HoldingRegister"},
          "dataType: no Modbus type: the DeviceModel property type is absent; set dataType here or "
          "type in the model"),
@@ -757,6 +761,19 @@ def test_cycle_errors(tmp_path: Path, cycle: object, expected: str) -> None:
     entry = {**copy.deepcopy(VOLTAGE), "collectCycle": cycle}
     found = one_error(tmp_path, model_doc(), device_doc(entry, SETPOINT))
     assert found == f"spec.properties[0].collectCycle: {expected}"
+
+
+def test_cycles_under_10_ms_are_warned(tmp_path: Path) -> None:
+    entry = {**copy.deepcopy(VOLTAGE), "collectCycle": 5, "reportCycle": 9}
+    setpoint = {**copy.deepcopy(SETPOINT), "collectCycle": 10, "reportCycle": 0}
+    (device,), warnings = load_warned(tmp_path, model_doc(), device_doc(entry, setpoint))
+    assert [p.collect_cycle_ms for p in device.properties] == [5, 10]
+    assert warnings == [
+        "spec.properties[0].collectCycle: collectCycle 5 ms is probably a mistake: KubeEdge "
+        "cycles are milliseconds (5000 for 5 s)",
+        "spec.properties[0].reportCycle: reportCycle 9 ms is probably a mistake: KubeEdge "
+        "cycles are milliseconds (9000 for 9 s)",
+    ]
 
 
 def test_an_invalid_property_entry_has_no_follow_on_messages(tmp_path: Path) -> None:

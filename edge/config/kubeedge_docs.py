@@ -35,6 +35,7 @@ VERSIONS = ("v1beta1", "v1alpha2")
 DEFAULT_CYCLE_MS = 1000
 """``collectCycle``/``reportCycle`` when absent or 0 (as the KubeEdge mapper framework)."""
 _ONE_DAY_MS = 86_400_000
+_SHORTEST_LIKELY_CYCLE_MS = 10
 MODEL_TYPES = ("INT", "FLOAT", "DOUBLE", "STRING", "BOOLEAN", "BYTES", "STREAM")
 """DeviceModel property types (v1beta1 ``type``; v1alpha2 ``type.<lower-case name>``)."""
 PROTOCOL_ALIASES = {"unitID": "slaveID", "serialName": "serialPort"}
@@ -356,7 +357,8 @@ def bounds(
 def _cycle_ms(value: object, key: str, where: Where, field: str, report: Report) -> int:
     """A ``collectCycle``/``reportCycle`` in milliseconds: absent or 0 means
     :data:`DEFAULT_CYCLE_MS`; not an integer (e.g. ``"1s"``), negative, or more than a
-    day (nanoseconds given by mistake, as in some upstream samples), is an error."""
+    day (nanoseconds given by mistake, as in some upstream samples), is an error; under
+    10 ms (seconds given by mistake) is a warning."""
     if value is None:
         return DEFAULT_CYCLE_MS
     number = to_int(value)
@@ -378,6 +380,13 @@ def _cycle_ms(value: object, key: str, where: Where, field: str, report: Report)
             f"{key} {number} is more than one day: KubeEdge cycles are "
             f"milliseconds and this looks like nanoseconds ({number / 1e6:.10g} ms)",
         )
+    elif number < _SHORTEST_LIKELY_CYCLE_MS:
+        report.warning(
+            where,
+            field,
+            f"{key} {number} ms is probably a mistake: KubeEdge cycles are milliseconds "
+            f"({number * 1000} for {number} s)",
+        )
     return number
 
 
@@ -387,7 +396,8 @@ def cycles(
     """``(collectCycle, reportCycle)`` of the property entry at ``field``, milliseconds
     (an int, an integral float or a decimal string): absent or 0 means
     :data:`DEFAULT_CYCLE_MS`; not an integer (e.g. ``"1s"``), negative, or more than a
-    day (nanoseconds given by mistake, as in some upstream samples), is an error."""
+    day (nanoseconds given by mistake, as in some upstream samples), is an error; under
+    10 ms (seconds given by mistake) is a warning."""
     return (
         _cycle_ms(collect, "collectCycle", where, join_field(field, "collectCycle"), report),
         _cycle_ms(report_cycle, "reportCycle", where, join_field(field, "reportCycle"), report),

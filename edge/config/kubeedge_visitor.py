@@ -87,15 +87,15 @@ def _data_type(r: ConfigReader) -> tuple[RawType | None, str | None]:
     entry = r.config.get("dataType")
     if entry is None:
         return None, None
-    name = str(entry.value).strip().lower()
+    name = "" if entry.value is None else str(entry.value).strip().lower()
     if name in _RAW_TYPES:
         return _RAW_TYPES[name], None
     if name in GENERIC_TYPES:
         return None, name
-    explicit = ", ".join(_RAW_TYPES)
+    named = f"dataType {entry.value!r} is not known" if name else "dataType is empty"
     r.error(
         "dataType",
-        f"dataType {entry.value!r} is not known; accepted: {explicit} (exact), "
+        f"{named}; accepted: {', '.join(_RAW_TYPES)} (exact), "
         f"or {', '.join(GENERIC_TYPES)} (KubeEdge generic, mapped by limit)",
     )
     return None, None

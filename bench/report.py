@@ -314,12 +314,6 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
         f"| {scenario} | {b.name} | {b.target} | {detail} | {verdict(ok)} |"
         for b, ok, detail in judged.values()
     ]
-    out += [
-        "² The machine's CPU during the run (all cores, in % of one core) less the agent, "
-        "its broker and simulator: measure.py itself (a few %) and whatever else ran. "
-        "Much more than ~10 means the figures of that column were taken on a busy machine.",
-        "",
-    ]
     if nodelay is not None:
         out += [
             "¹ The same agent and simulator once more, against a mosquitto with "
@@ -336,6 +330,12 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
                 f"| {scenario} | {b.name}, broker TCP_NODELAY (diagnostic) | {b.target} "
                 f"| {detail} | {verdict(ok)} |"
             )
+    out += [
+        "² The machine's CPU during the run (all cores, in % of one core) less the agent, "
+        "its broker and simulator: measure.py itself (a few %) and whatever else ran. "
+        "Much more than ~10 means the figures of that column were taken on a busy machine.",
+        "",
+    ]
     files = [r["_file"] for r in shown]
     out.append(
         f"Run `{get(edge, 'bench', 'run_id')}`, agent {get(edge, 'meta', 'agent')}, "
@@ -400,7 +400,8 @@ def longer_runs(results: Path) -> list[str]:
             ok, detail = b.check(r, {}) if b else (None, "no completeness budget")
             p99 = get(r, "latency_ms", "read_to_mqtt", "p99")
             rows.append(
-                f"| `{sub.name}/{r['_file']}` | {scenario} | {num(r.get('window_s'), '.0f')} s "
+                f"| `{sub.name}/{r['_file']}` | {get(r, 'meta', 'agent')} | {scenario} "
+                f"| {num(r.get('window_s'), '.0f')} s "
                 f"| {detail} | {num(p99)} | {num(get(r, 'cpu_percent', 'mean'))} "
                 f"| {num(get(r, 'rss_mb', 'max'))} | {verdict(ok) if b else ''} |"
             )
@@ -411,8 +412,9 @@ def longer_runs(results: Path) -> list[str]:
         "",
         "edge alone (no peer), for a finer completeness; other figures as above.",
         "",
-        "| file | scenario | window | completeness | read→MQTT p99 ms | CPU % | RSS MB | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| file | agent | scenario | window | completeness | read→MQTT p99 ms | CPU % | RSS MB "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -427,7 +429,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rss-tier", choices=sorted(RSS_TIERS), default="core")
     a = p.parse_args()
-    text = report(load(a.results), a.rss_tier) + "\n".join(longer_runs(a.results))
+    text = report(load(a.results), a.rss_tier)
+    longer = longer_runs(a.results)
+    if longer:
+        text += "\n" + "\n".join(longer)
     if a.out is None:
         sys.stdout.write(text)
     else:

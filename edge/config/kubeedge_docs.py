@@ -10,8 +10,9 @@ written, so that :mod:`edge.config.kubeedge_modbus` and
 
 Also here: the pydantic base of the document shapes (extra keys allowed, as on any
 Kubernetes object) and the protocol-independent checks shared by both versions
-(metadata and its names, duplicate names in one object, cycles, model property bounds). Field names
-follow the CRDs in kubeedge/kubeedge ``build/crds/devices`` (DESIGN.md §3).
+(metadata and its names, duplicate names in one object, cycles, model property
+bounds). Field names follow the CRDs in kubeedge/kubeedge ``build/crds/devices``
+(DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ class DeviceDoc:
 
 @dataclass(frozen=True, slots=True)
 class BrokenDoc:
-    """A Device or DeviceModel whose structure or name is invalid (already reported); kept so
-    that duplicates are still found and devices using a broken model are not told
-    that it is missing."""
+    """A Device or DeviceModel whose structure or name is invalid (already reported);
+    kept so that duplicates are still found and devices using a broken model are not
+    told that it is missing."""
 
     kind: str
     namespace: str | None

@@ -1,8 +1,9 @@
 """edge.modbus client and PDUs against real servers on 127.0.0.1.
 
 Servers: pymodbus 3.16 ModbusTcpServer (MBAP and RTU framing) and ModbusSerialServer
-on one end of a socat pty pair, plus raw asyncio TCP servers whose answers each test
-scripts (silence, late, wrong unit, bad CRC, truncated, wrong byte count, close).
+on one end of a socat pty pair, plus raw asyncio TCP servers and a raw serial device
+on a pty pair whose answers each test scripts (silence, late, wrong unit, bad CRC,
+truncated, wrong byte count, two frames, close).
 Every server and process a test starts is stopped by the test.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import serial_asyncio_fast
 from pymodbus.datastore import (
     ModbusDeviceContext,
     ModbusSequentialDataBlock,
@@ -32,7 +34,18 @@ from pymodbus.framer import FramerType
 from pymodbus.framer.rtu import FramerRTU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from edge.config.model import Framing, SerialEndpoint, Table, TcpEndpoint
+from edge.config.model import (
+    DeviceSpec,
+    Framing,
+    ModbusOptions,
+    PropertySpec,
+    RawType,
+    SerialEndpoint,
+    Table,
+    TcpEndpoint,
+    ValueType,
+    Visitor,
+)
 from edge.modbus import pdu
 from edge.modbus.client import (
     Connection,
@@ -43,6 +56,8 @@ from edge.modbus.client import (
     ModbusFrameError,
     ModbusTimeoutError,
 )
+from edge.modbus.poller import DevicePoller
+from edge.reading import Reading
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
@@ -863,3 +878,237 @@ async def test_serial_port_gone_then_back(tmp_path: Path) -> None:
     finally:
         await pool.close()
         pair.stop()
+
+
+# ---------------------------------------------------------------- late RTU answers
+#
+# RTU frames carry no transaction id: an answer that arrives after its request timed
+# out has the same shape as the answer to the next request (unit, function code, byte
+# count). The link must never hand it to the next caller. The scripted devices below
+# answer each register with its own address, so a value tells which request it answers.
+
+
+class SerialScript(asyncio.Protocol):
+    """The device end of a pty pair: reads 8-byte RTU read requests, answers as
+    ``policy`` says (like :class:`RawServer`, delays relative to the request)."""
+
+    def __init__(self, policy: Callable[[Req], Action]) -> None:
+        self.policy = policy
+        self.received: list[Req] = []
+        self.transport: asyncio.Transport | None = None
+        self.timers: list[asyncio.TimerHandle] = []
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 8:
+            frame = bytes(self._buf[:8])
+            del self._buf[:8]
+            unit, fc, address, count = struct.unpack(">BBHH", frame[:6])
+            req = Req(len(self.received), 0, unit, fc, address, count)
+            self.received.append(req)
+            action = self.policy(req)
+            if isinstance(action, list):
+                loop, at = asyncio.get_running_loop(), 0.0
+                for delay, out in action:
+                    at += delay
+                    assert self.transport is not None
+                    self.timers.append(loop.call_later(at, self.transport.write, out))
+
+
+@contextlib.asynccontextmanager
+async def rtu_device(
+    line: str, policy: Callable[[Req], Action], tmp_path: Path
+) -> AsyncIterator[tuple[TcpEndpoint | SerialEndpoint, list[Req]]]:
+    """A scripted RTU device: behind an RTU-over-TCP server, or on a pty pair."""
+    if line == "rtu-over-tcp":
+        async with RawServer(Framing.RTU, policy) as srv:
+            yield srv.endpoint, srv.received
+        return
+    pair = start_pty_pair(tmp_path)
+    device = SerialScript(policy)
+    transport, _ = await serial_asyncio_fast.create_serial_connection(
+        asyncio.get_running_loop(), lambda: device, pair.server, baudrate=115200
+    )
+    try:
+        yield SerialEndpoint(pair.client, baudrate=115200), device.received
+    finally:
+        for timer in device.timers:
+            timer.cancel()
+        transport.close()
+        pair.stop()
+
+
+RTU_LINES = pytest.mark.parametrize("line", ["rtu-over-tcp", "serial"])
+
+
+def at_address(req: Req, delay: float) -> Action:
+    """The correct answer, each register's value equal to its address, after ``delay`` s."""
+    values = [req.address + i for i in range(req.count)]
+    return [(delay, rtu_frame(req.unit, regs_pdu(req.fc, values)))]
+
+
+async def outcome(conn: Connection, address: int, timeout: float) -> list[int] | str:  # noqa: ASYNC109
+    """One uint16 holding register of unit 1, or the name of the error."""
+    try:
+        return list(await conn.read(1, HR, address, 1, timeout=timeout))
+    except ModbusError as e:
+        return type(e).__name__
+
+
+@RTU_LINES
+async def test_late_rtu_answers_are_never_taken_for_the_next_request(
+    line: str, tmp_path: Path, pool: ConnectionPool
+) -> None:
+    """The tester's case: every answer 330 ms late, timeout 300 ms, retries 0, three
+    1-register reads at 0, 100, 200. Before the fix the answer to request N was taken
+    as the answer to N+1: ``[timeout, [0], [100]]`` every cycle."""
+    async with rtu_device(line, lambda req: at_address(req, 0.33), tmp_path) as (ep, received):
+        conn = pool.get(ep)
+        for _cycle in range(2):
+            got = [await outcome(conn, address, 0.3) for address in (0, 100, 200)]
+            assert got == ["ModbusTimeoutError"] * 3
+        await asyncio.sleep(0.4)  # the last late answer arrives and is discarded
+        assert conn.stats.discarded == 6  # every late answer, none taken
+        assert await conn.read(1, HR, 300, 1, timeout=1.0) == [300]  # in time: its own
+        assert [r.address for r in received] == [0, 100, 200, 0, 100, 200, 300]
+        s = conn.stats
+        assert (s.timeouts, s.responses, s.frame_errors, s.connects) == (6, 1, 0, 1)
+
+
+@RTU_LINES
+async def test_answer_after_a_late_one_is_its_own(
+    line: str, tmp_path: Path, pool: ConnectionPool
+) -> None:
+    """Only the first answer is late (330 ms for a 300 ms timeout), the others come
+    after 100 ms: the late one must be discarded, not handed to the read of 100."""
+
+    def first_late(req: Req) -> Action:
+        return at_address(req, 0.33 if req.index == 0 else 0.1)
+
+    async with rtu_device(line, first_late, tmp_path) as (ep, received):
+        conn = pool.get(ep)
+        got = [await outcome(conn, address, 0.3) for address in (0, 100, 200)]
+        assert got == ["ModbusTimeoutError", [100], [200]]
+        assert conn.stats.discarded == 1
+        assert len(received) == 3
+
+
+@RTU_LINES
+async def test_late_answer_in_the_next_window_is_detected(
+    line: str, tmp_path: Path, pool: ConnectionPool
+) -> None:
+    """A gateway that queues requests: the first answer comes 700 ms after its request
+    (timeout 400 ms, late-answer horizon 600 ms: the guard ran out), the queued second
+    request is answered 30 ms after it. Two frames arrive in the second request's
+    window: it must fail rather than take the first (which answers request 0), and
+    the third request is in step again. Before the fix the second got ``[0]``."""
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def queueing(req: Req) -> Action:
+        now = loop.time()
+        at = now + 0.7 if req.index == 0 else max(now, last[0]) + 0.03
+        last[0] = at
+        return at_address(req, at - now)
+
+    async with rtu_device(line, queueing, tmp_path) as (ep, _):
+        conn = pool.get(ep)
+        got = [await outcome(conn, address, 0.4) for address in (0, 100, 200)]
+        assert got == ["ModbusTimeoutError", "ModbusFrameError", [200]]
+        assert conn.stats.discarded == 2
+
+
+async def test_late_answer_guard_counts_against_the_next_request(pool: ConnectionPool) -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        RawServer(Framing.RTU, first_then_good(Framing.RTU, lambda req: None)) as srv,
+        pymodbus_tcp(Framing.MBAP) as other,
+    ):
+        conn = pool.get(srv.endpoint)
+        with pytest.raises(ModbusTimeoutError, match="no answer"):
+            await conn.read(1, HR, 10, 3, timeout=0.4)  # guard: 0.2 s without input
+        expired = loop.time()
+        # another endpoint is not held up by this one's guard
+        assert await pool.get(other).read(1, HR, 0, 1, timeout=1.0) == [1000]
+        assert loop.time() - expired < 0.15
+        with pytest.raises(ModbusTimeoutError, match="late-answer guard"):
+            await conn.read(1, HR, 10, 3, timeout=0.05)
+        assert len(srv.received) == 1  # never sent
+        await read_ok(conn)
+        assert len(srv.received) == 2
+        assert srv.received[1].index == 1
+        assert loop.time() - expired >= 0.2
+        assert (conn.stats.timeouts, conn.stats.responses) == (2, 1)
+
+
+async def test_two_frames_for_one_request_are_not_taken(pool: ConnectionPool) -> None:
+    double = first_then_good(Framing.RTU, lambda req: [(0.0, good(Framing.RTU, req) * 2)])
+    async with RawServer(Framing.RTU, double) as srv:
+        conn = pool.get(srv.endpoint)
+        with pytest.raises(ModbusFrameError, match="more than one frame"):
+            await conn.read(1, HR, 10, 3, timeout=1.0)
+        await read_ok(conn)
+        assert (conn.stats.frame_errors, conn.stats.responses) == (1, 1)
+
+
+async def test_answer_incomplete_at_the_deadline_completes_in_the_guard(
+    pool: ConnectionPool,
+) -> None:
+    split = first_then_good(
+        Framing.RTU,
+        lambda req: [(0.0, good(Framing.RTU, req)[:4]), (0.35, good(Framing.RTU, req)[4:])],
+    )
+    async with RawServer(Framing.RTU, split) as srv:
+        conn = pool.get(srv.endpoint)
+        with pytest.raises(ModbusFrameError, match="incomplete"):
+            await conn.read(1, HR, 10, 3, timeout=0.3)
+        await read_ok(conn, address=20)  # sent after the rest of the late answer
+        assert conn.stats.discarded == 1
+        assert [r.address for r in srv.received] == [10, 20]
+
+
+@RTU_LINES
+async def test_poller_publishes_no_value_from_a_late_answer(line: str, tmp_path: Path) -> None:
+    """The tester's reading: the agent published ``{"at100": 0, "at200": 100}`` with
+    good quality; every property must be bad instead, every cycle."""
+    async with rtu_device(line, lambda req: at_address(req, 0.33), tmp_path) as (ep, _):
+
+        def prop(address: int) -> PropertySpec:
+            return PropertySpec(
+                f"at{address}", Visitor(HR, address, 1, RawType.UINT16), ValueType.INT
+            )
+
+        spec = DeviceSpec(
+            namespace="default", name="late", model="m", endpoint=ep, unit_id=1,
+            properties=(prop(0), prop(100), prop(200)),
+            options=ModbusOptions(timeout_s=0.3, retries=0),
+        )
+        pool = ConnectionPool()
+        readings: list[Reading] = []
+        poller = DevicePoller(spec, pool.get(ep), readings.append, lambda *_: None)
+        try:
+            for _ in range(2):
+                await poller.poll_once()
+        finally:
+            await pool.close()
+        assert [(r.values, r.quality) for r in readings] == [
+            ({}, {"at0": "bad", "at100": "bad", "at200": "bad"})
+        ] * 2
+
+
+async def test_answer_to_a_cancelled_call_is_not_taken_by_the_next(pool: ConnectionPool) -> None:
+    async with RawServer(Framing.RTU, lambda req: at_address(req, 0.2)) as srv:
+        conn = pool.get(srv.endpoint)
+        abandoned = asyncio.create_task(conn.read(1, HR, 0, 1, timeout=1.0))
+        await srv.request_seen.wait()
+        abandoned.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await abandoned
+        # sent only once the abandoned request's answer is in (and discarded)
+        assert await conn.read(1, HR, 100, 1, timeout=1.0) == [100]
+        assert conn.stats.discarded == 1
+        assert [r.address for r in srv.received] == [0, 100]

@@ -13,15 +13,24 @@ Transports (all on :class:`asyncio.Protocol`, no streams):
 Failure model (what a caller sees):
 
 * :class:`ModbusTimeoutError` — ``timeout`` passed (it bounds the whole call: queueing
-  behind other requests on the endpoint, a connect, and the answer) with nothing of
-  the answer received. A late MBAP answer to it is discarded by transaction id and
-  counted in ``stats.discarded``.
+  behind other requests on the endpoint, a connect, an RTU line's silence or
+  late-answer guard, and the answer) with nothing of the answer received. A late
+  MBAP answer to it is discarded by transaction id and counted in ``stats.discarded``.
 * :class:`ModbusFrameError` — an answer that cannot be the answer, including one
-  that was still incomplete when ``timeout`` passed. RTU: after a timeout or a
-  garbled frame the line must be silent for t3.5 and the input is flushed before
-  the next request; MBAP: a garbled header or truncated answer desynchronises the
-  byte stream, so the connection is dropped (without backoff) and the next request
-  reconnects.
+  that was still incomplete when ``timeout`` passed. MBAP: a garbled header or
+  truncated answer desynchronises the byte stream, so the connection is dropped
+  (without backoff) and the next request reconnects.
+* RTU frames carry no transaction id, so after a request that ended without a clean
+  answer (timeout, frame error) the line is guarded against its late answer: the
+  next request is only sent once no byte has arrived for the late-answer guard
+  time (until 1.5 × the failed request's timeout after it was sent, at most 1 s),
+  or right after the late answer itself arrived (it is discarded). If the guard ran
+  out on silence, the next answer is only taken after that much silence again; two
+  frames for one request are a :class:`ModbusFrameError`, never a value (details:
+  :class:`~edge.modbus.framing.RtuLink`). The guard is waited for inside the next
+  request's own ``timeout``; when that passes first, the request fails with
+  :class:`ModbusTimeoutError` saying so, unsent. Serial lines also keep t3.5 of
+  silence after every frame and flush their input before each request.
 * :class:`ModbusExceptionError` — the device's exception response.
 * :class:`ModbusConnectionError` — connect refused/failed/timed out, connection lost
   (reset, broken pipe, EOF, serial port gone); every request in flight fails with it.
@@ -223,7 +232,7 @@ class Connection:
             stats.timeouts += 1
             raise
         try:
-            result = await link.exchange(req, unit_id, deadline)
+            result = await link.exchange(req, unit_id, deadline, timeout)
         except ModbusTimeoutError:
             stats.timeouts += 1
             raise
@@ -253,23 +262,30 @@ class Connection:
         if link is not None and not slots.locked() and (isinstance(link, MbapLink) or link.ready()):
             await slots.acquire()  # free: returns without suspending
             return link
+        waiting = "queued behind other requests"
         try:
             async with asyncio.timeout_at(deadline):
                 await slots.acquire()
                 try:
+                    waiting = "connecting"
                     link = self._link or await self._connect(loop)
                     while isinstance(link, RtuLink):
+                        waiting = "line"
                         await link.wait_ready()
                         if link is self._link:  # not lost while the line went quiet
                             break
+                        waiting = "connecting"
                         link = await self._connect(loop)
                 except BaseException:
                     slots.release()
                     raise
         except TimeoutError:
+            if waiting == "line" and isinstance(link, RtuLink):
+                waiting = link.busy_reason()
+            elif self._link is None:
+                waiting = "connecting"
             raise ModbusTimeoutError(
-                f"{self._key}: not ready to send within the timeout "
-                f"({'connecting' if self._link is None else 'queued behind other requests'})"
+                f"{self._key}: not ready to send within the timeout ({waiting})"
             ) from None
         return link
 

@@ -16,7 +16,7 @@ import asyncio
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 
 from edge.modbus.errors import (
     ModbusConnectionError,
@@ -40,6 +40,17 @@ from edge.modbus.pdu import (
 _MAX_ABANDONED = 256
 """How many timed-out MBAP transaction ids are remembered to recognise late answers."""
 
+LATE_HORIZON: Final = 1.5
+"""RTU: an answer is still expected until ``LATE_HORIZON × timeout`` after its request
+was sent (``timeout`` the caller's whole budget); see :class:`RtuLink`. 1.5, not more:
+the guard is waited for inside the next request's own timeout, which is usually the
+same — a horizon of 2 × timeout would leave a retry after a silent timeout no time
+at all (with 1.5 it keeps half of it)."""
+LATE_GUARD_MAX: Final = 1.0
+"""Upper bound in seconds of the late-answer guard (the default request timeout), so
+that long timeouts (slow gateways) or a failure early in a long timeout never idle a
+shared bus for more than a second per failed request."""
+
 
 @dataclass(slots=True)
 class ConnectionStats:
@@ -49,9 +60,12 @@ class ConnectionStats:
     ``rejected``); each attempt ends as one of ``responses`` (normal answers),
     ``exceptions`` (exception responses), ``timeouts``, ``frame_errors`` or a
     connection error. ``connects``/``connect_failures``/``disconnects`` count
-    transport events; ``discarded`` counts answers nobody waits for (late MBAP
-    answers to timed-out requests, unknown transaction ids, RTU input between
-    requests).
+    transport events; ``discarded`` counts answers nobody takes: late MBAP answers
+    to timed-out requests and unknown transaction ids; on RTU every frame (or, when
+    it cannot be delimited, every chunk of input) that arrives between requests —
+    late answers during the late-answer guard included — answers to requests whose
+    caller went away, a frame incomplete when the next request is sent, and frames
+    not taken because more than one arrived for one request.
     """
 
     requests: int = 0
@@ -101,9 +115,12 @@ class Link(asyncio.Protocol, abc.ABC):
 
     @abc.abstractmethod
     def exchange(
-        self, req: Request, unit_id: int, deadline: float
+        self, req: Request, unit_id: int, deadline: float, timeout: float
     ) -> asyncio.Future[Values | None]:
-        """Send ``req`` to ``unit_id``; the future of its outcome, expiring at ``deadline``."""
+        """Send ``req`` to ``unit_id``; the future of its outcome, expiring at ``deadline``.
+
+        ``timeout`` is the caller's whole budget (``deadline`` was set from it).
+        """
 
     @abc.abstractmethod
     def fail_all(self, error: ModbusError) -> None:
@@ -150,7 +167,7 @@ class MbapLink(Link):
         self._tid = 0
 
     def exchange(
-        self, req: Request, unit_id: int, deadline: float
+        self, req: Request, unit_id: int, deadline: float, timeout: float
     ) -> asyncio.Future[Values | None]:
         pending = self.pending
         tid = (self._tid + 1) & 0xFFFF
@@ -235,7 +252,46 @@ class MbapLink(Link):
 
 
 class RtuLink(Link):
-    """RTU framing: one request at a time, frame length from its first bytes, CRC."""
+    """RTU framing: one request at a time, frame length from its first bytes, CRC.
+
+    RTU frames carry no transaction id, so an answer is only known to be the answer
+    to the request in flight if nothing else can arrive at that time. Rules:
+
+    * **Late-answer guard.** When a request ends without a clean answer (timeout,
+      answer incomplete at the deadline, garbled frame, CRC mismatch, wrong unit,
+      function code or byte count, more than one frame, caller gone), its answer may
+      still be on its way: the link then sends nothing until no byte has arrived for
+      the guard time ``G``. ``G`` reaches the request's late-answer horizon,
+      ``LATE_HORIZON × timeout`` after it was sent (``timeout`` being the caller's
+      whole budget, so a request that waited in a queue or for an earlier guard
+      keeps the same horizon), capped at ``LATE_GUARD_MAX`` and never below t3.5:
+      after a timeout with nothing waited before the send, ``G = min(0.5 × timeout,
+      1 s)``.
+      Every byte received meanwhile is discarded (``stats.discarded``) and restarts
+      the wait. If a complete frame that answers the failed request (its unit, CRC
+      and shape, exception responses included) arrives and is the last input, that
+      was the late answer: it is discarded and the line is released after t3.5.
+    * **Suspect answer.** If the guard ran out on silence (a late answer, if any, is
+      later than the horizon), the next request is sent, but its answer is only
+      taken once the line stayed quiet for that ``G`` after it (or at its deadline,
+      if that comes first). Input in that time means two frames arrived for one
+      request — one answers an earlier request and nothing tells which — so the
+      request fails with :class:`ModbusFrameError` (and gets its own guard).
+    * More than one frame in the answer window (bytes after a complete frame) is
+      likewise a :class:`ModbusFrameError`, never a value.
+    * A caller that goes away (cancelled) leaves its request in flight until its
+      answer or deadline; the next request waits for that, then for the guard.
+    * Serial lines also keep t3.5 of silence after every frame, and the port's
+      input buffer is flushed before each request.
+
+    Cost: after a failed request whose late answer does arrive, the time until it
+    arrives plus t3.5; after one whose answer never comes, ``G`` of idle line and
+    up to ``G`` more before the next answer is taken. The wait counts against the
+    next caller's own timeout (see :meth:`wait_ready`; :meth:`busy_reason` says why
+    it waited) and holds up no other endpoint. What stays undetectable: a late
+    answer beyond the horizon that arrives after the next answer was taken, or a
+    device that drops the next request and answers only the old one, same shape.
+    """
 
     def __init__(
         self,
@@ -251,26 +307,79 @@ class RtuLink(Link):
         self.silence = silence
         self.serial_line = serial_line
         self.quiet_until = 0.0  # loop time before which nothing may be sent
+        self.guard = silence  # how long input between requests keeps the line busy
+        self.armed = 0.0  # G of a guard the late answer has not ended (0: none)
+        self._late: tuple[Request, int] | None = None  # failed request, unit: its answer?
+        self._deadline = 0.0
+        self._horizon = 0.0  # until when the current request's answer may come
+        self._hold = 0.0  # > 0: the current request is suspect, confirm by this silence
+        self._held: tuple[Values | ModbusError | None] | None = None  # answer on hold
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._waker: asyncio.Future[None] | None = None
 
     def ready(self) -> bool:
         """True when a request may be sent right now."""
         return self.current is None and self.quiet_until <= self.loop.time()
 
+    def busy_reason(self) -> str:
+        """Why a request cannot be sent right now (for a timeout message)."""
+        if self.current is not None:
+            return "the line is still busy with a request whose caller went away"
+        if self.armed:
+            return (
+                f"late-answer guard: the line must stay quiet for {self.armed * 1000:.0f} ms "
+                "after a failed request before the next one"
+            )
+        return "waiting for the line to be silent"
+
     async def wait_ready(self) -> None:
-        """Wait until the line has been silent for t3.5 (input extends the wait)."""
-        cur = self.current
-        if cur is not None:  # its caller went away (cancelled) before the answer
-            self._finish(cur, None)
+        """Wait until a request may be sent: nothing in flight and the line quiet (t3.5,
+        or the late-answer guard; input extends the wait) — or the link closed."""
         loop = self.loop
-        while (wait := self.quiet_until - loop.time()) > 0:  # noqa: ASYNC110 (moving deadline)
-            await asyncio.sleep(wait)
+        while not self.closed.done():
+            waker = self._waker = loop.create_future()
+            timer = None  # in flight: woken when it ends
+            if self.current is None:
+                wait = self.quiet_until - loop.time()
+                if wait <= 0:
+                    self._waker = None
+                    return
+                timer = loop.call_later(wait, _resolve, waker)  # or earlier, by the late answer
+            try:
+                await waker
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waker = None
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            _resolve(self._waker)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._wake()
+
+    def _guard_now(self) -> float:
+        """The late-answer guard for the current request, failing now."""
+        wait = self._horizon - self.loop.time()
+        return max(self.silence, min(wait, LATE_GUARD_MAX))
 
     def exchange(
-        self, req: Request, unit_id: int, deadline: float
+        self, req: Request, unit_id: int, deadline: float, timeout: float
     ) -> asyncio.Future[Values | None]:
-        fut: asyncio.Future[Values | None] = self.loop.create_future()
-        self.current = (fut, req, unit_id, self.loop.call_at(deadline, self._expire, fut))
-        self.buf.clear()
+        loop = self.loop
+        fut: asyncio.Future[Values | None] = loop.create_future()
+        self.current = (fut, req, unit_id, loop.call_at(deadline, self._expire, fut))
+        self._deadline = deadline
+        self._horizon = loop.time() + LATE_HORIZON * timeout
+        self._hold = self.armed  # the guard ran out on silence: confirm this answer
+        self.armed = 0.0
+        self._late = None
+        self.guard = self.silence
+        if self.buf:  # the start of a frame that never completed
+            self.stats.discarded += 1
+            self.buf.clear()
         if not self.serial_line or self._flush_port():
             self._send(rtu_adu(unit_id, req.pdu))
         return fut
@@ -292,8 +401,17 @@ class RtuLink(Link):
 
     def _expire(self, fut: asyncio.Future[Values | None]) -> None:
         cur = self.current
-        if cur is not None and cur[0] is fut:
-            self._finish(cur, self._expired(cur[1], cur[2], len(self.buf)))
+        if cur is None or cur[0] is not fut:
+            return
+        if self._held is not None:  # confirmed as far as the deadline allows
+            self._finish(cur, self._held[0], clean=True)
+        else:  # keep a partial answer: if it completes during the guard, it ends it
+            self._finish(cur, self._expired(cur[1], cur[2], len(self.buf)), keep=True)
+
+    def _release_held(self) -> None:
+        cur = self.current
+        if cur is not None and self._held is not None:
+            self._finish(cur, self._held[0], clean=True)
 
     def fail_all(self, error: ModbusError) -> None:
         cur = self.current
@@ -302,53 +420,163 @@ class RtuLink(Link):
 
     def data_received(self, data: bytes) -> None:
         cur = self.current
-        if cur is None:  # nobody asked: discard, and the line is not silent yet
-            self.quiet_until = self.loop.time() + self.silence
+        if cur is None:
+            self._between(data)
+        elif self._held is not None:  # input after the answer of a suspect request
+            self.stats.discarded += 1  # the held answer
+            self._finish(
+                cur,
+                ModbusFrameError(
+                    f"{self.key} unit {cur[2]} {cur[1]}: a second frame followed its answer, "
+                    "so one of them answers an earlier request; neither is taken"
+                ),
+            )
+            self._between(data)
+        else:
+            self.buf += data
+            checked = self._check(cur)
+            if checked is not None:
+                self._answered(cur, *checked)
+
+    def _check(self, cur: Pending) -> tuple[Values | ModbusError | None, int] | None:
+        """The answer frame at the start of ``buf``: None while incomplete, else its
+        outcome (values, None for a write, the device's exception) and size, or
+        ``(ModbusFrameError, 0)`` if it cannot be the answer."""
+        buf = self.buf
+        if len(buf) < 3:
+            return None
+        size = rtu_response_length(buf)
+        if size is not None and len(buf) < size:
+            return None
+        unit_id = cur[2]
+        if size is None:
+            wrong = f"garbled RTU frame {bytes(buf[:8]).hex()}"
+        elif crc16(buf, 0, size) != 0:
+            wrong = f"CRC mismatch in {bytes(buf[:size]).hex()}"
+        elif buf[0] != unit_id:
+            wrong = f"answer from unit {buf[0]}, asked {unit_id}"
+        else:
+            try:
+                return cur[1].parse(buf, 1, size - 2), size
+            except ModbusExceptionError as e:
+                return e, size
+            except ModbusError as e:
+                return e, 0
+        return ModbusFrameError(f"{self.key}: {wrong}"), 0
+
+    def _answered(self, cur: Pending, outcome: Values | ModbusError | None, size: int) -> None:
+        """A complete frame arrived for ``cur`` (``size`` 0: not its answer)."""
+        buf = self.buf
+        if not size:
+            self._finish(cur, outcome)
+        elif len(buf) > size:
+            rest = bytes(buf[size:])
+            self.stats.discarded += 1
+            self._finish(
+                cur,
+                ModbusFrameError(
+                    f"{self.key} unit {cur[2]} {cur[1]}: more than one frame in its answer "
+                    f"window ({len(rest)} bytes after a complete frame), so one of them "
+                    "answers an earlier request; none is taken"
+                ),
+            )
+            self._between(rest)
+        elif self._hold:
+            self._held = (outcome,)
+            loop = self.loop
+            self._hold_timer = loop.call_at(
+                min(loop.time() + self._hold, self._deadline), self._release_held
+            )
+        else:
+            self._finish(cur, outcome, clean=True)
+
+    def _between(self, data: bytes) -> None:
+        """Input while no request is in flight: discard it, keep the line busy.
+
+        During a late-answer guard, frames are delimited to recognise the late
+        answer; once the input cannot be delimited (garbled, CRC mismatch) the guard
+        can only end on silence.
+        """
+        now = self.loop.time()
+        self.quiet_until = max(self.quiet_until, now + self.guard)
+        late = self._late
+        if late is None:
             self.stats.discarded += 1
             return
         buf = self.buf
         buf += data
-        if len(buf) < 3:
-            return
-        size = rtu_response_length(buf)
-        if size is None:
-            self._finish(
-                cur, ModbusFrameError(f"{self.key}: garbled RTU frame {bytes(buf[:8]).hex()}")
-            )
-            return
-        if len(buf) < size:
-            return
-        unit_id = cur[2]
-        if crc16(buf, 0, size) != 0:
-            self._finish(
-                cur, ModbusFrameError(f"{self.key}: CRC mismatch in {bytes(buf[:size]).hex()}")
-            )
-        elif buf[0] != unit_id:
-            self._finish(
-                cur, ModbusFrameError(f"{self.key}: answer from unit {buf[0]}, asked {unit_id}")
-            )
-        else:
-            try:
-                result = cur[1].parse(buf, 1, size - 2)
-            except ModbusError as e:
-                clean = isinstance(e, ModbusExceptionError) and len(buf) == size
-                self._finish(cur, e, clean=clean)
+        while len(buf) >= 3:
+            size = rtu_response_length(buf)
+            if size is not None and len(buf) < size:
+                return  # wait for the rest of the frame
+            self.stats.discarded += 1
+            if size is None or crc16(buf, 0, size) != 0:
+                buf.clear()
+                self._late = None
                 return
-            self._finish(cur, result, clean=len(buf) == size)
+            answers = _answers(late, buf, size)
+            del buf[:size]
+            if answers and not buf:  # the late answer, and nothing after it
+                self._late = None
+                self.armed = 0.0
+                self.guard = self.silence
+                self.quiet_until = now + self.silence
+                self._wake()
+                return
 
     def _finish(
-        self, cur: Pending, outcome: Values | ModbusError | None, clean: bool = False
+        self,
+        cur: Pending,
+        outcome: Values | ModbusError | None,
+        *,
+        clean: bool = False,
+        keep: bool = False,
     ) -> None:
-        """Complete the current request; unless the frame was clean, keep t3.5 quiet."""
+        """Complete the current request. After a clean answer a serial line keeps t3.5
+        quiet; after anything else the late-answer guard starts (``keep``: the input
+        so far may be the start of the late answer)."""
         self.current = None
-        self.buf.clear()
-        if not clean or self.serial_line:
-            self.quiet_until = self.loop.time() + self.silence
+        self._held = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if not keep:
+            self.buf.clear()
+        now = self.loop.time()
+        if not clean:
+            self.guard = self.armed = self._guard_now()
+            self._late = (cur[1], cur[2])
+            self.quiet_until = now + self.guard
+        elif self.serial_line:
+            self.quiet_until = now + self.silence
         fut, _, _, timer = cur
         timer.cancel()
+        self._wake()
         if fut.done():
+            if clean:  # an answer whose caller went away
+                self.stats.discarded += 1
             return
         if isinstance(outcome, ModbusError):
             fut.set_exception(outcome)
         else:
             fut.set_result(outcome)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _answers(late: tuple[Request, int], buf: Buffer, size: int) -> bool:
+    """True if the CRC-checked frame ``buf[:size]`` is an answer (normal or exception)
+    to ``late``'s request from ``late``'s unit."""
+    req, unit_id = late
+    if buf[0] != unit_id:
+        return False
+    try:
+        req.parse(buf, 1, size - 2)
+    except ModbusExceptionError:
+        return True
+    except ModbusError:
+        return False
+    return True

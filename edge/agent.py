@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from edge import __version__
@@ -48,17 +47,8 @@ class Agent:
             backoff_max=m.backoff_max_s,
             connect_timeout=m.connect_timeout_s,
         )
-        # Modbus TCP: as many requests in flight as unit ids share the connection, so a
-        # silent unit behind a gateway never holds the others' requests back (MBAP
-        # matches answers by transaction id); RTU links stay one at a time.
-        units = Counter(d.endpoint.key for d in cfg.devices)
         self.pollers = {
-            d.key: DevicePoller(
-                d,
-                self.pool.get(d.endpoint, max_inflight=units[d.endpoint.key]),
-                self._on_reading,
-                self._on_state,
-            )
+            d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state)
             for d in cfg.devices
         }
 

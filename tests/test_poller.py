@@ -207,28 +207,3 @@ async def test_offline_device_is_only_probed_with_backoff() -> None:
     # offline at the first cycle, then probes after 1 s and 2 s more: 2 or 3 cycles
     assert poller.stats.state == "offline"
     assert 2 <= poller.stats.cycles <= 3, poller.stats.cycles
-
-
-async def test_silent_unit_does_not_hold_back_a_healthy_one_on_a_shared_tcp_port(
-    server: int,
-) -> None:
-    """As the agent wires it: one request in flight per unit id sharing the port."""
-    pool = ConnectionPool()
-    good: list[Reading] = []
-    healthy = DevicePoller(device(server, GOOD), pool.get(device(server, GOOD).endpoint,
-                                                         max_inflight=2),
-                           good.append, lambda *_: None)
-    silent = DevicePoller(device(server, SILENT), pool.get(device(server, SILENT).endpoint),
-                          lambda _r: None, lambda *_: None)
-    tasks = [asyncio.create_task(p.run()) for p in (healthy, silent)]
-    try:
-        await asyncio.sleep(2.0)  # 20 cycles of 100 ms; the silent unit's requests
-        # time out after 200 ms each, twice per request
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.close()
-    assert silent.stats.timeouts > 0
-    assert all(not r.quality for r in good), [r.quality for r in good if r.quality]
-    assert len(good) >= 15, len(good)

@@ -423,11 +423,8 @@ class ConnectionPool:
         self._connections: dict[str, Connection] = {}
         self._closed = False
 
-    def get(self, endpoint: Endpoint, *, max_inflight: int | None = None) -> Connection:
+    def get(self, endpoint: Endpoint) -> Connection:
         """The connection for ``endpoint.key``, created (unconnected) on first use.
-
-        ``max_inflight`` overrides the pool's for this endpoint when it is created
-        (e.g. one outstanding request per unit id behind a Modbus TCP gateway).
 
         Raises ValueError when a serial port is asked for with other line settings
         than the first time (one bus, one set of settings), RuntimeError once closed.
@@ -441,7 +438,7 @@ class ConnectionPool:
                 backoff_initial=self._backoff_initial,
                 backoff_max=self._backoff_max,
                 connect_timeout=self._connect_timeout,
-                max_inflight=max_inflight or self._max_inflight,
+                max_inflight=self._max_inflight,
             )
             self._connections[endpoint.key] = conn
         elif conn.endpoint != endpoint:

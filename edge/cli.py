@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -19,7 +18,7 @@ from edge import __version__
 from edge.config.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from edge.config.runtime import RuntimeConfig
+    from edge.config.runtime import PendingConfig, RuntimeConfig
 
 log = logging.getLogger("edge")
 
@@ -53,12 +52,14 @@ def _problems_exit(path: Path, e: ConfigError) -> SystemExit:
     return SystemExit(2)
 
 
-def _runtime_or_exit(path: Path, *, warn: bool = True) -> RuntimeConfig:
+def _runtime_or_exit(
+    path: Path, *, warn: bool = True, pending: PendingConfig | None = None
+) -> RuntimeConfig:
     """Load and validate in a child process, so the agent never holds the validators."""
     from edge.config.runtime import load_runtime_config  # noqa: PLC0415
 
     try:
-        cfg = load_runtime_config(path)
+        cfg = pending.result() if pending else load_runtime_config(path)
     except ConfigError as e:
         raise _problems_exit(path, e) from None
     if warn:
@@ -66,13 +67,21 @@ def _runtime_or_exit(path: Path, *, warn: bool = True) -> RuntimeConfig:
     return cfg
 
 
-async def _until_signal(main: Any) -> None:
-    """Run ``main(stop_event)`` until SIGINT or SIGTERM sets the event."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await main(stop)
+def _run_until_signal(main: Any) -> None:
+    """Run ``main(stop_event)`` in a new event loop until SIGINT or SIGTERM sets the event.
+
+    asyncio is imported here, after `edge run` has forked its validating child.
+    """
+    import asyncio  # noqa: PLC0415
+
+    async def until_signal() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(until_signal())
 
 
 @click.group()
@@ -85,11 +94,14 @@ def main() -> None:
 @CONFIG_OPTION
 def run(config_path: Path) -> None:
     """Run the agent until SIGINT/SIGTERM."""
-    cfg = _runtime_or_exit(config_path)
-    from edge.agent import Agent  # noqa: PLC0415 (keeps `edge check` light)
+    from edge.config.runtime import PendingConfig  # noqa: PLC0415
 
+    pending = PendingConfig(config_path)
+    from edge.agent import Agent  # noqa: PLC0415 (imported while the child validates)
+
+    cfg = _runtime_or_exit(config_path, pending=pending)
     _setup_logging(cfg.log_level)
-    asyncio.run(_until_signal(Agent(cfg).run))
+    _run_until_signal(Agent(cfg).run)
 
 
 @main.command()
@@ -142,7 +154,7 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
     if not devices:
         raise click.UsageError("no devices to simulate: give -c edge.yaml or manifest paths")
     try:
-        asyncio.run(_until_signal(lambda stop: run_simulator(devices, stop, period_s=period)))
+        _run_until_signal(lambda stop: run_simulator(devices, stop, period_s=period))
     except SimulatorError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None

@@ -22,7 +22,8 @@ from support import (
     write_agent_file,
 )
 
-from edge.uplink.client import BrokerClient, BrokerSettings
+from edge.uplink.client import BrokerClient
+from edge.uplink.settings import BrokerSettings
 
 PREFIX = "edge/v1/gw-test"
 LEVEL = [{"name": "level", "type": "INT",

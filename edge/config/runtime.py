@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
-from edge.uplink.client import BrokerSettings
+from edge.uplink.settings import BrokerSettings
 
 CHILD_MEMORY_LIMIT = 1 << 30  # bytes of address space for the validating child
 CHILD_TIMEOUT_S = 60.0
@@ -126,6 +126,62 @@ def _child(path: Path, out: int, memory_limit: int) -> None:
         os._exit(status)
 
 
+class PendingConfig:
+    """A validation running in a forked child; :meth:`result` waits for it.
+
+    Start it early: the caller can import and prepare the agent meanwhile (two cores
+    on a typical gateway).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        timeout_s: float = CHILD_TIMEOUT_S,
+        memory_limit: int = CHILD_MEMORY_LIMIT,
+    ) -> None:
+        self.path = path
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._read_fd, write_fd = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:  # pragma: no cover (the child always leaves through os._exit)
+            os.close(self._read_fd)
+            _child(path, write_fd, memory_limit)
+        os.close(write_fd)
+
+    def result(self) -> RuntimeConfig:
+        """The validated configuration.
+
+        Raises:
+            ConfigError: every problem found; also when validation crashed, ran out of
+                memory or time (then one problem says so).
+        """
+        path, read_fd = str(self.path), self._read_fd
+        chunks: list[bytes] = []
+        try:
+            while True:
+                left = self._deadline - time.monotonic()
+                if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                    os.kill(self._pid, 9)
+                    raise ConfigError([Problem(path, None, None, "", "validation took longer "
+                                               f"than {self._timeout_s:.0f} s")])
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(read_fd)
+            _, status = os.waitpid(self._pid, 0)
+        if status != 0 or not chunks:
+            raise ConfigError([Problem(path, None, None, "",
+                                       f"validation failed unexpectedly (child status {status})")])
+        outcome = pickle.loads(b"".join(chunks))  # noqa: S301 (our own child's output)
+        if isinstance(outcome, RuntimeConfig):
+            return outcome
+        raise ConfigError(outcome)
+
+
 def load_runtime_config(
     path: str | Path,
     *,
@@ -138,36 +194,6 @@ def load_runtime_config(
     seconds.
 
     Raises:
-        ConfigError: every problem found; also when validation crashed, ran out of
-            memory or time (then one problem says so). Nothing is started.
+        ConfigError: as :meth:`PendingConfig.result`. Nothing is started.
     """
-    path = Path(path)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child always leaves through os._exit)
-        os.close(read_fd)
-        _child(path, write_fd, memory_limit)
-    os.close(write_fd)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
-                os.kill(pid, 9)
-                raise ConfigError([Problem(str(path), None, None, "",
-                                           f"validation took longer than {timeout_s:.0f} s")])
-            chunk = os.read(read_fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
-    if status != 0 or not chunks:
-        raise ConfigError([Problem(str(path), None, None, "",
-                                   f"validation failed unexpectedly (child status {status})")])
-    outcome = pickle.loads(b"".join(chunks))  # noqa: S301 (our own child's output)
-    if isinstance(outcome, RuntimeConfig):
-        return outcome
-    raise ConfigError(outcome)
+    return PendingConfig(Path(path), timeout_s=timeout_s, memory_limit=memory_limit).result()

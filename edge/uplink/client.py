@@ -20,33 +20,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge.uplink.settings import BrokerSettings
+
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect.
-
-    ``ca`` alone verifies the broker (TLS); ``cert`` + ``key`` add a client
-    certificate (mutual TLS); ``tls`` without ``ca`` verifies against the system
-    store. ``keepalive`` is in seconds; reconnect delays in seconds.
-    """
-
-    host: str
-    port: int
-    client_id: str
-    keepalive: int = 30
-    tls: bool = False
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = None
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 8
-    max_queued: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,8 @@ from typing import Any
 
 from edge.config.model import DeviceSpec, MqttPush
 from edge.reading import Reading
-from edge.uplink.client import BrokerClient, BrokerSettings, Will
+from edge.uplink.client import BrokerClient, Will
+from edge.uplink.settings import BrokerSettings
 from edge.uplink.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -102,12 +102,6 @@ class Uplink:
         self._state_pending = None
         self._publish_state()
 
-    def forget_devices(self, keep: set[str]) -> None:
-        """Drop the state of devices no longer configured."""
-        with self._lock:
-            for key in set(self._devices) - keep:
-                del self._devices[key]
-
     def cancel_pending(self) -> None:
         """Drop a retained-state update not yet sent (call from the loop before :meth:`stop`)."""
         if self._state_pending is not None:

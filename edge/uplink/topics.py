@@ -24,12 +24,3 @@ class Topics:
     def telemetry(self, namespace: str, device: str) -> str:
         """Readings of one device."""
         return f"{self.prefix}/telemetry/{namespace}/{device}"
-
-    def twins(self, namespace: str, device: str) -> str:
-        """Retained KubeEdge-shaped twins of one device."""
-        return f"{self.prefix}/twins/{namespace}/{device}"
-
-    @property
-    def telemetry_filter(self) -> str:
-        """Subscription filter matching every device's telemetry."""
-        return f"{self.prefix}/telemetry/#"

@@ -42,7 +42,11 @@ for _ in $(seq 50); do listening 5020 && listening 5021 && break; sleep 0.1; don
 if ! { listening 5020 && listening 5021; }; then
   echo "the simulator did not start; its log:" >&2; cat "$RUN/simulate.log" >&2; exit 1
 fi
+echo "agent log: $RUN/agent.log -- values as they arrive at the broker (Ctrl-C stops the demo):" >&2
+"$EDGE" tail -c edge.yaml &  # subscribed before the agent starts, so nothing is missed
+TAIL=$!
+PIDS+=("$TAIL")
+sleep 1
 "$EDGE" run -c edge.yaml >"$RUN/agent.log" 2>&1 &
 PIDS+=("$!")
-echo "agent log: $RUN/agent.log -- values as they arrive at the broker (Ctrl-C stops the demo):" >&2
-"$EDGE" tail -c edge.yaml
+wait "$TAIL"

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+from conftest import StopLater
 from support import (
     Subscriber,
     free_port,
@@ -38,36 +39,30 @@ def _replace(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def test_v1beta1_temperature_demo(tmp_path: Path) -> None:
+def test_v1beta1_temperature_demo(tmp_path: Path, stop_later: StopLater) -> None:
     shutil.copytree(CASES / "sample_v1beta1_temperature_demo" / "manifests", tmp_path / "m")
     port = free_port()
     _replace(tmp_path / "m" / "temperature-instance.yaml", 'port: "5502"', f'port: "{port}"')
     _replace(tmp_path / "m" / "temperature-instance.yaml", '"10.244.1.13"', '"127.0.0.1"')
-    broker = start_broker(tmp_path)
+    broker = stop_later(start_broker(tmp_path))
     # the sample is bound to nodeName kind-worker: the agent runs as that node
     cfg = _agent_file(tmp_path / "edge.yaml", "kind-worker", broker.port, "./m")
-    sim = start_edge(["simulate", "-c", str(cfg)], tmp_path, name="simulate")
+    stop_later(start_edge(["simulate", "-c", str(cfg)], tmp_path, name="simulate"))
     wait_port(port)
-    sub = Subscriber(broker.port, "edge/v1/kind-worker/#")
-    agent = start_edge(["run", "-c", str(cfg)], tmp_path)
-    try:
-        got = sub.wait_for(
-            lambda m: m.topic == "edge/v1/kind-worker/telemetry/default/temperature-instance"
-        )[0].json()
-        values = got["values"]
-        assert set(values) == {"temperature", "temperature-switch"}
-        assert 0 <= values["temperature"] <= 100  # the model's minimum..maximum
-        assert values["temperature-switch"] in (0, 1)
-    finally:
-        agent.stop()
-        sim.stop()
-        sub.stop()
-        broker.stop()
+    sub = stop_later(Subscriber(broker.port, "edge/v1/kind-worker/#"))
+    stop_later(start_edge(["run", "-c", str(cfg)], tmp_path))
+    got = sub.wait_for(
+        lambda m: m.topic == "edge/v1/kind-worker/telemetry/default/temperature-instance"
+    )[0].json()
+    values = got["values"]
+    assert set(values) == {"temperature", "temperature-switch"}
+    assert 0 <= values["temperature"] <= 100  # the model's minimum..maximum
+    assert values["temperature-switch"] in (0, 1)
 
 
-def test_v1alpha2_crd_samples_tcp_and_rtu(tmp_path: Path) -> None:
+def test_v1alpha2_crd_samples_tcp_and_rtu(tmp_path: Path, stop_later: StopLater) -> None:
     src = CASES / "sample_v1alpha2_crd_samples" / "manifests"
-    pty = start_pty_pair(tmp_path)
+    pty = stop_later(start_pty_pair(tmp_path))
     port = free_port()
     for side, tty in (("agent", pty.b), ("sim", pty.a)):
         shutil.copytree(src, tmp_path / side)
@@ -80,23 +75,16 @@ def test_v1alpha2_crd_samples_tcp_and_rtu(tmp_path: Path) -> None:
         # a pty refuses even parity (EINVAL from tcsetattr on this kernel); a pty has no
         # parity bit to carry anyway, so the line settings are the only other change
         _replace(rtu, "parity: even", "parity: none")
-    broker = start_broker(tmp_path)
+    broker = stop_later(start_broker(tmp_path))
     sim_cfg = _agent_file(tmp_path / "sim.yaml", "test", broker.port, "./sim")
     cfg = _agent_file(tmp_path / "edge.yaml", "test", broker.port, "./agent")
-    sim = start_edge(["simulate", "-c", str(sim_cfg)], tmp_path, name="simulate")
+    stop_later(start_edge(["simulate", "-c", str(sim_cfg)], tmp_path, name="simulate"))
     wait_port(port)
-    sub = Subscriber(broker.port, "edge/v1/test/#")
-    agent = start_edge(["run", "-c", str(cfg)], tmp_path)
-    try:
-        for name in ("modbustcp-device", "modbusrtu-device"):
-            topic = f"edge/v1/test/telemetry/default/{name}"
-            got = sub.wait_for(lambda m, t=topic: m.topic == t and
-                               "temperature-enable" in m.json()["values"])[0].json()
-            assert got["values"]["temperature-enable"] in (0, 1), got
-            assert "quality" not in got, got
-    finally:
-        agent.stop()
-        sim.stop()
-        sub.stop()
-        broker.stop()
-        pty.stop()
+    sub = stop_later(Subscriber(broker.port, "edge/v1/test/#"))
+    stop_later(start_edge(["run", "-c", str(cfg)], tmp_path))
+    for name in ("modbustcp-device", "modbusrtu-device"):
+        topic = f"edge/v1/test/telemetry/default/{name}"
+        got = sub.wait_for(lambda m, t=topic: m.topic == t and
+                           "temperature-enable" in m.json()["values"])[0].json()
+        assert got["values"]["temperature-enable"] in (0, 1), got
+        assert "quality" not in got, got

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import StopLater
 from support import (
     REPO,
     Subscriber,
@@ -100,9 +101,10 @@ def test_simulated_values_change_over_time_and_stay_in_range() -> None:
                 assert all(lo <= float(v) <= hi for v in series), (d.key, p.name, series)
 
 
-def test_demo_configuration_end_to_end(tmp_path: Path) -> None:
-    """The demo's files, ports moved: `edge simulate` + `edge run` publish every device."""
-    broker = start_broker(tmp_path)
+def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) -> None:
+    """The demo's files, ports moved: `edge simulate` + `edge run` publish every device,
+    and both stop cleanly (exit status 0)."""
+    broker = stop_later(start_broker(tmp_path))
     shutil.copytree(EXAMPLES, tmp_path / "examples")
     work = tmp_path / "examples"
     ports = {5020: free_port(), 5021: free_port()}
@@ -116,26 +118,22 @@ def test_demo_configuration_end_to_end(tmp_path: Path) -> None:
     check = edge_cli("check", "-c", str(cfg))
     assert check.returncode == 0, check.stderr
     assert "3 device(s)" in check.stdout
-    sim = start_edge(["simulate", "-c", str(cfg)], work, name="simulate")
+    sim = stop_later(start_edge(["simulate", "-c", str(cfg)], work, name="simulate"))
     for port in ports.values():
         wait_port(port)
-    sub = Subscriber(broker.port, "edge/v1/demo-gw/#")
-    agent = start_edge(["run", "-c", str(cfg)], work)
-    try:
-        for dev in ("default/meter-1", "plant/boiler-1", "default/temperature-1"):
-            topic = f"edge/v1/demo-gw/telemetry/{dev}"
-            reading = sub.wait_for(lambda m, t=topic: m.topic == t)[0].json()
-            assert reading["values"], reading
-            assert "quality" not in reading, reading
-        meter = sub.wait_for(lambda m: m.topic.endswith("/meter-1")
-                             and "voltage-l1" in m.json()["values"])[0].json()["values"]
-        assert 220 <= meter["voltage-l1"] <= 240
-        assert 49.8 <= meter["frequency"] <= 50.2
-    finally:
-        assert agent.stop() == 0, agent.output()
-        assert sim.stop() == 0, sim.output()
-        sub.stop()
-        broker.stop()
+    sub = stop_later(Subscriber(broker.port, "edge/v1/demo-gw/#"))
+    agent = stop_later(start_edge(["run", "-c", str(cfg)], work))
+    for dev in ("default/meter-1", "plant/boiler-1", "default/temperature-1"):
+        topic = f"edge/v1/demo-gw/telemetry/{dev}"
+        reading = sub.wait_for(lambda m, t=topic: m.topic == t)[0].json()
+        assert reading["values"], reading
+        assert "quality" not in reading, reading
+    meter = sub.wait_for(lambda m: m.topic.endswith("/meter-1")
+                         and "voltage-l1" in m.json()["values"])[0].json()["values"]
+    assert 220 <= meter["voltage-l1"] <= 240
+    assert 49.8 <= meter["frequency"] <= 50.2
+    assert agent.stop() == 0, agent.output()
+    assert sim.stop() == 0, sim.output()
 
 
 def _prop(name: str, table: Table, offset: int, limit: int, raw: RawType,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -416,10 +417,13 @@ class ConnectionPool:
         max_inflight: int = 1,
     ) -> None:
         _check_options(backoff_initial, backoff_max, connect_timeout, max_inflight)
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._connect_timeout = connect_timeout
-        self._max_inflight = max_inflight
+        self._new = functools.partial(
+            Connection,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            connect_timeout=connect_timeout,
+            max_inflight=max_inflight,
+        )
         self._connections: dict[str, Connection] = {}
         self._closed = False
 
@@ -433,13 +437,7 @@ class ConnectionPool:
             raise RuntimeError("connection pool is closed")
         conn = self._connections.get(endpoint.key)
         if conn is None:
-            conn = Connection(
-                endpoint,
-                backoff_initial=self._backoff_initial,
-                backoff_max=self._backoff_max,
-                connect_timeout=self._connect_timeout,
-                max_inflight=self._max_inflight,
-            )
+            conn = self._new(endpoint)
             self._connections[endpoint.key] = conn
         elif conn.endpoint != endpoint:
             raise ValueError(f"{endpoint.key} is already used as {conn.endpoint}, not {endpoint}")

@@ -107,7 +107,8 @@ class DevicePoller:
         self._on_state = on_state
         self._offline_after = offline_after
         self._unanswered = 0
-        self._failing: dict[ReadRequest, type[ModbusError]] = {}
+        # (table, address, count) of requests failing now -> how (cheap to hash)
+        self._failing: dict[tuple[str, int, int], type[ModbusError]] = {}
         self._seq = first_seq
         self._probe_delay = PROBE_INITIAL_S
         self._next_probe = 0.0
@@ -243,6 +244,7 @@ class DevicePoller:
         """Send one request with retries on timeout; the data, or the final error."""
         opts = self.device.options
         attempts = opts.retries + 1
+        key = (req.table.value, req.address, req.count)
         error: ModbusError = ModbusTimeoutError("not sent")
         for _ in range(attempts):
             self.stats.requests += 1
@@ -268,14 +270,14 @@ class DevicePoller:
                 error = e
                 break
             else:
-                if self._failing.pop(req, None) is not None:
+                if self._failing.pop(key, None) is not None:
                     log.info("%s: %s %d+%d answers again", self.device.key, req.table,
                              req.address, req.count)
                 return data
         self.stats.last_error = f"{req.table} {req.address}+{req.count}: {error}"
         # say it once per kind of failure, not once per cycle
-        level = logging.DEBUG if self._failing.get(req) is type(error) else logging.WARNING
+        level = logging.DEBUG if self._failing.get(key) is type(error) else logging.WARNING
         if not isinstance(error, ModbusConnectionError):  # the device state reports those
             log.log(level, "%s: %s", self.device.key, self.stats.last_error)
-        self._failing[req] = type(error)
+        self._failing[key] = type(error)
         return error

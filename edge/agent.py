@@ -17,6 +17,8 @@ from edge.config.runtime import RuntimeConfig
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
 from edge.reading import Reading
+from edge.store.outbox import Outbox
+from edge.uplink.payload import now_ms
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
 
@@ -33,12 +35,17 @@ class Agent:
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
+        st = cfg.store
+        self.outbox = Outbox(st.path, max_bytes=st.max_bytes, ttl_ms=st.ttl_ms, drop=st.drop,
+                             synchronous=st.synchronous)
         self.uplink = Uplink(
             cfg.broker,
             self.topics,
             qos=cfg.qos,
             agent_version=__version__,
             config_version=cfg.version,
+            outbox=self.outbox,
+            forward=cfg.forward,
         )
         self.push = PushSinks(cfg.devices, cfg.broker.client_id)
         m = cfg.modbus
@@ -47,8 +54,14 @@ class Agent:
             backoff_max=m.backoff_max_s,
             connect_timeout=m.connect_timeout_s,
         )
+        # seq goes on from the last committed reading; a device new to this store starts
+        # at 1, or at the clock (ms) when a damaged store was replaced, so that seq never
+        # goes back for a consumer that de-duplicates by (device, seq)
+        fresh_seq = now_ms() if self.outbox.replaced_damaged_file else 1
+        seqs = self.outbox.seqs
         self.pollers = {
-            d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state)
+            d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state,
+                                first_seq=seqs[d.key] + 1 if d.key in seqs else fresh_seq)
             for d in cfg.devices
         }
 
@@ -63,6 +76,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, wait for ``stop``, then stop everything cleanly."""
+        for moved in self.outbox.stats.corrupt_files:
+            log.error("the store %s was damaged: moved to %s and started afresh",
+                      self.outbox.path, moved)
+            self.uplink.publish_event("store_corrupt", moved_to=moved, kept=0, lost=None)
         self.uplink.start()
         self.push.start()
         log.info(

@@ -196,13 +196,16 @@ def start_edge(args: list[str], workdir: Path, name: str = "agent") -> AgentProc
 
 
 def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, Any]],
-                     node: str = "gw-test", uplink: dict[str, Any] | None = None) -> Path:
-    """Write ``edge.yaml`` and ``manifests.yaml`` (multi-document) into ``workdir``."""
+                     node: str = "gw-test", uplink: dict[str, Any] | None = None,
+                     store: dict[str, Any] | None = None) -> Path:
+    """Write ``edge.yaml`` and ``manifests.yaml`` (multi-document) into ``workdir``;
+    the outbox is ``workdir/edge.db`` unless ``store`` says otherwise."""
     (workdir / "manifests.yaml").write_text(yaml.safe_dump_all(manifests, sort_keys=False))
     agent = {
         "node": node,
         "devices": ["./manifests.yaml"],
         "uplink": {"host": "127.0.0.1", "port": broker_port, "qos": 1, **(uplink or {})},
+        "store": {"path": "./edge.db", **(store or {})},
         "log": {"level": "debug"},
     }
     path = workdir / "edge.yaml"

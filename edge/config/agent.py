@@ -307,6 +307,10 @@ class UplinkConfig(_Section):
     ``edge-{node}``, otherwise it holds no control characters and at most 65535 bytes
     (more than 23 is a warning: brokers need not accept them); ``password_file``
     (readable) holds the password (first line) so that it stays out of the agent file.
+    ``reconnect_max_ms`` caps the delay between reconnect attempts (they start at a
+    quarter second and double). ``inflight`` caps the messages published and not yet
+    acknowledged; ``rate`` caps
+    messages per second (both pace the drain of a backlog after an outage).
     """
 
     host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
@@ -318,14 +322,28 @@ class UplinkConfig(_Section):
     tls: TlsConfig = TlsConfig()
     username: str | None = None
     password_file: ConfigFile | None = None
+    reconnect_max_ms: int = Field(default=1000, ge=100, le=3_600_000, strict=True)
+    inflight: int = Field(default=100, ge=1, le=65_535, strict=True)
+    rate: float = Field(default=2500.0, gt=0, le=1_000_000)
 
 
 class StoreConfig(_Section):
-    """``store``: the SQLite file, its size cap in bytes, how long readings are kept (s)."""
+    """``store``: the SQLite outbox (see :mod:`edge.store.outbox`).
+
+    ``path`` is the file (its directory is made if missing); ``max_bytes`` caps the
+    bytes of the stored messages (topic + payload; at least 64 KiB); ``ttl`` is how long
+    an unsent message is kept (seconds, or ``30s``/``15m``/``12h``/``7d``); ``drop``
+    says what goes when ``max_bytes`` is reached (``oldest`` stored first, or the
+    ``newest``); ``synchronous`` is ``full`` (every commit fsynced: survives a power
+    cut) or ``normal`` (survives a killed agent, may lose the last commits on a power
+    cut; fewer writes to flash).
+    """
 
     path: ConfigPath = Path("/var/lib/edge/edge.db")
-    max_bytes: int = Field(default=268_435_456, gt=0, strict=True)
+    max_bytes: int = Field(default=268_435_456, ge=65_536, strict=True)
     ttl: Duration = 7 * 86_400
+    drop: Literal["oldest", "newest"] = "oldest"
+    synchronous: Literal["full", "normal"] = "full"
 
 
 class WebConfig(_Section):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
-from edge.uplink.settings import BrokerSettings
+from edge.uplink.settings import BrokerSettings, ForwardSettings
 
 CHILD_MEMORY_LIMIT = 1 << 30  # bytes of address space for the validating child
 CHILD_TIMEOUT_S = 60.0
@@ -34,6 +34,18 @@ class ModbusTiming:
     backoff_initial_s: float
     backoff_max_s: float
     connect_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The outbox file and its bounds: ``max_bytes`` of messages, ``ttl_ms``;
+    ``drop`` ``oldest|newest``; ``synchronous`` ``full|normal``."""
+
+    path: Path
+    max_bytes: int
+    ttl_ms: int
+    drop: str
+    synchronous: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +62,8 @@ class RuntimeConfig:
     qos: int
     broker: BrokerSettings
     modbus: ModbusTiming
+    store: StoreSettings
+    forward: ForwardSettings
     log_level: str
     devices: tuple[DeviceSpec, ...]
     warnings: tuple[Problem, ...]
@@ -91,12 +105,23 @@ def build_runtime_config(path: Path) -> RuntimeConfig:
             key=str(up.tls.key) if up.tls.key else None,
             username=up.username,
             password=password,
+            reconnect_min_s=min(0.25, up.reconnect_max_ms / 1000.0),
+            reconnect_max_s=up.reconnect_max_ms / 1000.0,
+            max_inflight=up.inflight,
         ),
         modbus=ModbusTiming(
             backoff_initial_s=agent.modbus.backoff_initial_ms / 1000.0,
             backoff_max_s=agent.modbus.backoff_max_ms / 1000.0,
             connect_timeout_s=agent.modbus.connect_timeout_ms / 1000.0,
         ),
+        store=StoreSettings(
+            path=agent.store.path,
+            max_bytes=agent.store.max_bytes,
+            ttl_ms=agent.store.ttl * 1000,
+            drop=agent.store.drop,
+            synchronous=agent.store.synchronous,
+        ),
+        forward=ForwardSettings(inflight=up.inflight, rate=up.rate),
         log_level=agent.log.level,
         devices=cfg.devices,
         warnings=cfg.warnings,

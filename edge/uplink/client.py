@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -69,6 +69,9 @@ class BrokerClient:
         self.settings = settings
         self.stats = ClientStats()
         self._hooks = _Hooks()
+        self.on_acked: Callable[[int], None] | None = None
+        """Called with the message id (in paho's thread) when a QoS 1 message is
+        acknowledged (PUBACK) or a QoS 0 message was written to the socket."""
         self._drop_logged_at = -DROP_LOG_INTERVAL_S
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -87,9 +90,13 @@ class BrokerClient:
             c.username_pw_set(settings.username, settings.password)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        c.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
+        # paho annotates int but computes in floats; sub-second delays are what make
+        # data flow again within a second of the broker coming back
+        c.reconnect_delay_set(
+            cast(int, settings.reconnect_min_s), cast(int, settings.reconnect_max_s)
+        )
         c.max_queued_messages_set(settings.max_queued)
-        c.max_inflight_messages_set(1000)
+        c.max_inflight_messages_set(settings.max_inflight)
         c.on_socket_open = _no_delay
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
@@ -128,6 +135,12 @@ class BrokerClient:
                         topic, mqtt.error_string(info.rc), self.stats.dropped)
         return None
 
+    def publish_mid(self, topic: str, payload: bytes, *, qos: int) -> int | None:
+        """:meth:`publish` returning the MQTT message id (None when refused); the id
+        comes back through :attr:`on_acked`."""
+        info = self.publish(topic, payload, qos=qos)
+        return None if info is None else info.mid
+
     def wait_acked(self, info: mqtt.MQTTMessageInfo | None, timeout_s: float) -> bool:
         """Block until the message behind ``info`` is acknowledged (False on timeout)."""
         if info is None or not self.stats.connected:
@@ -161,7 +174,7 @@ class BrokerClient:
         first = not self.stats.last_error.startswith("cannot reach")
         self.stats.last_error = f"cannot reach {self.settings.host}:{self.settings.port}"
         log.log(logging.WARNING if first else logging.DEBUG,
-                "MQTT broker %s:%d unreachable; retrying every %d-%d s",
+                "MQTT broker %s:%d unreachable; retrying every %g-%g s",
                 self.settings.host, self.settings.port,
                 self.settings.reconnect_min_s, self.settings.reconnect_max_s)
 
@@ -176,5 +189,7 @@ class BrokerClient:
         self.stats.connected = False
         self.stats.last_error = str(reason)
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, _r: Any, _p: Any) -> None:
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.stats.acked += 1
+        if self.on_acked is not None:
+            self.on_acked(mid)

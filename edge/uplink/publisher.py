@@ -9,6 +9,10 @@ Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.T
 * ``…/telemetry/{namespace}/{device}``: a reading, see :class:`edge.reading.Reading`.
 * ``…/events``: ``{"ts", "type", ...}``, e.g. ``{"type": "device_state", "device":
   "ns/name", "state": "offline", "reason": "..."}``.
+
+Readings and events go through the SQLite outbox (:mod:`edge.uplink.forwarder`):
+committed first, published in order, deleted on PUBACK. The retained state is not
+stored: it is the current state, published again on every (re)connect.
 * A property's ``pushMethod.mqtt`` gets ``{"device", "namespace", "property",
   "value", "ts"}`` on its own topic and broker, at most once per ``reportCycle``.
 """
@@ -16,30 +20,22 @@ Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.T
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
-import time
 from typing import Any
 
 from edge.config.model import DeviceSpec, MqttPush
 from edge.reading import Reading
+from edge.store.outbox import NewMessage, Outbox
 from edge.uplink.client import BrokerClient, Will
-from edge.uplink.settings import BrokerSettings
+from edge.uplink.forwarder import Forwarder
+from edge.uplink.payload import json_bytes, now_ms
+from edge.uplink.settings import BrokerSettings, ForwardSettings
 from edge.uplink.topics import Topics
 
 log = logging.getLogger(__name__)
 
 STATE_DELAY_S = 0.2
-
-
-def _json(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def now_ms() -> int:
-    """Milliseconds since the Unix epoch (UTC)."""
-    return time.time_ns() // 1_000_000
 
 
 class Uplink:
@@ -53,6 +49,8 @@ class Uplink:
         qos: int,
         agent_version: str,
         config_version: str,
+        outbox: Outbox,
+        forward: ForwardSettings | None = None,
     ) -> None:
         self.topics = topics
         self.qos = qos
@@ -62,24 +60,32 @@ class Uplink:
         self._devices: dict[str, str] = {}
         self._lock = threading.Lock()
         self._state_pending: asyncio.TimerHandle | None = None
-        self._offline = _json(
+        self._offline = json_bytes(
             {"state": "offline", "version": config_version, "agent": agent_version}
         )
         self.client = BrokerClient(settings, will=Will(topics.state, self._offline))
         self.client.add_connect_hook(self._publish_state)
+        self.forwarder = Forwarder(outbox, self.client, events_topic=topics.events,
+                                   settings=forward)
 
     def start(self) -> None:
-        """Start connecting; the retained ``online`` state follows every (re)connect."""
+        """Start forwarding and connecting; the retained ``online`` state follows every
+        (re)connect."""
+        self.forwarder.start()
         self.client.start()
 
     def publish_reading(self, reading: Reading) -> None:
-        """Publish one reading on its device's telemetry topic at the configured QoS."""
-        topic = self.topics.telemetry(reading.namespace, reading.device)
-        self.client.publish(topic, _json(reading.to_payload()), qos=self.qos)
+        """Queue one reading for its device's telemetry topic at the configured QoS
+        (committed to the outbox, then published)."""
+        self.forwarder.submit(NewMessage(
+            self.topics.telemetry(reading.namespace, reading.device),
+            json_bytes(reading.to_payload()), self.qos, reading.ts_ms,
+            f"{reading.namespace}/{reading.device}", reading.seq,
+        ))
 
     def publish_event(self, kind: str, **fields: Any) -> None:
-        """Publish ``{"ts", "type": kind, **fields}`` on ``…/events`` (QoS 1)."""
-        self.client.publish(self.topics.events, _json({"ts": now_ms(), "type": kind, **fields}))
+        """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1, via the outbox)."""
+        self.forwarder.event(kind, **fields)
 
     def set_device_state(self, device: str, state: str, reason: str = "") -> None:
         """Record a device's ``online``/``offline`` state: an event at once, and the
@@ -108,10 +114,12 @@ class Uplink:
             self._state_pending.cancel()
 
     def stop(self, *, timeout_s: float = 2.0) -> None:
-        """Publish the retained ``offline`` state, wait for its PUBACK, disconnect.
+        """Commit what is queued, wait for what is in flight, close the outbox; then
+        publish the retained ``offline`` state, wait for its PUBACK, disconnect.
 
         Blocks: call it from a worker thread, after :meth:`cancel_pending`.
         """
+        self.forwarder.stop(timeout_s)
         info = self.client.publish(self.topics.state, self._offline, retain=True)
         self.client.wait_acked(info, timeout_s)
         self.client.stop()
@@ -119,7 +127,7 @@ class Uplink:
     def _publish_state(self) -> None:
         """Publish the retained online state (called from the loop and paho's thread)."""
         with self._lock:
-            payload = _json(
+            payload = json_bytes(
                 {
                     "state": "online",
                     "version": self._config_version,
@@ -182,7 +190,7 @@ class PushSinks:
                 "ts": reading.ts_ms,
             }
             client = self._clients[(sink.host, sink.port, sink.tls)]
-            client.publish(sink.topic, _json(payload), qos=sink.qos, retain=sink.retained)
+            client.publish(sink.topic, json_bytes(payload), qos=sink.qos, retain=sink.retained)
 
     def stop(self) -> None:
         """Disconnect every sink broker."""

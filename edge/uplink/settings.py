@@ -14,7 +14,8 @@ class BrokerSettings:
     store. ``keepalive`` is in seconds; reconnect delays in seconds. ``max_queued``
     bounds the messages paho keeps in memory while the broker is away (about 1.7 kB
     each for a 50-value reading: 20 000 ≈ 34 MB), so an outage cannot exhaust a small
-    gateway's memory; the SQLite outbox replaces this bound.
+    gateway's memory (the uplink's readings wait in the SQLite outbox instead, and
+    only ``max_inflight`` of them are ever handed to paho at once).
     """
 
     host: str
@@ -27,6 +28,26 @@ class BrokerSettings:
     key: str | None = None
     username: str | None = None
     password: str | None = None
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 8
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 8.0
     max_queued: int = 20_000
+    max_inflight: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSettings:
+    """Pacing of the uplink from the outbox.
+
+    ``inflight``: messages published and not yet acknowledged, at most; ``rate``:
+    messages per second, at most (also while draining a backlog); ``tail``: committed
+    messages kept in memory so live traffic is published without reading them back;
+    ``ack_delay_s``: how long acknowledgements may wait to be deleted when no new
+    message comes to share the transaction; ``held_max``: messages kept in memory
+    while the disk is full.
+    """
+
+    inflight: int = 100
+    rate: float = 2500.0
+    tail: int = 5000
+    ack_delay_s: float = 0.1
+    held_max: int = 20_000

@@ -1,0 +1,364 @@
+"""Store-and-forward: messages go into the SQLite outbox first, then to the broker.
+
+One thread (``edge-forwarder``) owns the :class:`~edge.store.outbox.Outbox`. Each
+turn it commits what arrived since the last turn — new readings and events in one
+transaction, together with the deletion of every message the broker acknowledged
+(PUBACK at QoS 1; written to the socket at QoS 0) — and then hands the broker the
+next committed messages, strictly in id order, so a device's readings arrive in the
+order they were read, across reconnects and restarts. Nothing is deleted before its
+acknowledgement; a message is never published before it is committed.
+
+Pacing: at most ``inflight`` messages are unacknowledged at a time, and at most
+``rate`` messages per second go out (a token bucket holding up to ``inflight``
+tokens). Live readings are committed while a backlog drains and are published after
+the older messages of the outbox (order first). After a reconnect, paho re-sends the
+messages that were in flight (DUP) before anything newer goes out.
+
+Faults: a full disk drops the oldest stored messages to make room (counted, reason
+``disk_full``) and holds what still cannot be written in memory (at most
+``held_max`` messages, oldest dropped beyond); a damaged file is moved aside and a
+fresh one started, with whatever is still in memory (in flight, not yet sent) written
+to it again; any other store error is logged and retried a second later. Each of these
+and every drop becomes an event on ``…/events`` (``outbox_dropped``, ``store_full``,
+``store_corrupt``, ``store_error``), itself sent through the outbox.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edge.store.outbox import (
+    Drop,
+    NewMessage,
+    Outbox,
+    Row,
+    StoreCorruptError,
+    StoreFullError,
+)
+from edge.uplink.client import BrokerClient
+from edge.uplink.payload import json_bytes, now_ms
+from edge.uplink.settings import ForwardSettings
+
+log = logging.getLogger(__name__)
+
+EXPIRE_EVERY_S = 60.0
+RETRY_S = 1.0
+FULL_DROP_FRACTION = 0.05
+IDLE_S = 1.0
+
+
+@dataclass(slots=True)
+class ForwardStats:
+    """Counters since start (the outbox's own are in ``Outbox.stats``)."""
+
+    published: int = 0
+    acked: int = 0
+    read_back: int = 0
+    resent_after_reconnect: int = 0
+    store_errors: int = 0
+    held: int = 0
+
+
+class Forwarder:
+    """Runs the forwarding thread; :meth:`submit` from any thread, then :meth:`stop`."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: BrokerClient,
+        *,
+        events_topic: str,
+        settings: ForwardSettings | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.client = client
+        self.settings = settings or ForwardSettings()
+        self.stats = ForwardStats()
+        self._events_topic = events_topic
+        self._incoming: collections.deque[NewMessage] = collections.deque()
+        self._acked_mids: collections.deque[int] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._stop_by = 0.0
+        self._thread = threading.Thread(target=self._run, name="edge-forwarder", daemon=True)
+        # owned by the thread
+        self._inflight: dict[int, Row] = {}
+        self._to_delete: list[Row] = []
+        self._first_ack_at = 0.0
+        self._held: list[NewMessage] = []
+        self._tail: collections.deque[Row] = collections.deque()
+        self._next_id = outbox.first_id()
+        self._tail_from = outbox.end_id  # the tail holds every stored row from this id on
+        self._tokens = float(self.settings.inflight)
+        self._tokens_at = time.monotonic()
+        self._connects_seen = 0
+        self._hold_new = False
+        self._retry_at = 0.0
+        self._full_since = 0.0
+        self._next_expire = 0.0
+        client.on_acked = self._on_acked
+        client.add_connect_hook(self._wake.set)
+
+    # -- any thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the forwarding thread."""
+        self._thread.start()
+
+    def submit(self, message: NewMessage) -> None:
+        """Queue one message for the outbox (never blocks)."""
+        self._incoming.append(message)
+        self._wake.set()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1)."""
+        ts = now_ms()
+        self.submit(NewMessage(self._events_topic, json_bytes({"ts": ts, "type": kind, **fields}),
+                               1, ts))
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Commit what was submitted, wait up to ``timeout_s`` for the acknowledgement
+        of what is in flight, record it, close the outbox (blocking)."""
+        self._stop_by = time.monotonic() + timeout_s
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s + 5.0)
+
+    @property
+    def inflight(self) -> int:
+        """Messages published and not yet acknowledged."""
+        return len(self._inflight)
+
+    def _on_acked(self, mid: int) -> None:  # paho's thread: no lock we also hold
+        self._acked_mids.append(mid)
+        self._wake.set()
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._wait_s())
+            self._wake.clear()
+            try:
+                done = self._turn()
+            except Exception as e:  # a store fault must never stop forwarding
+                self._store_error(e)
+                continue
+            if done:
+                break
+        try:
+            self.outbox.close()
+        except Exception:
+            log.exception("closing the outbox failed")
+
+    def _turn(self) -> bool:
+        """One turn; True when stopping is complete."""
+        self._take_acks()
+        now = time.monotonic()
+        stopping = self._stopping
+        has_new = bool(self._incoming) or bool(self._held)
+        acks_due = bool(self._to_delete) and (
+            stopping or now - self._first_ack_at >= self.settings.ack_delay_s
+        )
+        if (has_new or acks_due) and now >= self._retry_at:
+            self._commit()
+        if now >= self._next_expire:
+            self._next_expire = now + EXPIRE_EVERY_S
+            self._expire()
+        if not stopping:
+            self._send()
+            return False
+        settled = not self._inflight or now >= self._stop_by
+        if settled and not self._to_delete and not self._incoming:
+            return True
+        if settled and self._to_delete:
+            self._commit()
+            return not self._incoming
+        return False
+
+    def _wait_s(self) -> float:
+        waits = [IDLE_S]
+        if self._to_delete:
+            waits.append(self._first_ack_at + self.settings.ack_delay_s - time.monotonic())
+        if self._held or self._incoming:
+            waits.append(self._retry_at - time.monotonic())
+        if self._has_unsent() and self.client.stats.connected:
+            waits.append((1.0 - self._tokens) / self.settings.rate)
+        if self._stopping:
+            waits.append(0.05)
+        return max(0.001, min(waits))
+
+    def _take_acks(self) -> None:
+        while self._acked_mids:
+            row = self._inflight.pop(self._acked_mids.popleft(), None)
+            if row is None:
+                continue  # from before a damaged store was replaced
+            if not self._to_delete:
+                self._first_ack_at = time.monotonic()
+            self._to_delete.append(row)
+            self.stats.acked += 1
+
+    def _keep(self) -> frozenset[int]:
+        return frozenset(r.id for r in (*self._inflight.values(), *self._to_delete))
+
+    def _commit(self) -> None:
+        new = self._held
+        while self._incoming:
+            new.append(self._incoming.popleft())
+        self._held = []
+        try:
+            rows, drops = self.outbox.write(new, self._to_delete, keep=self._keep())
+        except StoreFullError as e:
+            self._disk_full(new, e)
+            return
+        except StoreCorruptError as e:
+            self._held = new
+            self._replace_damaged(e)
+            return
+        except BaseException:
+            self._held = new
+            raise
+        self._to_delete = []
+        if self._full_since:
+            log.warning("outbox writable again after %.0f s of full disk",
+                        time.monotonic() - self._full_since)
+            self.event("store_full", state="cleared")
+            self._full_since = 0.0
+        self.stats.held = 0
+        self._tail.extend(rows)
+        self._trim_tail()
+        for d in drops:
+            self._dropped(d)
+
+    def _trim_tail(self) -> None:
+        extra = len(self._tail) - self.settings.tail
+        for _ in range(max(0, extra)):
+            self._tail.popleft()
+        if extra > 0:
+            self._tail_from = self._tail[0].id if self._tail else self.outbox.end_id
+
+    def _dropped(self, d: Drop) -> None:
+        tail = self._tail
+        while tail and d.first_id <= tail[0].id <= d.last_id:
+            tail.popleft()
+        while tail and d.first_id <= tail[-1].id <= d.last_id:
+            tail.pop()
+        log.warning("outbox: dropped %d messages (%d bytes, read %s..%s) for %s",
+                    d.count, d.bytes, d.first_ts, d.last_ts, d.reason)
+        self.event("outbox_dropped", reason=d.reason, count=d.count, bytes=d.bytes,
+                   first_ts=d.first_ts, last_ts=d.last_ts,
+                   total=self.outbox.stats.dropped.get(d.reason, 0))
+
+    def _disk_full(self, new: list[NewMessage], e: StoreFullError) -> None:
+        if not self._full_since:
+            self._full_since = time.monotonic()
+            log.error("outbox %s: the disk is full (%s); dropping the oldest messages to "
+                      "make room", self.outbox.path, e)
+            self.event("store_full", state="full", error=str(e))
+        self._retry_at = time.monotonic() + RETRY_S
+        try:
+            drop = self.outbox.drop_oldest(FULL_DROP_FRACTION, "disk_full", self._keep())
+        except StoreFullError:
+            drop = None
+        if drop is not None:
+            self._dropped(drop)
+            self._retry_at = 0.0  # room was made: try again at once
+        overflow = len(new) - self.settings.held_max
+        if overflow > 0:
+            self.outbox.stats.count_drop("disk_full", overflow)
+            log.error("outbox: %d messages dropped: the disk is full and %d are held in "
+                      "memory", overflow, self.settings.held_max)
+            new = new[overflow:]
+            self.event("outbox_dropped", reason="disk_full", count=overflow, bytes=None,
+                       total=self.outbox.stats.dropped["disk_full"])
+        self._held = new
+        self.stats.held = len(new)
+
+    def _replace_damaged(self, e: Exception) -> None:
+        survivors = sorted({r.id: r for r in (*self._inflight.values(), *self._tail)}.values(),
+                           key=lambda r: r.id)
+        lost = max(0, self.outbox.stats.rows - len(survivors))
+        moved = self.outbox.reopen_fresh()
+        self.outbox.stats.count_drop("corrupt", lost)
+        log.error("outbox %s is damaged (%s): moved to %s and started afresh; %d messages "
+                  "kept from memory, %d lost with the file", self.outbox.path, e, moved,
+                  len(survivors), lost)
+        self._inflight.clear()
+        self._to_delete = []
+        self._tail.clear()
+        self._next_id = self._tail_from = self.outbox.end_id
+        self._held[:0] = [NewMessage(r.topic, r.payload, r.qos, r.ts) for r in survivors]
+        self.event("store_corrupt", moved_to=moved, kept=len(survivors), lost=lost,
+                   error=str(e))
+        self._retry_at = 0.0
+
+    def _store_error(self, e: Exception) -> None:
+        self.stats.store_errors += 1
+        self._retry_at = time.monotonic() + RETRY_S
+        if isinstance(e, StoreCorruptError):
+            self._replace_damaged(e)
+            return
+        log.error("outbox %s: %s; retrying in %.0f s", self.outbox.path, e, RETRY_S,
+                  exc_info=self.stats.store_errors == 1)
+        self.event("store_error", error=repr(e))
+
+    def _expire(self) -> None:
+        drop = self.outbox.expire(now_ms(), self._keep())
+        if drop is not None:
+            self._dropped(drop)
+
+    # -- sending ------------------------------------------------------------------
+
+    def _has_unsent(self) -> bool:
+        return self._next_id < self.outbox.end_id
+
+    def _send(self) -> None:
+        c = self.client
+        if not c.stats.connected:
+            return
+        if c.stats.connects != self._connects_seen:
+            self._connects_seen = c.stats.connects
+            # paho re-sends what was in flight first; nothing newer may overtake it
+            self._hold_new = bool(self._inflight)
+            self.stats.resent_after_reconnect += len(self._inflight)
+        if self._hold_new:
+            if self._inflight:
+                return
+            self._hold_new = False
+        now = time.monotonic()
+        s = self.settings
+        self._tokens = min(float(s.inflight), self._tokens + (now - self._tokens_at) * s.rate)
+        self._tokens_at = now
+        budget = min(s.inflight - len(self._inflight), int(self._tokens))
+        while budget > 0 and self._has_unsent():
+            rows = self._next_rows(budget)
+            if not rows:
+                self._next_id = self.outbox.end_id  # everything left was dropped
+                return
+            for r in rows:
+                mid = c.publish_mid(r.topic, r.payload, qos=r.qos)
+                if mid is None:
+                    return  # paho refused (e.g. the connection just went): next turn
+                self._inflight[mid] = r
+                self._next_id = r.id + 1
+                self._tokens -= 1
+                budget -= 1
+                self.stats.published += 1
+
+    def _next_rows(self, n: int) -> list[Row]:
+        tail = self._tail
+        while tail and tail[0].id < self._next_id:
+            tail.popleft()
+        if self._next_id >= self._tail_from:
+            return [tail.popleft() for _ in range(min(n, len(tail)))]
+        rows = self.outbox.rows_from(self._next_id, n)
+        self.stats.read_back += len(rows)
+        if not rows:
+            self._next_id = self._tail_from
+            return self._next_rows(n)
+        return rows

@@ -119,7 +119,9 @@ def manifests(
     return "\n".join(out) + "\n"
 
 
-def agent_file(*, node: str, broker_port: int, qos: int, log_level: str) -> str:
+def agent_file(
+    *, node: str, broker_port: int, qos: int, log_level: str, store_path: str = "./edge.db"
+) -> str:
     """``edge.yaml`` (DESIGN.md §3); the store lives in the run directory."""
     uplink = {"host": "127.0.0.1", "port": broker_port, "qos": qos}
     return (
@@ -129,7 +131,7 @@ def agent_file(*, node: str, broker_port: int, qos: int, log_level: str) -> str:
                 f"node: {node}",
                 "devices: [./manifests]",
                 f"uplink: {_flow(uplink)}",
-                f"store: {_flow({'path': './edge.db'})}",
+                f"store: {_flow({'path': store_path})}",
                 f"log: {_flow({'level': log_level})}",
             ]
         )
@@ -154,6 +156,7 @@ def main() -> int:
     p.add_argument("--namespace", default="default")
     p.add_argument("--timeout-ms", type=int, default=1000, help="Modbus request timeout")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--store-path", default="./edge.db", help="store.path of the agent file")
     a = p.parse_args()
 
     devices, tag_count, poll_ms = SCENARIOS.get(a.scenario or "", (None, None, None))
@@ -167,7 +170,13 @@ def main() -> int:
 
     (a.out / "manifests").mkdir(parents=True, exist_ok=True)
     (a.out / "edge.yaml").write_text(
-        agent_file(node=a.node, broker_port=a.broker_port, qos=a.qos, log_level=a.log_level),
+        agent_file(
+            node=a.node,
+            broker_port=a.broker_port,
+            qos=a.qos,
+            log_level=a.log_level,
+            store_path=a.store_path,
+        ),
         encoding="utf-8",
     )
     (a.out / "manifests" / "sim.yaml").write_text(

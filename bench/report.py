@@ -4,7 +4,8 @@
     report.py [--results bench/results] [--out bench/results/REPORT.md] [--rss-tier core]
 
 Reads the measure.py results that bench/run.sh wrote (``edge-<scenario>-<date>.json``,
-``thingsboard-<scenario>-<storage>-<date>.json``, each with a ``bench.run_id``). Per
+``thingsboard-<scenario>-<storage>-<date>.json``, each with a ``bench.run_id``) and
+bench/outage.sh's ``outage-<agent>-<down>s-<date>.json`` (section "Broker outage"). Per
 scenario it takes the newest edge run and the peer runs of the same invocation (same
 ``run_id``); a peer run from another invocation is used only when that one has none,
 and is marked so. Without ``--out`` the markdown goes to stdout. Standard library only.
@@ -350,7 +351,250 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
     return out, summary
 
 
-def report(runs: list[Run], rss_tier: str) -> str:
+# --- broker outage (bench/outage.sh) ---------------------------------------------------
+
+OUTAGE_AGENTS = ("edge", "edge-sigkill", "thingsboard-memory", "thingsboard-sqlite")
+OUTAGE_TITLES = {
+    "edge": "edge",
+    "edge-sigkill": "edge, SIGKILL in the outage",
+    "thingsboard-memory": "peer memory",
+    "thingsboard-sqlite": "peer sqlite",
+}
+FIRST_DATA_S, DRAIN_S, DRAIN_FOR_DOWN_S = 1.0, 5.0, 60
+"""Data flowing ≤ 1 s after the broker is back; a 60 s backlog drained within 5 s."""
+LIVE_SLACK_MS = 20.0
+"""Live readings keep their latency: p99 during the drain ≤ the run's own p99 before the
+outage + this (the s1 read→MQTT budget; DESIGN.md §10 has no s2 latency number)."""
+RSS_FLAT_MB = 2.0
+"""Memory flat while the broker is down: the largest RSS then ≤ the RSS before + this."""
+
+
+def load_outages(results: Path) -> list[Run]:
+    """Every result of outage.sh in ``results`` (``bench.role`` = outage)."""
+    runs = []
+    for path in sorted(results.glob("outage-*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and get(doc, "bench", "role") == "outage":
+            doc["_file"] = path.name
+            runs.append(doc)
+    return runs
+
+
+def pick_outages(runs: list[Run], down: str) -> dict[str, Run]:
+    """Per agent, the newest run with the broker down ``down`` s; peers preferably from
+    the invocation of the edge run shown."""
+    mine = [r for r in runs if str(get(r, "bench", "down_s")) == down]
+    newest = lambda rs: max(rs, key=lambda r: get(r, "bench", "run_id") or "")  # noqa: E731
+    edge = [r for r in mine if get(r, "bench", "agent") == "edge"]
+    run_id = get(newest(edge), "bench", "run_id") if edge else None
+    out = {}
+    for agent in OUTAGE_AGENTS:
+        cands = [r for r in mine if get(r, "bench", "agent") == agent]
+        if cands:
+            same = [r for r in cands if get(r, "bench", "run_id") == run_id]
+            out[agent] = newest(same or cands)
+    return out
+
+
+def _lost(r: Run) -> str:
+    s = get(r, "outage", "summary") or {}
+    lost = s.get("lost_points")
+    parts = []
+    if s.get("lost_points_unpolled"):
+        parts.append(f"{s['lost_points_unpolled']} not polled ³")
+    if s.get("lost_points_window_edge"):
+        parts.append(f"{s['lost_points_window_edge']} window edge ⁴")
+    return num(lost, ".0f") + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _seq(r: Run) -> str:
+    t = get(r, "outage", "seq", "total")
+    if not t:
+        return "–"
+    return f"{t['readings_distinct']} / {t['duplicates']} / {t['gaps']}"
+
+
+def _rss(r: Run) -> str:
+    m = get(r, "outage", "rss_mb") or {}
+    return (
+        f"{num(m.get('before_kill'))} / {num(m.get('max_during_outage'))} / "
+        f"{num(m.get('after_drain'))}"
+    )
+
+
+OUTAGE_FIGURES: list[tuple[str, Callable[[Run], str]]] = [
+    ("points expected", lambda r: num(get(r, "outage", "summary", "expected_points"), ".0f")),
+    ("points delivered", lambda r: num(get(r, "outage", "summary", "delivered_points"), ".0f")),
+    ("points lost", _lost),
+    ("points duplicated", lambda r: num(get(r, "outage", "summary", "duplicated_points"), ".0f")),
+    ("readings by (device, seq): distinct / duplicates / gaps", _seq),
+    (
+        "first data after restart s",
+        lambda r: num(get(r, "after_restart_s", "first_telemetry"), ".2f"),
+    ),
+    (
+        "backlog drained s (points)",
+        lambda r: (
+            f"{num(get(r, 'after_restart_s', 'backlog_drained'), '.2f')} "
+            f"({num(get(r, 'after_restart_s', 'backlog_points'), '.0f')})"
+        ),
+    ),
+    (
+        "live read→MQTT p99 ms: during / after drain",
+        lambda r: (
+            f"{num(get(r, 'outage', 'latency_ms', 'during_drain_p99'))} / "
+            f"{num(get(r, 'outage', 'latency_ms', 'after_drain_p99'))}"
+        ),
+    ),
+    (
+        "read→MQTT p50 / p99 ms before the outage",
+        lambda r: (
+            f"{num(get(r, 'latency_read_to_mqtt_ms', 'before_kill_p50'))} / "
+            f"{num(get(r, 'latency_read_to_mqtt_ms', 'before_kill_p99'))}"
+        ),
+    ),
+    ("RSS MB: before / max during outage / after drain", _rss),
+    (
+        "RSS growth while down MB (MB/min)",
+        lambda r: (
+            f"{num(get(r, 'outage', 'rss_mb', 'growth_during_outage'))} "
+            f"({num(get(r, 'outage', 'rss_mb', 'slope_during_outage_mb_per_min'), '.2f')})"
+        ),
+    ),
+    ("agent CPU % of a core (mean)", lambda r: num(get(r, "outage", "cpu", "agent_mean"))),
+    (
+        "other load, % of a core ⁵",
+        lambda r: (
+            num(get(r, "outage", "cpu", "other"), ".0f")
+            + (" **disturbed**" if get(r, "outage", "cpu", "disturbed") else "")
+        ),
+    ),
+]
+
+
+def outage_budgets(label: str, r: Run, down: str) -> list[tuple[str, str, bool | None, str]]:
+    """(budget, target, verdict, detail) of one edge outage run."""
+    out: list[tuple[str, str, bool | None, str]] = []
+    s = get(r, "outage", "summary") or {}
+    net = s.get("lost_points_net")
+    if net is not None:
+        detail = f"{net} net of {s.get('lost_points')} counted"
+        out.append(("readings lost", "0", net == 0, detail))
+    first = get(r, "after_restart_s", "first_telemetry")
+    if first is not None:
+        out.append(
+            (
+                "first data after restart",
+                f"≤ {FIRST_DATA_S:g} s",
+                first <= FIRST_DATA_S,
+                _over(first, FIRST_DATA_S, " s"),
+            )
+        )
+    drained = get(r, "after_restart_s", "backlog_drained")
+    if drained is not None and int(float(down)) >= DRAIN_FOR_DOWN_S:
+        out.append(
+            (
+                "backlog drained after restart",
+                f"≤ {DRAIN_S:g} s",
+                drained <= DRAIN_S,
+                _over(drained, DRAIN_S, " s"),
+            )
+        )
+    during = get(r, "outage", "latency_ms", "during_drain_p99")
+    pre = get(r, "latency_read_to_mqtt_ms", "before_kill_p99")
+    if during is not None and pre is not None:
+        lim = pre + LIVE_SLACK_MS
+        out.append(
+            (
+                "live read→MQTT p99 during the drain",
+                f"≤ pre-outage p99 + {LIVE_SLACK_MS:g} ms",
+                during <= lim,
+                _over(during, lim, " ms") + f"; pre-outage p99 {pre:.1f} ms",
+            )
+        )
+    m = get(r, "outage", "rss_mb") or {}
+    if m.get("growth_during_outage") is not None:
+        g = m["growth_during_outage"]
+        out.append(
+            (
+                "RSS flat while the broker is down",
+                f"growth ≤ {RSS_FLAT_MB:g} MB",
+                g <= RSS_FLAT_MB,
+                _over(g, RSS_FLAT_MB, " MB")
+                + f", {m.get('slope_during_outage_mb_per_min')} MB/min",
+            )
+        )
+    return [(f"{OUTAGE_TITLES[label]}: {b}", t, ok, d) for b, t, ok, d in out]
+
+
+def outage_section(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """(the outage markdown, its lines of the budget summary)."""
+    if not runs:
+        return [], []
+    out = [
+        "## Broker outage",
+        "",
+        "`bench/outage.sh`: the broker (mosquitto with persistence) is stopped PRE s into "
+        "the run and started again on the same port DOWN s later; a subscriber with a "
+        "persistent session records every message; the shared `outage_analyze.py` counts "
+        "poll cycles (distinct `counter` per device) against those due, "
+        "`bench/outage_figures.py` adds the rest. Points = cycles × tags. Times after the "
+        "broker restart.",
+        "",
+    ]
+    summary: list[str] = []
+    downs = sorted({str(get(r, "bench", "down_s")) for r in runs}, key=float)
+    for down in downs:
+        picked = pick_outages(runs, down)
+        shown = [a for a in OUTAGE_AGENTS if a in picked]
+        first = picked[shown[0]]
+        scen = get(first, "bench", "scenario")
+        out += [f"### {SCENARIO_TITLES.get(scen, scen)}, broker down {down} s", ""]
+        out.append("| figure | " + " | ".join(OUTAGE_TITLES[a] for a in shown) + " |")
+        out.append("|---" * (len(shown) + 1) + "|")
+        for name, fig in OUTAGE_FIGURES:
+            out.append(f"| {name} | " + " | ".join(fig(picked[a]) for a in shown) + " |")
+        out.append("")
+        for a in shown:
+            r = picked[a]
+            out.append(
+                f"* {OUTAGE_TITLES[a]}: `{r['_file']}`, run `{get(r, 'bench', 'run_id')}`, "
+                f"{get(r, 'meta', 'agent')}, broker down "
+                f"{num(get(r, 'timeline_s', 'broker_down_s'), '.1f')} s"
+                + (
+                    f", SIGKILL {num(get(r, 'outage', 'agent_kill', 't_rel_broker_kill_s'))} s "
+                    "into it"
+                    if get(r, "outage", "agent_kill")
+                    else ""
+                )
+            )
+            if a.startswith("edge"):
+                summary += [
+                    f"| outage {down} s | {b} | {t} | {d} | {verdict(ok)} |"
+                    for b, t, ok, d in outage_budgets(a, r, down)
+                ]
+        out.append("")
+    out += [
+        "³ Cycles due while edge restarted after its SIGKILL (from the kill to the new "
+        "process's first read of the device): never read, so nothing the agent had was lost.",
+        "",
+        "⁴ `outage_analyze.py` counts floor((cutoff − last cycle) / period) cycles missing "
+        "at the end of a device; with the simulator's 100 ms tick, cycles are 0.9–1.1 s "
+        "apart and one can fall just after the cutoff. Counted here when the device's next "
+        "cycle (in the grace seconds) follows without a cycle missing in between.",
+        "",
+        "⁵ The machine's CPU during the run (all cores, % of one core) less the agent, broker, "
+        "simulator and subscriber (and the peer's platform stand-in): tests or anything else "
+        "that ran. Above 15 the run is marked disturbed.",
+        "",
+    ]
+    return out, summary
+
+
+def report(runs: list[Run], rss_tier: str, outages: list[Run] | None = None) -> str:
     """The whole REPORT.md."""
     head = [
         "# Benchmark: edge vs ThingsBoard IoT Gateway",
@@ -368,6 +612,9 @@ def report(runs: list[Run], rss_tier: str) -> str:
         section, lines = scenario_section(runs, scenario, rss_tier)
         body += section
         summary += lines
+    section, lines = outage_section(outages or [])
+    body += section
+    summary += lines
     host = next((r.get("host") for r in runs if r.get("host")), None)
     if host:
         head += [
@@ -429,7 +676,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rss-tier", choices=sorted(RSS_TIERS), default="core")
     a = p.parse_args()
-    text = report(load(a.results), a.rss_tier)
+    text = report(load(a.results), a.rss_tier, load_outages(a.results))
     longer = longer_runs(a.results)
     if longer:
         text += "\n" + "\n".join(longer)

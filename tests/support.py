@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import yaml
@@ -62,14 +62,21 @@ class Broker:
             self.proc.wait(10)
 
 
-def start_broker(workdir: Path, extra_conf: str = "", port: int | None = None) -> Broker:
-    """Start mosquitto with an anonymous plain listener (or ``extra_conf`` instead)."""
+def start_broker(workdir: Path, extra_conf: str = "", port: int | None = None,
+                 persist: Path | None = None) -> Broker:
+    """Start mosquitto with an anonymous plain listener (or ``extra_conf`` instead).
+
+    With ``persist`` (a directory), sessions and their queued messages are saved there
+    when the broker is stopped (SIGTERM) and loaded again by the next one.
+    """
     port = port or free_port()
     conf = workdir / f"mosquitto-{port}.conf"
     body = extra_conf or "allow_anonymous true\n"
     user = "user root\n" if os.geteuid() == 0 else ""  # keep access to files under /tmp
+    keep = (f"persistence true\npersistence_location {persist}/\n" if persist
+            else "persistence false\n")
     conf.write_text(
-        f"{user}listener {port} 127.0.0.1\n{body}persistence false\nlog_dest stderr\n"
+        f"{user}listener {port} 127.0.0.1\n{body}{keep}log_dest stderr\n"
         "log_type error\nlog_type warning\n"
     )
     log = (workdir / f"mosquitto-{port}.log").open("wb")
@@ -106,12 +113,17 @@ class Subscriber:
     messages: list[Message] = field(default_factory=list)
     tls: dict[str, str] | None = None
     auth: tuple[str, str] | None = None
+    persistent: bool = False
+    """A session that the broker keeps (clean_session false), reconnecting within 0.2 s:
+    with a persistent broker it misses nothing across a broker restart."""
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._ready = threading.Event()
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                        client_id=f"test-sub-{os.getpid()}-{id(self)}")
+                        client_id=f"test-sub-{os.getpid()}-{id(self)}",
+                        clean_session=not self.persistent)
+        c.reconnect_delay_set(cast(int, 0.1), cast(int, 0.2))
         if self.tls:
             c.tls_set(**self.tls)
         if self.auth:

@@ -19,14 +19,16 @@ lose the last commits on a power cut (SQLite, "PRAGMA synchronous").
 
 Bounds: ``max_bytes`` (sum of ``size``) and ``ttl_ms``; what exceeds them is dropped
 by ``drop`` policy — ``oldest`` rows first (default) or the ``newest`` batch — never
-rows handed to the broker and not yet acknowledged. Every drop is counted by reason
+rows handed to the broker and not yet acknowledged, and never pinned rows (events)
+but for their TTL. Every drop is counted by reason
 in :class:`OutboxStats` and returned to the caller, which reports it as an event.
 
 Faults: a file that is not a database or is corrupt (SQLITE_NOTADB, SQLITE_CORRUPT) is
 renamed to ``<path>.corrupt-<UTC time>`` (with its -wal/-shm) and a fresh store is
 started — see :meth:`Outbox.reopen_fresh`; a full disk (SQLITE_FULL) raises
-:class:`StoreFullError` with the batch not written, after the caller may free room with
-:meth:`Outbox.drop_oldest`.
+:class:`StoreFullError` with the batch not written, and the caller frees room with
+:meth:`Outbox.make_room`: SQLite needs disk space even to delete, so the outbox keeps
+``<path>.reserve`` (2 MiB) to give up then, and takes it back when there is room again.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     ts INTEGER NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    pinned INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seq (device TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
@@ -55,6 +58,8 @@ INSERT OR IGNORE INTO totals VALUES ('rows', 0), ('bytes', 0);
 _CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _FULL = sqlite3.SQLITE_FULL
 _HEAD_CHUNK = 500
+WAL_PAGES = 256
+RESERVE_BYTES = 2 << 20
 
 _More = Callable[[int, int], bool]
 """``(ts_ms, freed_bytes) -> bool``: go on dropping from the head."""
@@ -76,7 +81,9 @@ def is_corrupt(e: sqlite3.Error) -> bool:
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to store: ``device`` ("ns/name", or "" for events) and its ``seq``
-    (0 when it has none), ``ts`` in ms since the Unix epoch."""
+    (0 when it has none), ``ts`` in ms since the Unix epoch. A ``pinned`` message
+    (an event: rare, and the report of drops itself) is never dropped for
+    ``max_bytes`` or a full disk, only for its TTL."""
 
     topic: str
     payload: bytes
@@ -84,6 +91,7 @@ class NewMessage:
     ts: int
     device: str = ""
     seq: int = 0
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +133,7 @@ class OutboxStats:
 @dataclass(frozen=True, slots=True)
 class Drop:
     """Messages dropped in one go: how many, their bytes, why, their time span (ms since
-    the Unix epoch) and id span (every stored id in it is gone, but ids in flight)."""
+    the Unix epoch) and the span of their ids."""
 
     reason: str
     count: int
@@ -152,6 +160,7 @@ class Outbox:
         ttl_ms: int,
         drop: str = "oldest",
         synchronous: str = "full",
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         if drop not in ("oldest", "newest") or synchronous not in ("full", "normal"):
             raise ValueError("drop is oldest|newest, synchronous is full|normal")
@@ -161,10 +170,13 @@ class Outbox:
         self.drop_policy = drop
         self._synchronous = synchronous
         self.stats = OutboxStats()
+        self._reserve = path.with_name(path.name + ".reserve")
+        self._reserve_bytes = reserve_bytes
         self.seqs: dict[str, int] = {}
         self.end_id = 1
         """The id the next stored message gets (ids never go back in one process)."""
         self._db = self._open()
+        self.ensure_reserve()
 
     # -- opening ------------------------------------------------------------------
 
@@ -183,6 +195,9 @@ class Outbox:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+            # a small WAL: it needs disk too, and a full disk must leave room to delete
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             db.executescript(SCHEMA)
             totals = dict(db.execute("SELECT k, v FROM totals"))
             self.stats.rows, self.stats.bytes = totals["rows"], totals["bytes"]
@@ -302,8 +317,9 @@ class Outbox:
         for m in new:
             size = len(m.topic.encode()) + len(m.payload)
             cur = execute(
-                "INSERT INTO outbox (topic, payload, qos, ts, size) VALUES (?, ?, ?, ?, ?)",
-                (m.topic, m.payload, m.qos, m.ts, size),
+                "INSERT INTO outbox (topic, payload, qos, ts, size, pinned) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (m.topic, m.payload, m.qos, m.ts, size, m.pinned),
             )
             assert cur.lastrowid is not None
             rows.append(Row(cur.lastrowid, m.topic, m.payload, m.qos, m.ts, size))
@@ -362,7 +378,8 @@ class Outbox:
     def _drop_newest(self, excess: int, keep: frozenset[int]) -> list[Drop]:
         picked: list[tuple[int, int, int]] = []
         freed = 0
-        for rid, ts, size in self._db.execute("SELECT id, ts, size FROM outbox ORDER BY id DESC"):
+        for rid, ts, size in self._db.execute(
+                "SELECT id, ts, size FROM outbox WHERE pinned = 0 ORDER BY id DESC"):
             if freed >= excess:
                 break
             if rid not in keep:
@@ -370,15 +387,18 @@ class Outbox:
                 freed += size
         return [self._delete_picked("max_bytes", picked)] if picked else []
 
-    def _drop_head(self, reason: str, keep: frozenset[int], more: _More) -> Drop | None:
-        """Delete rows from the oldest on while ``more(ts, freed_bytes)`` holds."""
+    def _drop_head(self, reason: str, keep: frozenset[int], more: _More, *,
+                   pinned_too: bool = False) -> Drop | None:
+        """Delete rows from the oldest on while ``more(ts, freed_bytes)`` holds; pinned
+        rows (events) only with ``pinned_too``."""
         picked: list[tuple[int, int, int]] = []
         freed = 0
         after = 0
         while True:
             chunk = self._db.execute(
-                "SELECT id, ts, size FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after, _HEAD_CHUNK),
+                "SELECT id, ts, size FROM outbox WHERE id > ? AND (pinned = 0 OR ?) "
+                "ORDER BY id LIMIT ?",
+                (after, pinned_too, _HEAD_CHUNK),
             ).fetchall()
             for rid, ts, size in chunk:
                 if not more(ts, freed):
@@ -406,24 +426,53 @@ class Outbox:
             return None
         try:
             with self._transaction():
-                drop = self._drop_head("ttl", keep, lambda ts, _freed: ts < cutoff)
+                drop = self._drop_head("ttl", keep, lambda ts, _freed: ts < cutoff,
+                                       pinned_too=True)
         except sqlite3.DatabaseError as e:
             self._reload_totals()
             raise self._translate(e) from e
         self._refresh_oldest()
         return drop
 
-    def drop_oldest(self, fraction: float, reason: str, keep: frozenset[int]) -> Drop | None:
-        """Drop the oldest ``fraction`` of the stored bytes (to make room on a full disk)."""
+    def make_room(self, fraction: float, keep: frozenset[int]) -> Drop | None:
+        """On a full disk: give up the reserve file, fold the WAL into the database,
+        drop the oldest ``fraction`` of the stored bytes (reason ``disk_full``) and fold
+        again, so later writes reuse the freed pages. Raises :class:`StoreFullError`
+        when even that cannot be written."""
+        self._reserve.unlink(missing_ok=True)
+        self._checkpoint()
         target = max(1, int(self.stats.bytes * fraction))
         try:
             with self._transaction():
-                drop = self._drop_head(reason, keep, lambda _ts, freed: freed < target)
+                drop = self._drop_head("disk_full", keep, lambda _ts, freed: freed < target)
         except sqlite3.DatabaseError as e:
             self._reload_totals()
             raise self._translate(e) from e
+        self._checkpoint()
         self._refresh_oldest()
         return drop
+
+    def _checkpoint(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def ensure_reserve(self) -> bool:
+        """Keep ``reserve_bytes`` of disk in ``<path>.reserve``, to be given up when the
+        disk is full (SQLite needs room to delete). False if the disk has no room now."""
+        if self._reserve.exists() or not self._reserve_bytes:
+            return True
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return True
+        try:
+            os.posix_fallocate(fd, 0, self._reserve_bytes)
+        except OSError:
+            os.close(fd)
+            self._reserve.unlink(missing_ok=True)
+            return False
+        os.close(fd)
+        return True
 
     # -- reading ------------------------------------------------------------------
 

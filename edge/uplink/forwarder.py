@@ -50,6 +50,15 @@ EXPIRE_EVERY_S = 60.0
 RETRY_S = 1.0
 FULL_DROP_FRACTION = 0.05
 IDLE_S = 1.0
+DROP_REPORT_S = 5.0
+
+
+@dataclass(slots=True)
+class _PendingDrop:
+    first_ts: int
+    last_ts: int = 0
+    count: int = 0
+    bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -101,6 +110,8 @@ class Forwarder:
         self._retry_at = 0.0
         self._full_since = 0.0
         self._next_expire = 0.0
+        self._drops: dict[str, _PendingDrop] = {}
+        self._drops_reported_at = -DROP_REPORT_S
         client.on_acked = self._on_acked
         client.add_connect_hook(self._wake.set)
 
@@ -119,13 +130,14 @@ class Forwarder:
         """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1)."""
         ts = now_ms()
         self.submit(NewMessage(self._events_topic, json_bytes({"ts": ts, "type": kind, **fields}),
-                               1, ts))
+                               1, ts, pinned=True))
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Commit what was submitted, wait up to ``timeout_s`` for the acknowledgement
         of what is in flight, record it, close the outbox (blocking)."""
         self._stop_by = time.monotonic() + timeout_s
         self._stopping = True
+        self._report_drops(now=True)
         self._wake.set()
         self._thread.join(timeout_s + 5.0)
 
@@ -170,21 +182,29 @@ class Forwarder:
         if now >= self._next_expire:
             self._next_expire = now + EXPIRE_EVERY_S
             self._expire()
-        if not stopping:
+        self._report_drops(now=stopping)
+        if not stopping or now < self._stop_by:
             self._send()
+        if not stopping:
             return False
-        settled = not self._inflight or now >= self._stop_by
-        if settled and not self._to_delete and not self._incoming:
-            return True
-        if settled and self._to_delete:
+        # stopping: what is connected goes on until sent or the deadline, then the
+        # acknowledgements are recorded; the rest waits in the file for the next start
+        busy = self._inflight or (self._has_unsent() and self.client.stats.connected)
+        if busy and now < self._stop_by:
+            return False
+        if self._to_delete or self._incoming:
             self._commit()
-            return not self._incoming
-        return False
+        if self._held:
+            log.error("outbox: %d messages could not be written (disk full) and are lost "
+                      "with this stop", len(self._held))
+        return not self._incoming
 
     def _wait_s(self) -> float:
         waits = [IDLE_S]
         if self._to_delete:
             waits.append(self._first_ack_at + self.settings.ack_delay_s - time.monotonic())
+        if self._drops:
+            waits.append(self._drops_reported_at + DROP_REPORT_S - time.monotonic())
         if self._held or self._incoming:
             waits.append(self._retry_at - time.monotonic())
         if self._has_unsent() and self.client.stats.connected:
@@ -224,8 +244,8 @@ class Forwarder:
             self._held = new
             raise
         self._to_delete = []
-        if self._full_since:
-            log.warning("outbox writable again after %.0f s of full disk",
+        if self._full_since and self.outbox.ensure_reserve():
+            log.warning("outbox: room on the disk again after %.0f s",
                         time.monotonic() - self._full_since)
             self.event("store_full", state="cleared")
             self._full_since = 0.0
@@ -244,15 +264,29 @@ class Forwarder:
 
     def _dropped(self, d: Drop) -> None:
         tail = self._tail
-        while tail and d.first_id <= tail[0].id <= d.last_id:
-            tail.popleft()
-        while tail and d.first_id <= tail[-1].id <= d.last_id:
-            tail.pop()
-        log.warning("outbox: dropped %d messages (%d bytes, read %s..%s) for %s",
-                    d.count, d.bytes, d.first_ts, d.last_ts, d.reason)
-        self.event("outbox_dropped", reason=d.reason, count=d.count, bytes=d.bytes,
-                   first_ts=d.first_ts, last_ts=d.last_ts,
-                   total=self.outbox.stats.dropped.get(d.reason, 0))
+        if tail and d.first_id <= tail[-1].id and d.last_id >= tail[0].id:
+            tail.clear()  # what is left of it is read back from the file
+            self._tail_from = self.outbox.end_id
+        p = self._drops.setdefault(d.reason, _PendingDrop(d.first_ts))
+        p.count += d.count
+        p.bytes += d.bytes
+        p.first_ts, p.last_ts = min(p.first_ts, d.first_ts), max(p.last_ts, d.last_ts)
+        self._report_drops()
+
+    def _report_drops(self, *, now: bool = False) -> None:
+        """One ``outbox_dropped`` event per reason and DROP_REPORT_S, with the count
+        since the last one and the ``total`` since start."""
+        t = time.monotonic()
+        if not self._drops or (not now and t - self._drops_reported_at < DROP_REPORT_S):
+            return
+        self._drops_reported_at = t
+        for reason, p in self._drops.items():
+            total = self.outbox.stats.dropped.get(reason, 0)
+            log.warning("outbox: dropped %d messages (%d bytes, read %d..%d) for %s; %d since "
+                        "start", p.count, p.bytes, p.first_ts, p.last_ts, reason, total)
+            self.event("outbox_dropped", reason=reason, count=p.count, bytes=p.bytes,
+                       first_ts=p.first_ts, last_ts=p.last_ts, total=total)
+        self._drops.clear()
 
     def _disk_full(self, new: list[NewMessage], e: StoreFullError) -> None:
         if not self._full_since:
@@ -262,7 +296,7 @@ class Forwarder:
             self.event("store_full", state="full", error=str(e))
         self._retry_at = time.monotonic() + RETRY_S
         try:
-            drop = self.outbox.drop_oldest(FULL_DROP_FRACTION, "disk_full", self._keep())
+            drop = self.outbox.make_room(FULL_DROP_FRACTION, self._keep())
         except StoreFullError:
             drop = None
         if drop is not None:
@@ -273,9 +307,11 @@ class Forwarder:
             self.outbox.stats.count_drop("disk_full", overflow)
             log.error("outbox: %d messages dropped: the disk is full and %d are held in "
                       "memory", overflow, self.settings.held_max)
+            t = now_ms()
+            self._dropped(Drop("disk_full", overflow, sum(len(m.payload) for m in new[:overflow]),
+                               new[0].ts if new else t, new[overflow - 1].ts if new else t,
+                               0, 0))
             new = new[overflow:]
-            self.event("outbox_dropped", reason="disk_full", count=overflow, bytes=None,
-                       total=self.outbox.stats.dropped["disk_full"])
         self._held = new
         self.stats.held = len(new)
 
@@ -292,7 +328,8 @@ class Forwarder:
         self._to_delete = []
         self._tail.clear()
         self._next_id = self._tail_from = self.outbox.end_id
-        self._held[:0] = [NewMessage(r.topic, r.payload, r.qos, r.ts) for r in survivors]
+        self._held[:0] = [NewMessage(r.topic, r.payload, r.qos, r.ts,
+                                     pinned=r.topic == self._events_topic) for r in survivors]
         self.event("store_corrupt", moved_to=moved, kept=len(survivors), lost=lost,
                    error=str(e))
         self._retry_at = 0.0

@@ -50,6 +50,7 @@ from edge.modbus import pdu
 from edge.modbus.client import (
     Connection,
     ConnectionPool,
+    FrameErrorKind,
     ModbusConnectionError,
     ModbusError,
     ModbusExceptionError,
@@ -315,12 +316,15 @@ def test_response_parsing_matches_spec_examples() -> None:
         pdu.read_request(4, 0, 1).parse(bytes.fromhex("8402"), 0, 2)
     assert (ei.value.function_code, ei.value.exception_code) == (4, 2)
     assert ei.value.name == "ILLEGAL DATA ADDRESS"
-    with pytest.raises(ModbusFrameError, match="byte count"):
+    with pytest.raises(ModbusFrameError, match="byte count") as ei:
         pdu.read_request(3, 0, 2).parse(bytes.fromhex("030200010002"), 0, 6)
-    with pytest.raises(ModbusFrameError, match="function code"):
+    assert ei.value.kind is FrameErrorKind.SHORT
+    with pytest.raises(ModbusFrameError, match="function code") as ei:
         pdu.read_request(3, 0, 1).parse(bytes.fromhex("04020001"), 0, 4)
-    with pytest.raises(ModbusFrameError, match="echo"):
+    assert ei.value.kind is FrameErrorKind.WRONG_FUNCTION
+    with pytest.raises(ModbusFrameError, match="echo") as ei:
         pdu.write_registers_request(5, [1, 2]).parse(bytes.fromhex("1000050003"), 0, 5)
+    assert ei.value.kind is FrameErrorKind.GARBLED
     assert pdu.write_registers_request(5, [1, 2]).parse(bytes.fromhex("1000050002"), 0, 5) is None
 
 
@@ -564,8 +568,9 @@ async def test_wrong_unit_id_is_a_frame_error(framing: Framing, pool: Connection
     )
     async with RawServer(framing, wrong) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="unit 9"):
+        with pytest.raises(ModbusFrameError, match="unit 9") as ei:
             await conn.read(1, HR, 10, 3, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.WRONG_UNIT
         await read_ok(conn)
         assert (conn.stats.frame_errors, conn.stats.responses) == (1, 1)
 
@@ -577,8 +582,9 @@ async def test_wrong_function_code_is_a_frame_error(framing: Framing, pool: Conn
     )
     async with RawServer(framing, wrong) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="function code 4"):
+        with pytest.raises(ModbusFrameError, match="function code 4") as ei:
             await conn.read(1, HR, 10, 3, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.WRONG_FUNCTION
         await read_ok(conn)
         assert conn.stats.frame_errors == 1
 
@@ -590,8 +596,9 @@ async def test_wrong_byte_count_is_a_frame_error(framing: Framing, pool: Connect
     )
     async with RawServer(framing, short) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="byte count 4, expected 6"):
+        with pytest.raises(ModbusFrameError, match="byte count 4, expected 6") as ei:
             await conn.read(1, HR, 10, 3, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.SHORT
         await read_ok(conn)
         assert (conn.stats.frame_errors, conn.stats.responses) == (1, 1)
 
@@ -601,8 +608,9 @@ async def test_truncated_answer_is_a_frame_error(framing: Framing, pool: Connect
     truncated = first_then_good(framing, lambda req: [(0.0, good(framing, req)[:-3])])
     async with RawServer(framing, truncated) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="incomplete"):
+        with pytest.raises(ModbusFrameError, match="incomplete") as ei:
             await conn.read(1, HR, 10, 3, timeout=0.3)
+        assert ei.value.kind is FrameErrorKind.SHORT
         await read_ok(conn)  # MBAP: on a fresh connection, without backoff
         assert (conn.stats.frame_errors, conn.stats.timeouts, conn.stats.responses) == (1, 0, 1)
         assert conn.stats.connects == srv.connections == (2 if framing is Framing.MBAP else 1)
@@ -616,8 +624,9 @@ async def test_bad_crc_is_a_frame_error(pool: ConnectionPool) -> None:
 
     async with RawServer(Framing.RTU, first_then_good(Framing.RTU, bad_crc)) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="CRC"):
+        with pytest.raises(ModbusFrameError, match="CRC") as ei:
             await conn.read(1, HR, 10, 3, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.CRC
         await read_ok(conn)
         assert (conn.stats.frame_errors, conn.stats.responses) == (1, 1)
 
@@ -629,8 +638,9 @@ async def test_garbled_rtu_frame_then_line_noise(pool: ConnectionPool) -> None:
     )
     async with RawServer(Framing.RTU, noise) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="garbled"):
+        with pytest.raises(ModbusFrameError, match="garbled") as ei:
             await conn.read(1, HR, 10, 3, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.GARBLED
         await asyncio.sleep(0.1)
         await read_ok(conn)
         assert conn.stats.discarded == 1
@@ -642,8 +652,9 @@ async def test_garbled_mbap_header_drops_the_connection(pool: ConnectionPool) ->
     )
     async with RawServer(Framing.MBAP, garbled) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="garbled MBAP header"):
+        with pytest.raises(ModbusFrameError, match="garbled MBAP header") as ei:
             await conn.read(1, HR, 10, 1, timeout=1.0)
+        assert ei.value.kind is FrameErrorKind.GARBLED
         await read_ok(conn)
         assert (conn.stats.connects, conn.stats.rejected) == (2, 0)
 
@@ -1064,8 +1075,9 @@ async def test_answer_incomplete_at_the_deadline_completes_in_the_guard(
     )
     async with RawServer(Framing.RTU, split) as srv:
         conn = pool.get(srv.endpoint)
-        with pytest.raises(ModbusFrameError, match="incomplete"):
+        with pytest.raises(ModbusFrameError, match="incomplete") as ei:
             await conn.read(1, HR, 10, 3, timeout=0.3)
+        assert ei.value.kind is FrameErrorKind.SHORT
         await read_ok(conn, address=20)  # sent after the rest of the late answer
         assert conn.stats.discarded == 1
         assert [r.address for r in srv.received] == [10, 20]

@@ -5,6 +5,7 @@ Exception codes and names: *MODBUS Application Protocol Specification V1.1b3* §
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Final
 
 EXCEPTION_NAMES: Final = {
@@ -42,9 +43,34 @@ class ModbusExceptionError(ModbusError):
         )
 
 
+class FrameErrorKind(StrEnum):
+    """What was wrong with an answer that cannot be the answer (``ModbusFrameError.kind``)."""
+
+    CRC = "crc"
+    """RTU: the CRC-16 does not match."""
+    SHORT = "short"
+    """Truncated: incomplete at the deadline, a PDU or read response shorter than it
+    says or than the request asks for (fewer registers or bits)."""
+    GARBLED = "garbled"
+    """Cannot be delimited or makes no sense: garbled MBAP header, RTU frame of an
+    unknown function code, longer than it says, exception response of the wrong size,
+    write echo not matching, more than one frame for one request."""
+    WRONG_UNIT = "wrong_unit"
+    """A well-formed answer from another unit id than the one asked."""
+    WRONG_FUNCTION = "wrong_function"
+    """A well-formed answer with another function code than the request's."""
+
+
 class ModbusFrameError(ModbusError):
-    """An answer that cannot be the answer: short, garbled, CRC mismatch, wrong unit id,
-    wrong function code, byte count or echo not matching the request."""
+    """An answer that cannot be the answer; ``kind`` (:class:`FrameErrorKind`) says how.
+
+    An MBAP answer with a wrong transaction id is no frame error: it answers nobody,
+    is discarded, and the request times out.
+    """
+
+    def __init__(self, message: str, *, kind: FrameErrorKind) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def exception_name(code: int) -> str:

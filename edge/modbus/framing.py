@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from edge.modbus.errors import (
+    FrameErrorKind,
     ModbusConnectionError,
     ModbusError,
     ModbusExceptionError,
@@ -126,11 +127,11 @@ class Link(asyncio.Protocol, abc.ABC):
     def fail_all(self, error: ModbusError) -> None:
         """Fail every request in flight with ``error``."""
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, kind: FrameErrorKind) -> None:
         """The byte stream can no longer be trusted: fail what is in flight, reconnect."""
         self.desynced = True
         self.buf.clear()
-        self.fail_all(ModbusFrameError(f"{self.key}: {reason}"))
+        self.fail_all(ModbusFrameError(f"{self.key}: {reason}", kind=kind))
         if self.transport is not None:
             self.transport.abort()
         self._on_lost(self, None)  # at once: no request may go out on this transport
@@ -151,7 +152,10 @@ class Link(asyncio.Protocol, abc.ABC):
     def _expired(self, req: Request, unit_id: int, partial: int) -> ModbusError:
         where = f"{self.key} unit {unit_id} {req}"
         if partial:
-            return ModbusFrameError(f"{where}: answer incomplete ({partial} bytes) at the deadline")
+            return ModbusFrameError(
+                f"{where}: answer incomplete ({partial} bytes) at the deadline",
+                kind=FrameErrorKind.SHORT,
+            )
         return ModbusTimeoutError(f"{where}: no answer in time")
 
 
@@ -194,7 +198,7 @@ class MbapLink(Link):
         if not fut.done():
             fut.set_exception(self._expired(req, unit_id, partial))
         if partial:
-            self.drop("truncated MBAP answer")
+            self.drop("truncated MBAP answer", FrameErrorKind.SHORT)
 
     def _deliver(self, entry: Pending, unit: int, view: Buffer, start: int, end: int) -> None:
         """Resolve ``entry`` with the answer PDU ``view[start:end]`` from ``unit``."""
@@ -204,7 +208,8 @@ class MbapLink(Link):
             self.stats.discarded += 1
         elif unit != unit_id:
             fut.set_exception(
-                ModbusFrameError(f"{self.key}: answer from unit {unit}, asked {unit_id}")
+                ModbusFrameError(f"{self.key}: answer from unit {unit}, asked {unit_id}",
+                                 kind=FrameErrorKind.WRONG_UNIT)
             )
         else:
             try:
@@ -233,7 +238,8 @@ class MbapLink(Link):
         while n - pos >= 7:
             tid, protocol, length, unit = MBAP.unpack_from(view, pos)
             if protocol != 0 or not 3 <= length <= MAX_PDU + 1:
-                self.drop(f"garbled MBAP header {bytes(view[pos : pos + 7]).hex()}")
+                self.drop(f"garbled MBAP header {bytes(view[pos : pos + 7]).hex()}",
+                          FrameErrorKind.GARBLED)
                 return
             end = pos + 6 + length
             if end > n:
@@ -428,7 +434,8 @@ class RtuLink(Link):
                 cur,
                 ModbusFrameError(
                     f"{self.key} unit {cur[2]} {cur[1]}: a second frame followed its answer, "
-                    "so one of them answers an earlier request; neither is taken"
+                    "so one of them answers an earlier request; neither is taken",
+                    kind=FrameErrorKind.GARBLED,
                 ),
             )
             self._between(data)
@@ -450,11 +457,11 @@ class RtuLink(Link):
             return None
         unit_id = cur[2]
         if size is None:
-            wrong = f"garbled RTU frame {bytes(buf[:8]).hex()}"
+            wrong, kind = f"garbled RTU frame {bytes(buf[:8]).hex()}", FrameErrorKind.GARBLED
         elif crc16(buf, 0, size) != 0:
-            wrong = f"CRC mismatch in {bytes(buf[:size]).hex()}"
+            wrong, kind = f"CRC mismatch in {bytes(buf[:size]).hex()}", FrameErrorKind.CRC
         elif buf[0] != unit_id:
-            wrong = f"answer from unit {buf[0]}, asked {unit_id}"
+            wrong, kind = f"answer from unit {buf[0]}, asked {unit_id}", FrameErrorKind.WRONG_UNIT
         else:
             try:
                 return cur[1].parse(buf, 1, size - 2), size
@@ -462,7 +469,7 @@ class RtuLink(Link):
                 return e, size
             except ModbusError as e:
                 return e, 0
-        return ModbusFrameError(f"{self.key}: {wrong}"), 0
+        return ModbusFrameError(f"{self.key}: {wrong}", kind=kind), 0
 
     def _answered(self, cur: Pending, outcome: Values | ModbusError | None, size: int) -> None:
         """A complete frame arrived for ``cur`` (``size`` 0: not its answer)."""
@@ -477,7 +484,8 @@ class RtuLink(Link):
                 ModbusFrameError(
                     f"{self.key} unit {cur[2]} {cur[1]}: more than one frame in its answer "
                     f"window ({len(rest)} bytes after a complete frame), so one of them "
-                    "answers an earlier request; none is taken"
+                    "answers an earlier request; none is taken",
+                    kind=FrameErrorKind.GARBLED,
                 ),
             )
             self._between(rest)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Final
 
-from edge.modbus.errors import ModbusExceptionError, ModbusFrameError
+from edge.modbus.errors import FrameErrorKind, ModbusExceptionError, ModbusFrameError
 
 Buffer = bytes | bytearray
 """A receive buffer; responses are decoded in place from ``buf[start:end]``."""
@@ -86,14 +86,17 @@ class Request:
         """
         size = end - start
         if size < 2:
-            raise ModbusFrameError(f"response PDU of {size} bytes is too short")
+            raise ModbusFrameError(f"response PDU of {size} bytes is too short",
+                                   kind=FrameErrorKind.SHORT)
         fc = buf[start]
         if fc != self.function_code:
             if fc == self.function_code | 0x80:
                 if size != 2:
-                    raise ModbusFrameError(f"exception response of {size} bytes, expected 2")
+                    raise ModbusFrameError(f"exception response of {size} bytes, expected 2",
+                                           kind=FrameErrorKind.GARBLED)
                 raise ModbusExceptionError(self.function_code, buf[start + 1])
-            raise ModbusFrameError(f"function code {fc} in response to {self.function_code}")
+            raise ModbusFrameError(f"function code {fc} in response to {self.function_code}",
+                                   kind=FrameErrorKind.WRONG_FUNCTION)
         kind = self._kind
         if kind <= _READ_REGISTERS:
             byte_count = buf[start + 1]
@@ -101,10 +104,14 @@ class Request:
             if byte_count != expected:
                 raise ModbusFrameError(
                     f"byte count {byte_count}, expected {expected} for {self.count} "
-                    f"{'registers' if kind == _READ_REGISTERS else 'bits'}"
+                    f"{'registers' if kind == _READ_REGISTERS else 'bits'}",
+                    kind=FrameErrorKind.SHORT if byte_count < expected else FrameErrorKind.GARBLED,
                 )
             if size != 2 + byte_count:
-                raise ModbusFrameError(f"read response of {size} bytes, expected {2 + byte_count}")
+                raise ModbusFrameError(
+                    f"read response of {size} bytes, expected {2 + byte_count}",
+                    kind=FrameErrorKind.SHORT if size < 2 + byte_count else FrameErrorKind.GARBLED,
+                )
             if kind == _READ_REGISTERS:
                 return list(_REGISTERS[self.count].unpack_from(buf, start + 2))
             bits: list[bool] = []
@@ -115,7 +122,8 @@ class Request:
         echo = self.pdu if kind == _WRITE_SINGLE else self.pdu[:5]
         if size != 5 or buf[start:end] != echo:
             raise ModbusFrameError(
-                f"write response {bytes(buf[start:end]).hex()} does not echo {echo.hex()}"
+                f"write response {bytes(buf[start:end]).hex()} does not echo {echo.hex()}",
+                kind=FrameErrorKind.GARBLED,
             )
         return None
 

@@ -49,14 +49,15 @@ import asyncio
 import contextlib
 import functools
 import math
-import random
 from collections.abc import Sequence
 from typing import Any, cast
 
 import serial_asyncio_fast
 
 from edge.config.model import Endpoint, Framing, SerialEndpoint, Table
+from edge.modbus.backoff import equal_jitter
 from edge.modbus.errors import (
+    FrameErrorKind,
     ModbusConnectionError,
     ModbusError,
     ModbusExceptionError,
@@ -77,6 +78,7 @@ __all__ = [
     "Connection",
     "ConnectionPool",
     "ConnectionStats",
+    "FrameErrorKind",
     "ModbusConnectionError",
     "ModbusError",
     "ModbusExceptionError",
@@ -367,9 +369,9 @@ class Connection:
         self._backoff(reason)
 
     def _backoff(self, reason: str) -> None:
-        cap = min(self._backoff_max, self._backoff_initial * 2.0 ** min(self._attempt, 40))
+        delay = equal_jitter(self._attempt, self._backoff_initial, self._backoff_max)
         self._attempt += 1
-        self._retry_at = asyncio.get_running_loop().time() + random.uniform(cap / 2, cap)
+        self._retry_at = asyncio.get_running_loop().time() + delay
         self._last_error = reason
 
     def _lost(self, link: Link, exc: Exception | None) -> None:

@@ -87,7 +87,7 @@ async def poll(port: int, unit: int, cycles: int = 1) -> tuple[DevicePoller, lis
     states: list[tuple[str, str]] = []
     poller = DevicePoller(device(port, unit), pool.get(device(port, unit).endpoint),
                           readings.append, lambda d, s, _r: states.append((d, s)),
-                          offline_after=2)
+                          breaker_failures=2)
     try:
         for _ in range(cycles):
             await poller.poll_once()
@@ -207,3 +207,53 @@ async def test_offline_device_is_only_probed_with_backoff() -> None:
     # offline at the first cycle, then probes after 1 s and 2 s more: 2 or 3 cycles
     assert poller.stats.state == "offline"
     assert 2 <= poller.stats.cycles <= 3, poller.stats.cycles
+    assert poller.stats.breaker == "open"
+    assert poller.stats.breaker_opened == 1
+    assert poller.stats.consecutive_failures == poller.stats.cycles
+    assert poller.stats.next_probe_s > asyncio.get_running_loop().time() - 0.01
+
+
+async def test_half_open_lets_one_probe_through_across_cycle_groups(server: int) -> None:
+    """A silent device with two collect cycles: once its breaker is open, each probe
+    cycle runs alone (the other group waits for it), and a failed probe reopens it."""
+    dev = DeviceSpec(
+        namespace="default", name="two-cycles", model="m",
+        endpoint=TcpEndpoint("127.0.0.1", server), unit_id=SILENT,
+        properties=tuple(
+            PropertySpec(n, Visitor(Table.HOLDING_REGISTER, o, 1, RawType.UINT16),
+                         ValueType.INT, collect_cycle_ms=c)
+            for n, o, c in (("fast", 0, 100), ("slow", 10, 130))
+        ),
+        options=ModbusOptions(timeout_s=0.1, retries=0, max_gap=0),
+    )
+    pool = ConnectionPool()
+    poller = DevicePoller(dev, pool.get(dev.endpoint), lambda _r: None, lambda *_: None,
+                          breaker_failures=1, probe_initial_s=0.05, probe_max_s=0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    poll_once = poller.poll_once
+    active: list[int | None] = []
+    probes: list[tuple[str, int]] = []  # breaker state at a probe's start, others in flight
+
+    async def observed(cycle_ms: int | None = None) -> Reading | None:
+        if poller.stats.breaker != "closed" and loop.time() - started > 0.3:
+            probes.append((poller.stats.breaker, len(active)))
+        active.append(cycle_ms)
+        try:
+            return await poll_once(cycle_ms)
+        finally:
+            active.remove(cycle_ms)
+
+    poller.poll_once = observed  # type: ignore[method-assign]
+    task = asyncio.create_task(poller.run())
+    try:
+        await asyncio.sleep(1.2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+    # probes every 25..50 ms + 100 ms timeout: ~7 in 0.9 s, each alone, half-open
+    assert len(probes) >= 4, probes
+    assert probes == [("half_open", 0)] * len(probes)
+    assert poller.stats.breaker_opened == 1
+    assert poller.stats.state == "offline"

@@ -2,20 +2,27 @@
 
 A device has one task per distinct collect cycle. A cycle sends the cycle's read
 requests one after another on the device's shared connection, decodes every property,
-and hands one :class:`~edge.reading.Reading` to the sink. Failures stay local:
+and hands one :class:`~edge.reading.Reading` to the sink. Failures stay local and
+never end the poller:
 
 * an exception response, a garbled/short frame or an answer from the wrong unit id
-  marks the properties of that request ``bad`` in this reading and counts an error;
+  marks the properties of that request ``bad`` in this reading and counts an error
+  by kind (:class:`DeviceStats`);
 * a timeout is retried ``options.retries`` times, then marks them ``bad``;
 * a connection that is down (or waiting out its reconnect backoff) fails at once.
 
-The device is ``online`` as soon as one request of a cycle is answered (an
-exception response is an answer). It is ``offline`` at once when its connection
-cannot be made, and after ``offline_after`` consecutive cycles without any answer
-when requests time out; until then its readings carry every property as ``bad``.
-No readings are produced while it is offline, and an offline device is only probed,
-one cycle at a time with a delay doubling from 1 s to 60 s, so that a dead unit on a
-shared gateway or serial bus costs the others almost nothing.
+Circuit breaker (:class:`CircuitBreaker`, state in ``stats.breaker``): a cycle
+*fails* when no request got an answer (data or an exception response; a frame that
+cannot be the answer is none). The breaker is ``closed`` while the device is polled
+normally; it *opens* after ``breaker_failures`` consecutive failed cycles, at once
+when every request of a cycle failed for want of a connection. While ``open`` no
+readings are made and nothing is sent; when the probe time comes it is
+``half_open``: one cycle (the probe) is in flight, alone. An answered probe closes it,
+a failed one opens it again with the probe delay doubled (equal jitter, from
+``probe_initial_s`` to ``probe_max_s``, like the client's reconnect backoff), so dead
+devices on one bus neither cost it much nor probe in lockstep. The device is reported
+``offline`` when the breaker opens and ``online`` at its first answer and whenever the
+breaker closes.
 
 A device that answers ILLEGAL DATA ADDRESS to a request that reads unused addresses
 to merge properties (gap fill) gets those properties read separately from then on.
@@ -30,10 +37,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from edge.config.model import DeviceSpec, Value
+from edge.modbus.backoff import equal_jitter
 from edge.modbus.client import (
     Connection,
+    FrameErrorKind,
     ModbusConnectionError,
     ModbusError,
     ModbusExceptionError,
@@ -49,6 +59,8 @@ log = logging.getLogger(__name__)
 PROBE_INITIAL_S = 1.0
 PROBE_MAX_S = 60.0
 
+BreakerState = Literal["closed", "open", "half_open"]
+
 ReadingSink = Callable[[Reading], None]
 StateSink = Callable[[str, str, str], None]
 """Called as ``(device_key, "online" | "offline", reason)`` on every state change."""
@@ -56,7 +68,28 @@ StateSink = Callable[[str, str, str], None]
 
 @dataclass(slots=True)
 class DeviceStats:
-    """Per-device counters since start; latency of the last cycle in ms."""
+    """Per-device counters since start (never reset) and the device's current state.
+
+    ``state``: ``unknown`` (nothing answered yet), ``online`` or ``offline``.
+    ``requests`` counts attempts (retries included); each failed one is counted once
+    by kind: ``timeouts``; ``exceptions`` (by code in ``exception_codes``);
+    ``frame_errors``, split by :class:`~edge.modbus.errors.FrameErrorKind` into
+    ``crc_errors``, ``short_frames``, ``garbled_frames``, ``wrong_unit`` and
+    ``wrong_function``; ``connection_errors`` (connect refused/failed, reset, broken
+    pipe, serial port gone, or the endpoint waiting out its reconnect backoff).
+    An MBAP answer with a wrong transaction id answers nobody: it shows as a timeout.
+    ``reconnects``: connections to the device's endpoint made after the first one,
+    as this device saw them (every device on a shared connection counts them).
+    ``decode_errors``: properties that could not be decoded. ``overruns``: cycle
+    deadlines skipped because a cycle ran late.
+
+    Breaker: ``breaker`` is ``closed | open | half_open``, ``breaker_opened`` how
+    often it opened, ``consecutive_failures`` the failed cycles in a row now,
+    ``next_probe_s`` when an open breaker lets the next probe through (the event
+    loop's monotonic clock, seconds; 0.0 while closed).
+    ``last_poll_ms`` is the wall-clock time of the last cycle (ms since the epoch),
+    ``last_latency_ms`` its duration, ``last_error`` the last failure's message.
+    """
 
     state: str = "unknown"
     cycles: int = 0
@@ -65,13 +98,114 @@ class DeviceStats:
     timeouts: int = 0
     exceptions: int = 0
     frame_errors: int = 0
+    crc_errors: int = 0
+    short_frames: int = 0
+    garbled_frames: int = 0
+    wrong_unit: int = 0
+    wrong_function: int = 0
     connection_errors: int = 0
+    reconnects: int = 0
     decode_errors: int = 0
     overruns: int = 0
+    breaker: BreakerState = "closed"
+    breaker_opened: int = 0
+    consecutive_failures: int = 0
+    next_probe_s: float = 0.0
     last_poll_ms: int = 0
     last_latency_ms: float = 0.0
     last_error: str = ""
     exception_codes: dict[int, int] = field(default_factory=dict)
+
+
+_FRAME_COUNTERS: Final = {
+    FrameErrorKind.CRC: "crc_errors",
+    FrameErrorKind.SHORT: "short_frames",
+    FrameErrorKind.GARBLED: "garbled_frames",
+    FrameErrorKind.WRONG_UNIT: "wrong_unit",
+    FrameErrorKind.WRONG_FUNCTION: "wrong_function",
+}
+"""The DeviceStats counter of each kind of frame error."""
+
+
+class CircuitBreaker:
+    """The circuit breaker of one device; its state lives in ``stats`` (see the module doc).
+
+    ``failures``: consecutive failed cycles that open it; ``probe_initial_s`` and
+    ``probe_max_s`` bound the delay before a probe (seconds, equal jitter, doubling
+    after each failed probe). Use: :meth:`wait` before a cycle (returns when the
+    cycle may run), :meth:`record` after it.
+    """
+
+    def __init__(
+        self, stats: DeviceStats, *, failures: int, probe_initial_s: float, probe_max_s: float
+    ) -> None:
+        if failures < 1 or not 0 < probe_initial_s <= probe_max_s:
+            raise ValueError("need failures >= 1 and 0 < probe_initial_s <= probe_max_s")
+        self.stats = stats
+        self.failures = failures
+        self.probe_initial_s = probe_initial_s
+        self.probe_max_s = probe_max_s
+        self._failed_probes = 0
+        self._changed = asyncio.Event()
+
+    async def wait(self) -> None:
+        """Return at once while closed; while open, at the probe time, turning it
+        ``half_open`` (the caller runs the probe); while half-open, once the probe in
+        flight has ended and the breaker is closed or due again."""
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        while stats.breaker != "closed":
+            left = stats.next_probe_s - loop.time()
+            if stats.breaker == "open" and left <= 0:
+                self.start_probe()
+                return
+            changed = self._changed
+            try:
+                async with asyncio.timeout(left if stats.breaker == "open" else None):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+
+    def start_probe(self) -> None:
+        """A cycle starts while the breaker is open: it is the probe."""
+        if self.stats.breaker == "open":
+            self._set("half_open")
+
+    def record(self, answered: bool, *, unreachable: bool) -> bool:
+        """Account a cycle; True when it changed the breaker between closed and open.
+
+        ``answered``: some request got an answer; ``unreachable``: every request
+        failed for want of a connection (opens the breaker at once).
+        """
+        stats = self.stats
+        if answered:
+            stats.consecutive_failures = 0
+            self._failed_probes = 0
+            if stats.breaker == "closed":
+                return False
+            stats.next_probe_s = 0.0
+            self._set("closed")
+            return True
+        stats.consecutive_failures += 1
+        was_closed = stats.breaker == "closed"
+        if was_closed:
+            if not unreachable and stats.consecutive_failures < self.failures:
+                return False
+            stats.breaker_opened += 1
+            self._failed_probes = 0
+        elif stats.breaker == "open":
+            return False  # a cycle that started before it opened: keep the probe time
+        else:
+            self._failed_probes += 1
+        delay = equal_jitter(self._failed_probes, self.probe_initial_s, self.probe_max_s)
+        stats.next_probe_s = asyncio.get_running_loop().time() + delay
+        self._set("open")
+        return was_closed
+
+    def _set(self, state: BreakerState) -> None:
+        self.stats.breaker = state
+        self._changed.set()  # wake every waiter, then start a new round
+        self._changed = asyncio.Event()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,21 +231,26 @@ class DevicePoller:
         sink: ReadingSink,
         on_state: StateSink,
         *,
-        offline_after: int = 3,
+        breaker_failures: int = 3,
+        probe_initial_s: float = PROBE_INITIAL_S,
+        probe_max_s: float = PROBE_MAX_S,
         first_seq: int = 1,
     ) -> None:
         self.device = device
         self.stats = DeviceStats()
+        self.breaker = CircuitBreaker(
+            self.stats,
+            failures=breaker_failures,
+            probe_initial_s=probe_initial_s,
+            probe_max_s=probe_max_s,
+        )
         self._conn = connection
+        self._connects_seen = connection.stats.connects
         self._sink = sink
         self._on_state = on_state
-        self._offline_after = offline_after
-        self._unanswered = 0
         # (table, address, count) of requests failing now -> how (cheap to hash)
         self._failing: dict[tuple[str, int, int], type[ModbusError]] = {}
         self._seq = first_seq
-        self._probe_delay = PROBE_INITIAL_S
-        self._next_probe = 0.0
         self._groups = {
             cycle: tuple(_planned(r) for r in requests)
             for cycle, requests in plan_device(device).items()
@@ -135,13 +274,11 @@ class DevicePoller:
         period = cycle_ms / 1000.0
         deadline = loop.time()
         while True:
-            if self.stats.state == "offline":
-                # an offline device is only probed, with backoff, so that it costs a
-                # shared bus or gateway nothing between probes
-                await asyncio.sleep(max(0.0, self._next_probe - loop.time()))
+            if self.stats.breaker != "closed":
+                # open: nothing is sent until the probe, so that a dead device costs a
+                # shared bus or gateway nothing; half-open: another group probes
+                await self.breaker.wait()
                 deadline = loop.time()
-                if self.stats.state == "offline" and deadline < self._next_probe:
-                    continue  # another cycle group probed meanwhile
             await self.poll_once(cycle_ms)
             deadline += period
             now = loop.time()
@@ -152,7 +289,12 @@ class DevicePoller:
             await asyncio.sleep(deadline - now)
 
     async def poll_once(self, cycle_ms: int | None = None) -> Reading | None:
-        """Poll the group of ``cycle_ms`` (all groups when None); return the reading made."""
+        """Poll the group of ``cycle_ms`` (all groups when None); return the reading made.
+
+        Polls whatever the breaker's state (an open breaker makes this the probe);
+        only :meth:`run` waits for it.
+        """
+        self.breaker.start_probe()
         requests = (
             self._groups[cycle_ms]
             if cycle_ms is not None
@@ -168,7 +310,7 @@ class DevicePoller:
             if isinstance(data, ModbusExceptionError) and data.exception_code == 2:
                 self._split(planned.request)
             if isinstance(data, ModbusError):
-                answered = answered or isinstance(data, ModbusExceptionError | ModbusFrameError)
+                answered = answered or isinstance(data, ModbusExceptionError)
                 unreachable = unreachable and isinstance(data, ModbusConnectionError)
                 for name, _dec, _i in planned.decoders:
                     quality[name] = "bad"
@@ -200,23 +342,18 @@ class DevicePoller:
         return reading
 
     def _account(self, answered: bool, *, unreachable: bool) -> bool:
-        """Update online/offline; True when a reading should be produced."""
-        if answered:
-            self._unanswered = 0
-            self._probe_delay = PROBE_INITIAL_S
-            if self.stats.state != "online":
-                self.stats.state = "online"
-                self._on_state(self.device.key, "online", "")
-            return True
-        self._unanswered = self._offline_after if unreachable else self._unanswered + 1
-        if self._unanswered >= self._offline_after:
-            if self.stats.state != "offline":
-                self.stats.state = "offline"
-                self._on_state(self.device.key, "offline", self.stats.last_error)
-            else:
-                self._probe_delay = min(self._probe_delay * 2, PROBE_MAX_S)
-            self._next_probe = asyncio.get_running_loop().time() + self._probe_delay
-        return self.stats.state != "offline"
+        """Update the breaker and online/offline; True when a reading should be produced."""
+        changed = self.breaker.record(answered, unreachable=unreachable)
+        stats = self.stats
+        if stats.breaker == "open":
+            if changed:
+                stats.state = "offline"
+                self._on_state(self.device.key, "offline", stats.last_error)
+            return False
+        if answered and stats.state != "online":
+            stats.state = "online"
+            self._on_state(self.device.key, "online", "")
+        return True
 
     def _split(self, req: ReadRequest) -> None:
         """ILLEGAL DATA ADDRESS on a request that reads unused addresses to merge
@@ -263,6 +400,8 @@ class DevicePoller:
                 break
             except ModbusFrameError as e:
                 self.stats.frame_errors += 1
+                counter = _FRAME_COUNTERS[e.kind]
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
                 error = e
                 break
             except ModbusConnectionError as e:
@@ -270,10 +409,12 @@ class DevicePoller:
                 error = e
                 break
             else:
+                self._count_reconnects()
                 if self._failing.pop(key, None) is not None:
                     log.info("%s: %s %d+%d answers again", self.device.key, req.table,
                              req.address, req.count)
                 return data
+        self._count_reconnects()
         self.stats.last_error = f"{req.table} {req.address}+{req.count}: {error}"
         # say it once per kind of failure, not once per cycle
         level = logging.DEBUG if self._failing.get(key) is type(error) else logging.WARNING
@@ -281,3 +422,9 @@ class DevicePoller:
             log.log(level, "%s: %s", self.device.key, self.stats.last_error)
         self._failing[key] = type(error)
         return error
+
+    def _count_reconnects(self) -> None:
+        connects = self._conn.stats.connects
+        if connects > self._connects_seen:
+            self.stats.reconnects += connects - max(self._connects_seen, 1)
+            self._connects_seen = connects

@@ -8,9 +8,11 @@ after a growing delay; it never takes the other devices or the process down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from edge import __version__
 from edge.config.runtime import RuntimeConfig
@@ -63,6 +65,34 @@ class Agent:
             d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state,
                                 first_seq=seqs[d.key] + 1 if d.key in seqs else fresh_seq)
             for d in cfg.devices
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for the web page and /metrics, plain JSON-able values.
+
+        ``outbox``: ``rows``/``bytes`` stored now, ``oldest_age_s`` (0 when empty),
+        ``dropped`` by reason, ``committed``/``acked`` since start, ``transactions``,
+        ``corrupt_files``. ``uplink``: ``connected``, ``reconnects`` (connections after
+        the first), ``inflight``, ``published``/``acked`` since start, ``publish_rate``
+        (acknowledged messages/s over the last 10 s), ``held`` (in memory, disk full).
+        ``devices``: per ``ns/name`` the poller's counters and breaker
+        (:class:`~edge.modbus.poller.DeviceStats`).
+        """
+        ob, fw, cl = self.outbox.stats, self.uplink.forwarder, self.uplink.client.stats
+        return {
+            "outbox": {
+                "rows": ob.rows, "bytes": ob.bytes,
+                "oldest_age_s": max(0.0, (now_ms() - ob.oldest_ts) / 1000) if ob.rows else 0.0,
+                "dropped": dict(ob.dropped), "committed": ob.committed, "acked": ob.acked,
+                "transactions": ob.transactions, "corrupt_files": list(ob.corrupt_files),
+            },
+            "uplink": {
+                "connected": cl.connected, "reconnects": max(0, cl.connects - 1),
+                "inflight": fw.inflight, "published": fw.stats.published,
+                "acked": fw.stats.acked, "publish_rate": fw.stats.publish_rate(time.monotonic()),
+                "held": fw.stats.held,
+            },
+            "devices": {key: dataclasses.asdict(p.stats) for key, p in self.pollers.items()},
         }
 
     def _on_reading(self, reading: Reading) -> None:

@@ -28,18 +28,21 @@ renamed to ``<path>.corrupt-<UTC time>`` (with its -wal/-shm) and a fresh store 
 started — see :meth:`Outbox.reopen_fresh`; a full disk (SQLITE_FULL) raises
 :class:`StoreFullError` with the batch not written, and the caller frees room with
 :meth:`Outbox.make_room`: SQLite needs disk space even to delete, so the outbox keeps
-``<path>.reserve`` (2 MiB) to give up then, and takes it back when there is room again.
+``<path>.reserve`` (2 MiB: more than the WAL grows to, ``WAL_PAGES`` plus one
+transaction) to give up then, and takes it back when there is room again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -58,11 +61,19 @@ INSERT OR IGNORE INTO totals VALUES ('rows', 0), ('bytes', 0);
 _CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _FULL = sqlite3.SQLITE_FULL
 _HEAD_CHUNK = 500
-WAL_PAGES = 256
+WAL_PAGES = 128
 RESERVE_BYTES = 2 << 20
+MAX_PAGES = 4_294_967_294
+CHUNK_BYTES = 256 << 10
+CHUNK_ROWS = 200
+_T = TypeVar("_T")
 
 _More = Callable[[int, int], bool]
 """``(ts_ms, freed_bytes) -> bool``: go on dropping from the head."""
+
+
+def _below(goal: int, _ts: int, freed: int) -> bool:
+    return freed < goal
 
 
 class StoreFullError(Exception):
@@ -176,7 +187,7 @@ class Outbox:
         self.end_id = 1
         """The id the next stored message gets (ids never go back in one process)."""
         self._db = self._open()
-        self.ensure_reserve()
+        self._take_reserve()
 
     # -- opening ------------------------------------------------------------------
 
@@ -434,37 +445,69 @@ class Outbox:
         self._refresh_oldest()
         return drop
 
-    def make_room(self, fraction: float, keep: frozenset[int]) -> Drop | None:
+    def make_room(self, nbytes: int, keep: frozenset[int]) -> Drop | None:
         """On a full disk: give up the reserve file, fold the WAL into the database,
-        drop the oldest ``fraction`` of the stored bytes (reason ``disk_full``) and fold
-        again, so later writes reuse the freed pages. Raises :class:`StoreFullError`
-        when even that cannot be written."""
+        stop the file from growing, drop the oldest ``nbytes`` of stored messages
+        (reason ``disk_full``) in small transactions, each folded at once, and take the
+        reserve back from what the WAL gave up. Later writes reuse the freed pages.
+        Raises :class:`StoreFullError` when not even that can be written."""
         self._reserve.unlink(missing_ok=True)
-        self._checkpoint()
-        target = max(1, int(self.stats.bytes * fraction))
+        self.checkpoint()
+        # no new pages from now on: the WAL then only ever holds pages inside the file,
+        # so checkpoints need no room, and the freed pages are reused
+        with contextlib.suppress(sqlite3.Error):
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            self._db.execute(f"PRAGMA max_page_count={int(pages)}")
+        drops: list[Drop] = []
+        freed = 0
+        while freed < nbytes:
+            goal = min(CHUNK_BYTES, nbytes - freed)
+            drop = self._small(functools.partial(
+                self._drop_head, "disk_full", keep, functools.partial(_below, goal)))
+            if drop is None:
+                break
+            drops.append(drop)
+            freed += drop.bytes
+        self._take_reserve()
+        self._refresh_oldest()
+        if not drops:
+            return None
+        return Drop("disk_full", sum(d.count for d in drops), freed, drops[0].first_ts,
+                    drops[-1].last_ts, drops[0].first_id, drops[-1].last_id)
+
+    def delete_acked(self, acked: Sequence[Row]) -> None:
+        """Delete acknowledged rows in small transactions of their own, each folded at
+        once (a full disk needs the pages they free). Raises :class:`StoreFullError`."""
+        for i in range(0, len(acked), CHUNK_ROWS):
+            self._small(functools.partial(self._delete_acked, list(acked[i:i + CHUNK_ROWS])))
+        self._refresh_oldest()
+
+    def _small(self, work: Callable[[], _T]) -> _T:
+        """``work()`` in a transaction, then a checkpoint (full-disk mode)."""
         try:
             with self._transaction():
-                drop = self._drop_head("disk_full", keep, lambda _ts, freed: freed < target)
+                result = work()
         except sqlite3.DatabaseError as e:
             self._reload_totals()
             raise self._translate(e) from e
-        self._checkpoint()
-        self._refresh_oldest()
-        return drop
+        self.checkpoint()
+        return result
 
-    def _checkpoint(self) -> None:
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file and truncate it (errors ignored: a
+        checkpoint that cannot finish now is retried by the next one)."""
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def ensure_reserve(self) -> bool:
-        """Keep ``reserve_bytes`` of disk in ``<path>.reserve``, to be given up when the
-        disk is full (SQLite needs room to delete). False if the disk has no room now."""
+    def _take_reserve(self) -> bool:
         if self._reserve.exists() or not self._reserve_bytes:
             return True
         try:
             fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return True
+        except OSError:
+            return False
         try:
             os.posix_fallocate(fd, 0, self._reserve_bytes)
         except OSError:
@@ -472,6 +515,18 @@ class Outbox:
             self._reserve.unlink(missing_ok=True)
             return False
         os.close(fd)
+        return True
+
+    def room_again(self) -> bool:
+        """After :meth:`make_room`: True once the disk has room for the reserve and as
+        much again; the file may then grow again."""
+        st = os.statvfs(self._reserve.parent)
+        if st.f_bavail * st.f_frsize < 2 * self._reserve_bytes or not self._take_reserve():
+            return False
+        try:
+            self._db.execute(f"PRAGMA max_page_count={MAX_PAGES}")
+        except sqlite3.Error:
+            return False
         return True
 
     # -- reading ------------------------------------------------------------------

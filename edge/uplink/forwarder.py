@@ -29,10 +29,11 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge.store.outbox import (
+    CHUNK_BYTES,
     Drop,
     NewMessage,
     Outbox,
@@ -49,7 +50,19 @@ log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 60.0
 RETRY_S = 1.0
 FULL_DROP_FRACTION = 0.05
+TXN_MAX_BYTES = CHUNK_BYTES
+
+
+def _chunk_len(messages: list[NewMessage]) -> int:
+    """How many of ``messages`` (at least one) fit in TXN_MAX_BYTES of payload."""
+    total = 0
+    for i, m in enumerate(messages):
+        total += len(m.payload)
+        if total > TXN_MAX_BYTES:
+            return max(1, i)
+    return len(messages)
 IDLE_S = 1.0
+RATE_WINDOW_S = 10
 DROP_REPORT_S = 5.0
 
 
@@ -63,7 +76,11 @@ class _PendingDrop:
 
 @dataclass(slots=True)
 class ForwardStats:
-    """Counters since start (the outbox's own are in ``Outbox.stats``)."""
+    """Counters since start (the outbox's own are in ``Outbox.stats``): messages
+    ``published`` (handed to the broker), ``acked`` (PUBACK), ``read_back`` from the
+    file (a backlog), ``resent_after_reconnect`` (paho's DUP re-sends), ``store_errors``,
+    ``held`` in memory now (full disk); ``acked_window`` holds (second, acks) of the
+    last RATE_WINDOW_S seconds for :meth:`publish_rate`."""
 
     published: int = 0
     acked: int = 0
@@ -71,6 +88,24 @@ class ForwardStats:
     resent_after_reconnect: int = 0
     store_errors: int = 0
     held: int = 0
+    acked_window: collections.deque[list[int]] = field(default_factory=collections.deque)
+
+    def count_acked(self, n: int, now_s: float) -> None:
+        """Add ``n`` acknowledgements at monotonic time ``now_s``."""
+        self.acked += n
+        second = int(now_s)
+        w = self.acked_window
+        if w and w[-1][0] == second:
+            w[-1][1] += n
+        else:
+            w.append([second, n])
+        while w and w[0][0] <= second - RATE_WINDOW_S:
+            w.popleft()
+
+    def publish_rate(self, now_s: float) -> float:
+        """Acknowledged messages per second over the last RATE_WINDOW_S seconds."""
+        since = int(now_s) - RATE_WINDOW_S
+        return sum(n for sec, n in list(self.acked_window) if sec > since) / RATE_WINDOW_S
 
 
 class Forwarder:
@@ -179,6 +214,8 @@ class Forwarder:
         )
         if (has_new or acks_due) and now >= self._retry_at:
             self._commit()
+        if self._full_since and now >= self._retry_at:
+            self._check_room()
         if now >= self._next_expire:
             self._next_expire = now + EXPIRE_EVERY_S
             self._expire()
@@ -214,6 +251,7 @@ class Forwarder:
         return max(0.001, min(waits))
 
     def _take_acks(self) -> None:
+        n = 0
         while self._acked_mids:
             row = self._inflight.pop(self._acked_mids.popleft(), None)
             if row is None:
@@ -221,39 +259,47 @@ class Forwarder:
             if not self._to_delete:
                 self._first_ack_at = time.monotonic()
             self._to_delete.append(row)
-            self.stats.acked += 1
+            n += 1
+        if n:
+            self.stats.count_acked(n, time.monotonic())
 
     def _keep(self) -> frozenset[int]:
         return frozenset(r.id for r in (*self._inflight.values(), *self._to_delete))
 
     def _commit(self) -> None:
-        new = self._held
+        held = self._held
         while self._incoming:
-            new.append(self._incoming.popleft())
-        self._held = []
-        try:
-            rows, drops = self.outbox.write(new, self._to_delete, keep=self._keep())
-        except StoreFullError as e:
-            self._disk_full(new, e)
-            return
-        except StoreCorruptError as e:
-            self._held = new
-            self._replace_damaged(e)
-            return
-        except BaseException:
-            self._held = new
-            raise
-        self._to_delete = []
-        if self._full_since and self.outbox.ensure_reserve():
-            log.warning("outbox: room on the disk again after %.0f s",
-                        time.monotonic() - self._full_since)
-            self.event("store_full", state="cleared")
-            self._full_since = 0.0
-        self.stats.held = 0
-        self._tail.extend(rows)
-        self._trim_tail()
-        for d in drops:
-            self._dropped(d)
+            held.append(self._incoming.popleft())
+        while True:
+            # bounded transactions keep the WAL small: on a full disk it must fit
+            n = _chunk_len(held)
+            new, self._held = held[:n], held[n:]
+            try:
+                rows, drops = self.outbox.write(new, self._to_delete, keep=self._keep())
+            except StoreFullError as e:
+                self._held[:0] = new
+                self._disk_full(sum(len(m.payload) for m in new), e)
+                return
+            except BaseException as e:
+                self._held[:0] = new
+                if isinstance(e, StoreCorruptError):
+                    self._replace_damaged(e)
+                    return
+                raise
+            self._to_delete = []
+            self._tail.extend(rows)
+            self._trim_tail()
+            for d in drops:
+                self._dropped(d)
+            held = self._held
+            if self._full_since:
+                self.outbox.checkpoint()  # give the WAL's disk back at once
+                if held:
+                    self._wake.set()  # one transaction a turn until the disk has room
+                    break
+            if not held:
+                break
+        self.stats.held = len(self._held)
 
     def _trim_tail(self) -> None:
         extra = len(self._tail) - self.settings.tail
@@ -288,32 +334,45 @@ class Forwarder:
                        first_ts=p.first_ts, last_ts=p.last_ts, total=total)
         self._drops.clear()
 
-    def _disk_full(self, new: list[NewMessage], e: StoreFullError) -> None:
+    def _disk_full(self, batch_bytes: int, e: StoreFullError) -> None:
         if not self._full_since:
             self._full_since = time.monotonic()
             log.error("outbox %s: the disk is full (%s); dropping the oldest messages to "
                       "make room", self.outbox.path, e)
             self.event("store_full", state="full", error=str(e))
         self._retry_at = time.monotonic() + RETRY_S
+        if self._to_delete:  # what the broker has frees room first
+            try:
+                self.outbox.delete_acked(self._to_delete)
+                self._to_delete = []
+            except StoreFullError:
+                pass
+        room = max(int(self.outbox.stats.bytes * FULL_DROP_FRACTION), 2 * batch_bytes)
         try:
-            drop = self.outbox.make_room(FULL_DROP_FRACTION, self._keep())
+            drop = self.outbox.make_room(room, self._keep())
         except StoreFullError:
             drop = None
         if drop is not None:
             self._dropped(drop)
             self._retry_at = 0.0  # room was made: try again at once
-        overflow = len(new) - self.settings.held_max
+        held = self._held
+        overflow = len(held) - self.settings.held_max
         if overflow > 0:
+            lost, self._held = held[:overflow], held[overflow:]
             self.outbox.stats.count_drop("disk_full", overflow)
-            log.error("outbox: %d messages dropped: the disk is full and %d are held in "
-                      "memory", overflow, self.settings.held_max)
-            t = now_ms()
-            self._dropped(Drop("disk_full", overflow, sum(len(m.payload) for m in new[:overflow]),
-                               new[0].ts if new else t, new[overflow - 1].ts if new else t,
-                               0, 0))
-            new = new[overflow:]
-        self._held = new
-        self.stats.held = len(new)
+            self._dropped(Drop("disk_full", overflow, sum(len(m.payload) for m in lost),
+                               lost[0].ts, lost[-1].ts, 0, 0))
+        self.stats.held = len(self._held)
+
+    def _check_room(self) -> None:
+        """While the disk is full: is there room again (the reserve can be taken back)?"""
+        if not self.outbox.room_again():
+            self._retry_at = time.monotonic() + RETRY_S
+            return
+        log.warning("outbox: room on the disk again after %.0f s",
+                    time.monotonic() - self._full_since)
+        self.event("store_full", state="cleared")
+        self._full_since = 0.0
 
     def _replace_damaged(self, e: Exception) -> None:
         survivors = sorted({r.id: r for r in (*self._inflight.values(), *self._tail)}.values(),

@@ -63,6 +63,8 @@ class Agent:
         seqs = self.outbox.seqs
         self.pollers = {
             d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state,
+                                breaker_failures=m.breaker_failures,
+                                probe_initial_s=m.probe_initial_s, probe_max_s=m.probe_max_s,
                                 first_seq=seqs[d.key] + 1 if d.key in seqs else fresh_seq)
             for d in cfg.devices
         }

@@ -1140,7 +1140,8 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
         "trust": {"keys": []},
         "plugins": {"dir": base / "plugins"},
         "policy": {"mode": "audit"},
-        "modbus": {"backoff_initial_ms": 500, "backoff_max_ms": 30000, "connect_timeout_ms": 3000},
+        "modbus": {"backoff_initial_ms": 500, "backoff_max_ms": 30000, "connect_timeout_ms": 3000,
+                   "breaker_failures": 3, "probe_initial_ms": 1000, "probe_max_ms": 60000},
         "log": {"level": "info"},
     }  # fmt: skip
     assert (agent.topic_prefix, agent.client_id, agent.uplink.tls.enabled) == (

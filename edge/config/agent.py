@@ -375,16 +375,24 @@ class ModbusConfig(_Section):
 
     Reconnects back off exponentially (with jitter) from ``backoff_initial_ms`` to
     ``backoff_max_ms``; ``connect_timeout_ms`` bounds one TCP connect or serial open.
+    A device's circuit breaker opens after ``breaker_failures`` cycles in a row without
+    an answer; it then lets one probe cycle through after a delay doubling (with
+    jitter) from ``probe_initial_ms`` to ``probe_max_ms``.
     """
 
     backoff_initial_ms: int = Field(default=500, gt=0, strict=True)
     backoff_max_ms: int = Field(default=30_000, gt=0, strict=True)
     connect_timeout_ms: int = Field(default=3_000, gt=0, strict=True)
+    breaker_failures: int = Field(default=3, ge=1, le=1000, strict=True)
+    probe_initial_ms: int = Field(default=1_000, gt=0, strict=True)
+    probe_max_ms: int = Field(default=60_000, gt=0, strict=True)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> ModbusConfig:
         if self.backoff_initial_ms > self.backoff_max_ms:
             raise ValueError("backoff_initial_ms must not be greater than backoff_max_ms")
+        if self.probe_initial_ms > self.probe_max_ms:
+            raise ValueError("probe_initial_ms must not be greater than probe_max_ms")
         return self
 
 

@@ -29,11 +29,15 @@ CHILD_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class ModbusTiming:
-    """Reconnect backoff and connect timeout for every Modbus endpoint, seconds."""
+    """Reconnect backoff and connect timeout for every Modbus endpoint, and every
+    device's circuit breaker (failed cycles to open it, probe delays); seconds."""
 
     backoff_initial_s: float
     backoff_max_s: float
     connect_timeout_s: float
+    breaker_failures: int
+    probe_initial_s: float
+    probe_max_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,9 @@ def build_runtime_config(path: Path) -> RuntimeConfig:
             backoff_initial_s=agent.modbus.backoff_initial_ms / 1000.0,
             backoff_max_s=agent.modbus.backoff_max_ms / 1000.0,
             connect_timeout_s=agent.modbus.connect_timeout_ms / 1000.0,
+            breaker_failures=agent.modbus.breaker_failures,
+            probe_initial_s=agent.modbus.probe_initial_ms / 1000.0,
+            probe_max_s=agent.modbus.probe_max_ms / 1000.0,
         ),
         store=StoreSettings(
             path=agent.store.path,

@@ -48,6 +48,6 @@ class ForwardSettings:
 
     inflight: int = 100
     rate: float = 2500.0
-    tail: int = 5000
+    tail: int = 1000
     ack_delay_s: float = 0.1
     held_max: int = 20_000

@@ -1,4 +1,4 @@
-"""The ``edge`` command line: run, check, simulate, tail."""
+"""The ``edge`` command line: run, check, simulate, tail, faultproxy."""
 
 from __future__ import annotations
 
@@ -158,6 +158,41 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
     except SimulatorError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None
+
+
+@main.command()
+@click.option("--listen", required=True, metavar="127.0.0.1:PORT",
+              help="Where Modbus clients connect (port 0: any free one).")
+@click.option("--target", required=True, metavar="127.0.0.1:PORT",
+              help="The Modbus TCP server to forward to (only 127.0.0.1).")
+@click.option("--control", required=True, metavar="127.0.0.1:PORT",
+              help='Line-based JSON control port, e.g. {"mode":"delay","ms":500}.')
+@click.option("--framing", type=click.Choice(["mbap", "rtu"]), default="mbap",
+              show_default=True, help="How answers are delimited for corrupt (rtu: RTU over TCP).")
+@click.option("--log-level", default="info", show_default=True)
+def faultproxy(listen: str, target: str, control: str, framing: str, log_level: str) -> None:
+    """Forward to a Modbus server and inject faults on command (tests, benchmark).
+
+    Modes: pass, delay (ms, direction up|down|both), drop, cut, corrupt (flavour
+    byte|truncate|unit|tid|function|garble); see edge/faultproxy.py. Prints one line
+    with the ports once listening; runs until SIGINT/SIGTERM.
+    """
+    from edge.faultproxy import parse_address, run_proxy  # noqa: PLC0415
+
+    for name, value in (("--listen", listen), ("--target", target), ("--control", control)):
+        try:
+            parse_address(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=name) from None
+    _setup_logging(log_level)
+
+    def announce(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    _run_until_signal(
+        lambda stop: run_proxy(listen, target, control, stop, framing=framing, announce=announce)
+    )
 
 
 @main.command()

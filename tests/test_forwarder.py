@@ -32,9 +32,9 @@ from edge.uplink.settings import BrokerSettings, ForwardSettings
 EVENTS = "e/events"
 
 
-def reading(i: int, size: int = 200) -> NewMessage:
-    body = json.dumps({"device": "a", "seq": i, "pad": "x" * size}).encode()
-    return NewMessage("e/telemetry/ns/a", body, 1, now_ms() + i, "ns/a", i)
+def reading(i: int, size: int = 200, device: str = "a") -> NewMessage:
+    body = json.dumps({"device": device, "seq": i, "pad": "x" * size}).encode()
+    return NewMessage(f"e/telemetry/ns/{device}", body, 1, now_ms() + i, f"ns/{device}", i)
 
 
 def forwarder(box: Outbox, port: int, **settings: float) -> Forwarder:
@@ -52,13 +52,12 @@ def stop(fw: Forwarder) -> None:
     fw.client.stop()
 
 
-def seqs(sub: Subscriber) -> list[int]:
-    return [json.loads(m.payload)["seq"] for m in sub.messages if "/telemetry/" in m.topic]
+def seqs(sub: Subscriber, device: str = "a") -> list[int]:
+    return [json.loads(m.payload)["seq"] for m in sub.messages
+            if m.topic == f"e/telemetry/ns/{device}"]
 
 
-def test_a_backlog_drains_paced_in_order_and_live_messages_follow_it(
-    tmp_path: Path, stop_later: StopLater
-) -> None:
+def test_a_backlog_drains_paced_and_in_order(tmp_path: Path, stop_later: StopLater) -> None:
     box = Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000)
     box.write([reading(i) for i in range(1, 1001)], [], keep=frozenset())
     broker = stop_later(start_broker(tmp_path))
@@ -66,20 +65,46 @@ def test_a_backlog_drains_paced_in_order_and_live_messages_follow_it(
     fw = forwarder(box, broker.port, rate=250.0, inflight=20)
     started = time.monotonic()
     most_inflight = 0
-    for i in range(1001, 1011):  # live readings arrive while the backlog drains
-        fw.submit(reading(i))
+    while not seqs(sub) or seqs(sub)[-1] != 1000:
         most_inflight = max(most_inflight, fw.inflight)
-        time.sleep(0.05)
-    sub.wait_for(lambda m: json.loads(m.payload).get("seq") == 1010, timeout=20)
+        assert time.monotonic() - started < 20
+        time.sleep(0.01)
     elapsed = time.monotonic() - started
     stop(fw)
-    assert seqs(sub) == list(range(1, 1011))  # once each, in order, backlog first
-    # 1010 messages at 250/s with a burst of 20 cannot take less than ~3.96 s
-    assert elapsed >= (1010 - 20) / 250 * 0.95
+    assert seqs(sub) == list(range(1, 1001))
+    # 1000 messages at 250/s with a burst of 20 cannot take less than ~3.9 s
+    assert elapsed >= (1000 - 20) / 250 * 0.95
     assert most_inflight <= 20
-    assert fw.stats.read_back >= 1000 - 20
-    again = Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000)
-    assert again.stats.rows == 0
+    assert Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000).stats.rows == 0
+
+
+def test_live_readings_overtake_other_devices_backlog_never_their_own(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000)
+    box.write([reading(i, device=d) for i in range(1, 501) for d in ("a", "c")], [],
+              keep=frozenset())
+    broker = stop_later(start_broker(tmp_path))
+    sub = stop_later(Subscriber(broker.port, "e/#"))
+    fw = forwarder(box, broker.port, rate=100.0, inflight=20)  # the backlog takes ~10 s
+    time.sleep(0.5)
+    delays = []
+    for i in range(1, 6):  # live readings of a device with no backlog: at once
+        fw.submit(reading(i, device="b"))
+        t = time.monotonic()
+        sub.wait_for(lambda m, i=i: m.topic == "e/telemetry/ns/b"
+                     and json.loads(m.payload)["seq"] == i, timeout=5)
+        delays.append(time.monotonic() - t)
+    fw.submit(reading(501, device="a"))  # live, after a's backlog: pulls it forward
+    sub.wait_for(lambda m: json.loads(m.payload).get("seq") == 501, timeout=5)
+    assert len(seqs(sub, "c")) < 450  # c's backlog is still draining, paced
+    sub.wait_for(lambda m: m.topic == "e/telemetry/ns/c"
+                 and json.loads(m.payload)["seq"] == 500, timeout=20)
+    stop(fw)
+    assert max(delays) < 1.0  # not behind ~10 s of other devices' backlog
+    assert seqs(sub, "a") == list(range(1, 502))  # each device in order, once
+    assert seqs(sub, "b") == list(range(1, 6))
+    assert seqs(sub, "c") == list(range(1, 501))
 
 
 @pytest.fixture
@@ -120,10 +145,7 @@ def test_a_full_disk_drops_the_oldest_reports_it_and_delivers_the_rest(
     dropped = box.stats.dropped["disk_full"]
     assert dropped > 0
     stop_later(start_broker(tmp_path, port=port, persist=persist))
-    try:
-        sub.wait_for(lambda m: json.loads(m.payload).get("seq") == n, timeout=20)
-    except TimeoutError:
-        raise AssertionError((box.stats, fw.stats, fw._next_id, box.end_id, len(seqs(sub)))) from None
+    sub.wait_for(lambda m: json.loads(m.payload).get("seq") == n, timeout=20)
     time.sleep(6)  # one drop report per 5 s
     stop(fw)
     got = seqs(sub)

@@ -29,6 +29,7 @@ def _agent_file(path: Path, node: str, broker_port: int, manifests: str) -> Path
     path.write_text(yaml.safe_dump({
         "node": node, "devices": [manifests],
         "uplink": {"host": "127.0.0.1", "port": broker_port}, "log": {"level": "debug"},
+        "store": {"path": "./edge.db"},
     }))
     return path
 

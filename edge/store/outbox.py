@@ -52,8 +52,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL,
     ts INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    pinned INTEGER NOT NULL
+    pinned INTEGER NOT NULL DEFAULT 0,
+    device TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS outbox_device ON outbox (device, id);
 CREATE TABLE IF NOT EXISTS seq (device TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO totals VALUES ('rows', 0), ('bytes', 0);
@@ -70,6 +72,17 @@ _T = TypeVar("_T")
 
 _More = Callable[[int, int], bool]
 """``(ts_ms, freed_bytes) -> bool``: go on dropping from the head."""
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a store written by an earlier edge lacks (with their defaults)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+    if not have:
+        return
+    for column, decl in (("pinned", "INTEGER NOT NULL DEFAULT 0"),
+                         ("device", "TEXT NOT NULL DEFAULT ''")):
+        if column not in have:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {decl}")
 
 
 def _below(goal: int, _ts: int, freed: int) -> bool:
@@ -115,6 +128,7 @@ class Row:
     qos: int
     ts: int
     size: int
+    device: str = ""
 
 
 @dataclass(slots=True)
@@ -209,6 +223,7 @@ class Outbox:
             # a small WAL: it needs disk too, and a full disk must leave room to delete
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            _migrate(db)
             db.executescript(SCHEMA)
             totals = dict(db.execute("SELECT k, v FROM totals"))
             self.stats.rows, self.stats.bytes = totals["rows"], totals["bytes"]
@@ -328,12 +343,12 @@ class Outbox:
         for m in new:
             size = len(m.topic.encode()) + len(m.payload)
             cur = execute(
-                "INSERT INTO outbox (topic, payload, qos, ts, size, pinned) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (m.topic, m.payload, m.qos, m.ts, size, m.pinned),
+                "INSERT INTO outbox (topic, payload, qos, ts, size, pinned, device) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (m.topic, m.payload, m.qos, m.ts, size, m.pinned, m.device),
             )
             assert cur.lastrowid is not None
-            rows.append(Row(cur.lastrowid, m.topic, m.payload, m.qos, m.ts, size))
+            rows.append(Row(cur.lastrowid, m.topic, m.payload, m.qos, m.ts, size, m.device))
             if m.device:
                 seqs[m.device] = m.seq
         if seqs:
@@ -536,15 +551,23 @@ class Outbox:
         row = self._db.execute("SELECT id FROM outbox ORDER BY id LIMIT 1").fetchone()
         return int(row[0]) if row else self.end_id
 
-    def rows_from(self, first_id: int, limit: int) -> list[Row]:
-        """Up to ``limit`` stored rows with ``id >= first_id``, ids ascending."""
+    def rows_from(self, first_id: int, limit: int, *, before: int | None = None) -> list[Row]:
+        """Up to ``limit`` stored rows with ``first_id <= id < before``, ids ascending."""
+        return self._select("id >= ? AND id < ?", (first_id, before or self.end_id), limit)
+
+    def device_rows(self, device: str, first_id: int, before: int, limit: int) -> list[Row]:
+        """Up to ``limit`` stored rows of ``device`` with ``first_id <= id < before``."""
+        return self._select("device = ? AND id >= ? AND id < ?", (device, first_id, before),
+                            limit)
+
+    def _select(self, where: str, args: tuple[object, ...], limit: int) -> list[Row]:
         try:
             return [
                 Row(*r)
                 for r in self._db.execute(
-                    "SELECT id, topic, payload, qos, ts, size FROM outbox WHERE id >= ? "
-                    "ORDER BY id LIMIT ?",
-                    (first_id, limit),
+                    "SELECT id, topic, payload, qos, ts, size, device FROM outbox "  # noqa: S608
+                    f"WHERE {where} ORDER BY id LIMIT ?",
+                    (*args, limit),
                 )
             ]
         except sqlite3.DatabaseError as e:

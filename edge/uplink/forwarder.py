@@ -137,7 +137,7 @@ class Forwarder:
         self._held: list[NewMessage] = []
         self._tail: collections.deque[Row] = collections.deque()
         self._next_id = outbox.first_id()
-        self._tail_from = outbox.end_id  # the tail holds every stored row from this id on
+        self._live_from = outbox.end_id
         self._tokens = float(self.settings.inflight)
         self._tokens_at = time.monotonic()
         self._connects_seen = 0
@@ -287,8 +287,9 @@ class Forwarder:
                     return
                 raise
             self._to_delete = []
-            self._tail.extend(rows)
-            self._trim_tail()
+            if self.client.stats.connected:
+                self._tail.extend(rows)
+                self._trim_tail()
             for d in drops:
                 self._dropped(d)
             held = self._held
@@ -303,16 +304,16 @@ class Forwarder:
 
     def _trim_tail(self) -> None:
         extra = len(self._tail) - self.settings.tail
-        for _ in range(max(0, extra)):
-            self._tail.popleft()
-        if extra > 0:
-            self._tail_from = self._tail[0].id if self._tail else self.outbox.end_id
+        if extra > 0:  # the oldest live rows wait in the file with the backlog
+            for _ in range(extra):
+                self._tail.popleft()
+            self._live_from = self._tail[0].id
 
     def _dropped(self, d: Drop) -> None:
         tail = self._tail
         if tail and d.first_id <= tail[-1].id and d.last_id >= tail[0].id:
-            tail.clear()  # what is left of it is read back from the file
-            self._tail_from = self.outbox.end_id
+            self._tail = collections.deque(r for r in tail
+                                           if not d.first_id <= r.id <= d.last_id)
         p = self._drops.setdefault(d.reason, _PendingDrop(d.first_ts))
         p.count += d.count
         p.bytes += d.bytes
@@ -386,7 +387,7 @@ class Forwarder:
         self._inflight.clear()
         self._to_delete = []
         self._tail.clear()
-        self._next_id = self._tail_from = self.outbox.end_id
+        self._next_id = self._live_from = self.outbox.end_id
         self._held[:0] = [NewMessage(r.topic, r.payload, r.qos, r.ts,
                                      pinned=r.topic == self._events_topic) for r in survivors]
         self.event("store_corrupt", moved_to=moved, kept=len(survivors), lost=lost,
@@ -409,9 +410,15 @@ class Forwarder:
             self._dropped(drop)
 
     # -- sending ------------------------------------------------------------------
+    #
+    # Rows with id >= _live_from were committed while the current connection was up
+    # (the live ones): they wait in _tail and go out first, each right after whatever
+    # older rows of its own device are still unsent. Everything older is the backlog,
+    # drained in id order from the file (cursor _next_id), paced by the token bucket;
+    # rows already sent in flight or acknowledged (_skip) are passed over.
 
     def _has_unsent(self) -> bool:
-        return self._next_id < self.outbox.end_id
+        return bool(self._tail) or self._next_id < self._live_from
 
     def _send(self) -> None:
         c = self.client
@@ -419,6 +426,8 @@ class Forwarder:
             return
         if c.stats.connects != self._connects_seen:
             self._connects_seen = c.stats.connects
+            self._live_from = self.outbox.end_id  # all that is stored now is backlog
+            self._tail.clear()
             # paho re-sends what was in flight first; nothing newer may overtake it
             self._hold_new = bool(self._inflight)
             self.stats.resent_after_reconnect += len(self._inflight)
@@ -426,35 +435,54 @@ class Forwarder:
             if self._inflight:
                 return
             self._hold_new = False
-        now = time.monotonic()
         s = self.settings
+        skip = {r.id for r in (*self._inflight.values(), *self._to_delete)}
+        budget = s.inflight - len(self._inflight)
+        budget = self._send_live(budget, skip)
+        now = time.monotonic()
         self._tokens = min(float(s.inflight), self._tokens + (now - self._tokens_at) * s.rate)
         self._tokens_at = now
-        budget = min(s.inflight - len(self._inflight), int(self._tokens))
-        while budget > 0 and self._has_unsent():
-            rows = self._next_rows(budget)
+        paced = min(budget, int(self._tokens))
+        while paced > 0 and self._next_id < self._live_from:
+            rows = self.outbox.rows_from(self._next_id, paced, before=self._live_from)
             if not rows:
-                self._next_id = self.outbox.end_id  # everything left was dropped
-                return
+                self._next_id = self._live_from  # everything left was dropped
+                break
+            self.stats.read_back += len(rows)
             for r in rows:
-                mid = c.publish_mid(r.topic, r.payload, qos=r.qos)
-                if mid is None:
-                    return  # paho refused (e.g. the connection just went): next turn
-                self._inflight[mid] = r
+                if r.id not in skip:
+                    if not self._publish(r, skip):
+                        return
+                    self._tokens -= 1
+                    paced -= 1
                 self._next_id = r.id + 1
-                self._tokens -= 1
-                budget -= 1
-                self.stats.published += 1
 
-    def _next_rows(self, n: int) -> list[Row]:
+    def _send_live(self, budget: int, skip: set[int]) -> int:
         tail = self._tail
-        while tail and tail[0].id < self._next_id:
+        while budget > 0 and tail:
+            row = tail[0]
+            if self._next_id < self._live_from and row.device:
+                older = [r for r in self.outbox.device_rows(
+                    row.device, self._next_id, self._live_from, budget + len(skip))
+                    if r.id not in skip][:budget]
+                if older:
+                    self.stats.read_back += len(older)
+                    for r in older:
+                        if not self._publish(r, skip):
+                            return 0
+                    budget -= len(older)
+                    continue
+            if not self._publish(row, skip):
+                return 0
             tail.popleft()
-        if self._next_id >= self._tail_from:
-            return [tail.popleft() for _ in range(min(n, len(tail)))]
-        rows = self.outbox.rows_from(self._next_id, n)
-        self.stats.read_back += len(rows)
-        if not rows:
-            self._next_id = self._tail_from
-            return self._next_rows(n)
-        return rows
+            budget -= 1
+        return budget
+
+    def _publish(self, r: Row, skip: set[int]) -> bool:
+        mid = self.client.publish_mid(r.topic, r.payload, qos=r.qos)
+        if mid is None:
+            return False  # paho refused (e.g. the connection just went): next turn
+        self._inflight[mid] = r
+        skip.add(r.id)
+        self.stats.published += 1
+        return True

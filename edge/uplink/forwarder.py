@@ -1,18 +1,20 @@
 """Store-and-forward: messages go into the SQLite outbox first, then to the broker.
 
 One thread (``edge-forwarder``) owns the :class:`~edge.store.outbox.Outbox`. Each
-turn it commits what arrived since the last turn — new readings and events in one
-transaction, together with the deletion of every message the broker acknowledged
-(PUBACK at QoS 1; written to the socket at QoS 0) — and then hands the broker the
-next committed messages, strictly in id order, so a device's readings arrive in the
-order they were read, across reconnects and restarts. Nothing is deleted before its
-acknowledgement; a message is never published before it is committed.
+turn it commits what arrived since the last turn — new readings and events in
+transactions of at most 256 KiB, together with the deletion of every message the
+broker acknowledged (PUBACK at QoS 1; written to the socket at QoS 0) — and then
+hands the broker committed messages. Nothing is deleted before its acknowledgement;
+a message is never published before it is committed.
 
-Pacing: at most ``inflight`` messages are unacknowledged at a time, and at most
-``rate`` messages per second go out (a token bucket holding up to ``inflight``
-tokens). Live readings are committed while a backlog drains and are published after
-the older messages of the outbox (order first). After a reconnect, paho re-sends the
-messages that were in flight (DUP) before anything newer goes out.
+Order and pacing: a device's readings always reach the broker in the order they were
+read, across reconnects and restarts. Messages committed while the connection is up
+(live) go out first, each right after whatever older messages of its own device are
+still unsent; everything stored before (the backlog of an outage or of a previous
+run) drains in id order, at most ``rate`` messages per second (a token bucket of
+``inflight`` tokens). At most ``inflight`` messages are unacknowledged at a time.
+After a reconnect, paho re-sends the messages that were in flight (DUP) before
+anything newer goes out.
 
 Faults: a full disk drops the oldest stored messages to make room (counted, reason
 ``disk_full``) and holds what still cannot be written in memory (at most

@@ -1133,7 +1133,7 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
                    "client_id": None, "keepalive": 30,
                    "tls": {"ca": None, "cert": None, "key": None},
                    "username": None, "password_file": None, "reconnect_max_ms": 1000,
-                   "inflight": 100, "rate": 2500.0},
+                   "inflight": 100, "rate": 2500.0, "order": "device"},
         "store": {"path": Path("/var/lib/edge/edge.db"), "max_bytes": 268435456, "ttl": 604800,
                   "drop": "oldest", "synchronous": "full"},
         "web": {"listen": "127.0.0.1:8080"},

@@ -37,7 +37,7 @@ def reading(i: int, size: int = 200, device: str = "a") -> NewMessage:
     return NewMessage(f"e/telemetry/ns/{device}", body, 1, now_ms() + i, f"ns/{device}", i)
 
 
-def forwarder(box: Outbox, port: int, **settings: float) -> Forwarder:
+def forwarder(box: Outbox, port: int, **settings: object) -> Forwarder:
     client = BrokerClient(BrokerSettings("127.0.0.1", port, client_id=f"fw-{port}",
                                          reconnect_min_s=0.1, reconnect_max_s=0.2))
     fw = Forwarder(box, client, events_topic=EVENTS,
@@ -184,3 +184,20 @@ async def test_agent_stats_show_the_outbox_uplink_and_devices(
     assert dev["state"] == "online"
     assert dev["readings"] >= 15
     json.dumps(s)  # plain values only
+
+
+def test_order_live_sends_a_live_reading_before_its_own_backlog(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000)
+    box.write([reading(i) for i in range(1, 301)], [], keep=frozenset())
+    broker = stop_later(start_broker(tmp_path))
+    sub = stop_later(Subscriber(broker.port, "e/#"))
+    fw = forwarder(box, broker.port, rate=100.0, inflight=20, order="live")
+    time.sleep(0.5)
+    fw.submit(reading(301))
+    sub.wait_for(lambda m: json.loads(m.payload)["seq"] == 301, timeout=2)
+    assert len(seqs(sub)) < 150  # the backlog is still draining behind it
+    sub.wait_for(lambda m: json.loads(m.payload)["seq"] == 300, timeout=10)
+    stop(fw)
+    assert sorted(seqs(sub)) == list(range(1, 302))

@@ -310,7 +310,10 @@ class UplinkConfig(_Section):
     ``reconnect_max_ms`` caps the delay between reconnect attempts (they start at a
     quarter second and double). ``inflight`` caps the messages published and not yet
     acknowledged; ``rate`` caps
-    messages per second (both pace the drain of a backlog after an outage).
+    messages per second of a backlog's drain after an outage; ``order`` ``device``
+    keeps each device's readings in order (a live reading waits for its own device's
+    unsent older ones), ``live`` sends live readings at once, before their device's
+    backlog (consumers order by ``seq``).
     """
 
     host: Annotated[str, AfterValidator(_host)] = "127.0.0.1"
@@ -325,6 +328,7 @@ class UplinkConfig(_Section):
     reconnect_max_ms: int = Field(default=1000, ge=100, le=3_600_000, strict=True)
     inflight: int = Field(default=100, ge=1, le=65_535, strict=True)
     rate: float = Field(default=2500.0, gt=0, le=1_000_000)
+    order: Literal["device", "live"] = "device"
 
 
 class StoreConfig(_Section):

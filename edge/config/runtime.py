@@ -128,7 +128,7 @@ def build_runtime_config(path: Path) -> RuntimeConfig:
             drop=agent.store.drop,
             synchronous=agent.store.synchronous,
         ),
-        forward=ForwardSettings(inflight=up.inflight, rate=up.rate),
+        forward=ForwardSettings(inflight=up.inflight, rate=up.rate, order=up.order),
         log_level=agent.log.level,
         devices=cfg.devices,
         warnings=cfg.warnings,

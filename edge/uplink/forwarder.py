@@ -7,14 +7,15 @@ broker acknowledged (PUBACK at QoS 1; written to the socket at QoS 0) — and th
 hands the broker committed messages. Nothing is deleted before its acknowledgement;
 a message is never published before it is committed.
 
-Order and pacing: a device's readings always reach the broker in the order they were
-read, across reconnects and restarts. Messages committed while the connection is up
-(live) go out first, each right after whatever older messages of its own device are
-still unsent; everything stored before (the backlog of an outage or of a previous
-run) drains in id order, at most ``rate`` messages per second (a token bucket of
-``inflight`` tokens). At most ``inflight`` messages are unacknowledged at a time.
-After a reconnect, paho re-sends the messages that were in flight (DUP) before
-anything newer goes out.
+Order and pacing: a device's readings reach the broker in the order they were read,
+across reconnects and restarts (``order="device"``). Messages committed while the
+connection is up (live) go out first, each right after whatever older messages of
+its own device are still unsent — or at once with ``order="live"``, where after an
+outage a device's live readings overtake its own backlog. Everything stored before
+(the backlog of an outage or of a previous run) drains in id order, at most
+``rate`` messages per second (a token bucket of ``inflight`` tokens). At most
+``inflight`` messages are unacknowledged at a time. After a reconnect, paho re-sends
+the messages that were in flight (DUP) before anything newer goes out.
 
 Faults: a full disk drops the oldest stored messages to make room (counted, reason
 ``disk_full``) and holds what still cannot be written in memory (at most
@@ -124,6 +125,7 @@ class Forwarder:
         self.outbox = outbox
         self.client = client
         self.settings = settings or ForwardSettings()
+        self._in_device_order = self.settings.order == "device"
         self.stats = ForwardStats()
         self._events_topic = events_topic
         self._incoming: collections.deque[NewMessage] = collections.deque()
@@ -463,7 +465,7 @@ class Forwarder:
         tail = self._tail
         while budget > 0 and tail:
             row = tail[0]
-            if self._next_id < self._live_from and row.device:
+            if self._in_device_order and self._next_id < self._live_from and row.device:
                 older = [r for r in self.outbox.device_rows(
                     row.device, self._next_id, self._live_from, budget + len(skip))
                     if r.id not in skip][:budget]

@@ -39,7 +39,9 @@ class ForwardSettings:
     """Pacing of the uplink from the outbox.
 
     ``inflight``: messages published and not yet acknowledged, at most; ``rate``:
-    messages per second, at most (also while draining a backlog); ``tail``: committed
+    messages per second, at most, of a backlog's drain; ``order``: ``device`` (a live
+    reading waits for the unsent older readings of its own device) or ``live`` (it
+    goes out at once; consumers order by ``seq``); ``tail``: committed
     messages kept in memory so live traffic is published without reading them back;
     ``ack_delay_s``: how long acknowledgements may wait to be deleted when no new
     message comes to share the transaction; ``held_max``: messages kept in memory
@@ -48,6 +50,7 @@ class ForwardSettings:
 
     inflight: int = 100
     rate: float = 2500.0
+    order: str = "device"
     tail: int = 1000
     ack_delay_s: float = 0.1
     held_max: int = 20_000

@@ -120,10 +120,11 @@ def manifests(
 
 
 def agent_file(
-    *, node: str, broker_port: int, qos: int, log_level: str, store_path: str = "./edge.db"
+    *, node: str, broker_port: int, qos: int, log_level: str, store_path: str = "./edge.db",
+    order: str = "device",
 ) -> str:
     """``edge.yaml`` (DESIGN.md §3); the store lives in the run directory."""
-    uplink = {"host": "127.0.0.1", "port": broker_port, "qos": qos}
+    uplink = {"host": "127.0.0.1", "port": broker_port, "qos": qos, "order": order}
     return (
         "\n".join(
             [
@@ -157,6 +158,8 @@ def main() -> int:
     p.add_argument("--timeout-ms", type=int, default=1000, help="Modbus request timeout")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--store-path", default="./edge.db", help="store.path of the agent file")
+    p.add_argument("--uplink-order", choices=("device", "live"), default="device",
+                   help="uplink.order of the agent file")
     a = p.parse_args()
 
     devices, tag_count, poll_ms = SCENARIOS.get(a.scenario or "", (None, None, None))
@@ -176,6 +179,7 @@ def main() -> int:
             qos=a.qos,
             log_level=a.log_level,
             store_path=a.store_path,
+            order=a.uplink_order,
         ),
         encoding="utf-8",
     )

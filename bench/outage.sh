@@ -32,6 +32,7 @@
 # Env (all optional):
 #   SCENARIO         s2 (default; 100 devices x 20 tags @ 1 s) | s1
 #   PRE, POST        seconds before the broker is stopped (20) / after it is back (40)
+#   EDGE_ORDER=live  edge with uplink.order: live (results labelled edge-live)
 #   EDGE_KILL=1      SIGKILL edge KILL_AT s (default DOWN/2) into the outage, restart it
 #   EDGE_BIN         the agent (default: <repo>/.venv/bin/edge)
 #   EDGE_BENCH_SHARED  the shared harness (default: <repo>/../shared/bench), used in place
@@ -52,7 +53,7 @@ AGENTS="${1:-edge thingsboard-memory thingsboard-sqlite}"
 DOWNS="${2:-30 60}"
 SCEN="${SCENARIO:-s2}"
 PRE="${PRE:-20}"; POST="${POST:-40}"
-EDGE_KILL="${EDGE_KILL:-0}"; KILL_AT="${KILL_AT:-}"
+EDGE_KILL="${EDGE_KILL:-0}"; KILL_AT="${KILL_AT:-}"; EDGE_ORDER="${EDGE_ORDER:-device}"
 EDGE_BIN="${EDGE_BIN:-$REPO/.venv/bin/edge}"
 BROKER_PORT0="${BROKER_PORT:-18871}"; SIM_BASE_PORT0="${SIM_BASE_PORT:-16700}"
 GRACE="${GRACE:-3}"
@@ -126,7 +127,8 @@ start_agent() {  # AGENT RUN: spawn it, set AGENT_PID (and GW_PGID for the peer)
 run_one() {  # AGENT DOWN
   local agent="$1" down="$2" kill_edge=0 label storage=none
   [ "$agent" = edge ] && [ "$EDGE_KILL" = 1 ] && kill_edge=1
-  label="$agent$([ "$kill_edge" = 1 ] && echo -sigkill || true)"
+  label="$agent$([ "$agent" = edge ] && [ "$EDGE_ORDER" = live ] && echo -live || true)"
+  label="$label$([ "$kill_edge" = 1 ] && echo -sigkill || true)"
   case "$agent" in thingsboard-*) storage="${agent#thingsboard-}" ;; esac
   local run port simp kill_at
   kill_at="${KILL_AT:-$(python3 -c "print($down / 2)")}"
@@ -158,7 +160,8 @@ run_one() {  # AGENT DOWN
   local agent_ver
   if [ "$agent" = edge ]; then
     python3 "$HERE/gen_manifests.py" --out "$run" --scenario "$SCEN" --sim-mode ports \
-      --sim-base-port "$simp" --broker-port "$port" --store-path "$run/edge.db" >/dev/null
+      --sim-base-port "$simp" --broker-port "$port" --store-path "$run/edge.db" \
+      --uplink-order "$EDGE_ORDER" >/dev/null
     "$EDGE_BIN" check -c "$run/edge.yaml" >"$run/check.out" 2>&1 \
       || { echo "edge check failed:" >&2; cat "$run/check.out" >&2; exit 1; }
     local rev; rev="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -353,9 +353,10 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
 
 # --- broker outage (bench/outage.sh) ---------------------------------------------------
 
-OUTAGE_AGENTS = ("edge", "edge-sigkill", "thingsboard-memory", "thingsboard-sqlite")
+OUTAGE_AGENTS = ("edge", "edge-live", "edge-sigkill", "thingsboard-memory", "thingsboard-sqlite")
 OUTAGE_TITLES = {
     "edge": "edge",
+    "edge-live": "edge, uplink.order live",
     "edge-sigkill": "edge, SIGKILL in the outage",
     "thingsboard-memory": "peer memory",
     "thingsboard-sqlite": "peer sqlite",

@@ -66,6 +66,9 @@ def _chunk_len(messages: list[NewMessage]) -> int:
     return len(messages)
 IDLE_S = 1.0
 RATE_WINDOW_S = 10
+DRAIN_BURST = 25
+"""Backlog messages sent per turn at most: the drain goes in small steps between live
+readings, not in bursts of a whole window that hold the GIL against the poller."""
 DROP_REPORT_S = 5.0
 
 
@@ -446,7 +449,7 @@ class Forwarder:
         now = time.monotonic()
         self._tokens = min(float(s.inflight), self._tokens + (now - self._tokens_at) * s.rate)
         self._tokens_at = now
-        paced = min(budget, int(self._tokens))
+        paced = min(budget, int(self._tokens), DRAIN_BURST)
         while paced > 0 and self._next_id < self._live_from:
             rows = self.outbox.rows_from(self._next_id, paced, before=self._live_from)
             if not rows:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from conftest import StopLater
 from support import (
     Image,
@@ -105,19 +101,6 @@ def test_live_readings_overtake_other_devices_backlog_never_their_own(
     assert seqs(sub, "a") == list(range(1, 502))  # each device in order, once
     assert seqs(sub, "b") == list(range(1, 6))
     assert seqs(sub, "c") == list(range(1, 501))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_drops_the_oldest_reports_it_and_delivers_the_rest(

@@ -207,6 +207,47 @@ def start_edge(args: list[str], workdir: Path, name: str = "agent") -> AgentProc
     return AgentProcess(proc, log)
 
 
+@dataclass
+class FaultProxyProcess:
+    """``python -m edge faultproxy`` in front of 127.0.0.1:target (any TCP server)."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    control_port: int
+    ready: str
+    """The line the proxy printed when it was listening."""
+
+    def control(self, *lines: str) -> list[dict[str, Any]]:
+        """Send each line to the control port; its JSON answers, in order."""
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as s:
+            f = s.makefile("rw")
+            replies = []
+            for line in lines:
+                f.write(line + "\n")
+                f.flush()
+                replies.append(json.loads(f.readline()))
+            return replies
+
+    def stop(self) -> int:
+        """Terminate the proxy (by its PID); its exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_faultproxy(target_port: int) -> FaultProxyProcess:
+    """Start the CLI proxy on free ports and wait for its ready line."""
+    listen, ctl = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "faultproxy", "--listen", f"127.0.0.1:{listen}",
+         "--target", f"127.0.0.1:{target_port}", "--control", f"127.0.0.1:{ctl}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None
+    return FaultProxyProcess(proc, listen, ctl, proc.stdout.readline())
+
+
 def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, Any]],
                      node: str = "gw-test", uplink: dict[str, Any] | None = None,
                      store: dict[str, Any] | None = None) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import random
 import re
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import StopLater
-from support import REPO, Image, ModbusServer, free_port, start_pty_pair
+from support import REPO, Image, ModbusServer, start_faultproxy, start_pty_pair
 
 from edge.config.model import (
     DeviceSpec,
@@ -375,30 +374,13 @@ def test_only_127_0_0_1_is_an_address(address: str) -> None:
     assert parse_address("127.0.0.1:5020") == ("127.0.0.1", 5020)
 
 
-def control(port: int, *lines: str) -> list[dict[str, Any]]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        f = s.makefile("rw")
-        replies = []
-        for line in lines:
-            f.write(line + "\n")
-            f.flush()
-            replies.append(json.loads(f.readline()))
-        return replies
-
-
 def test_cli_proxy_is_driven_from_its_control_port(mbap_server: ModbusServer) -> None:
-    listen, ctl = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "faultproxy", "--listen", f"127.0.0.1:{listen}",
-         "--target", f"127.0.0.1:{mbap_server.port}", "--control", f"127.0.0.1:{ctl}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    proxy = start_faultproxy(mbap_server.port)
+    listen, control = proxy.port, proxy.control
     try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline()
         assert re.fullmatch(rf"faultproxy listening 127\.0\.0\.1:{listen} -> "
-                            rf"127\.0\.0\.1:{mbap_server.port}, control 127\.0\.0\.1:{ctl}\n",
-                            ready), ready
+                            rf"127\.0\.0\.1:{mbap_server.port}, control "
+                            rf"127\.0\.0\.1:{proxy.control_port}\n", proxy.ready), proxy.ready
 
         def read_unit(unit: int) -> bytes:
             with socket.create_connection(("127.0.0.1", listen), timeout=1) as s:
@@ -406,24 +388,23 @@ def test_cli_proxy_is_driven_from_its_control_port(mbap_server: ModbusServer) ->
                 return s.recv(64)
 
         assert read_unit(2) == struct.pack(">HHHBBBHH", 9, 0, 7, 2, 3, 4, 200, 201)
-        replies = control(ctl, '{"mode":"drop"}', "not json", '{"mode":"fly"}', "{}")
+        replies = control('{"mode":"drop"}', "not json", '{"mode":"fly"}', "{}")
         assert replies[0]["ok"]
         assert replies[0]["mode"]["mode"] == "drop"
         assert [r["ok"] for r in replies[1:]] == [False, False, True]
         assert replies[3]["stats"]["connections"] == 1
         with pytest.raises(TimeoutError):
             read_unit(2)
-        control(ctl, '{"mode":"cut"}')
+        control('{"mode":"cut"}')
         with pytest.raises(ConnectionRefusedError):
             read_unit(2)
-        control(ctl, '{"mode":"corrupt","flavour":"unit"}')
+        control('{"mode":"corrupt","flavour":"unit"}')
         assert read_unit(2)[6] == 3
-        control(ctl, '{"mode":"pass"}')
+        control('{"mode":"pass"}')
         assert read_unit(2)[6] == 2
     finally:
-        proc.terminate()
-        proc.wait(10)
-    assert proc.returncode == 0
+        proxy.stop()
+    assert proxy.proc.returncode == 0
 
 
 def test_cli_proxy_refuses_other_targets() -> None:

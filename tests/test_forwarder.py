@@ -14,6 +14,7 @@ from support import (
     Subscriber,
     device_docs,
     start_broker,
+    start_faultproxy,
     write_agent_file,
 )
 
@@ -101,6 +102,32 @@ def test_live_readings_overtake_other_devices_backlog_never_their_own(
     assert seqs(sub, "a") == list(range(1, 502))  # each device in order, once
     assert seqs(sub, "b") == list(range(1, 6))
     assert seqs(sub, "c") == list(range(1, 501))
+
+
+def test_a_backlog_leaves_a_quarter_of_the_window_to_live_readings(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=64 << 20, ttl_ms=3_600_000)
+    box.write([reading(i) for i in range(1, 301)], [], keep=frozenset())
+    broker = stop_later(start_broker(tmp_path))
+    proxy = stop_later(start_faultproxy(broker.port))
+    # every PUBACK (and the CONNACK) comes 1.5 s late: the window fills and stays full
+    assert proxy.control('{"mode": "delay", "ms": 1500, "direction": "down"}')[0]["ok"]
+    fw = forwarder(box, proxy.port, rate=10_000.0, inflight=20, order="live")
+    deadline = time.monotonic() + 5
+    while fw.inflight < 15:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert fw.inflight == 15  # the backlog's share: 20 - 20 // 4
+    fw.submit(reading(1, device="b"))
+    deadline = time.monotonic() + 1
+    while fw.inflight == 15:
+        assert time.monotonic() < deadline, "the live reading waited for the backlog's acks"
+        time.sleep(0.01)
+    assert fw.inflight == 16
+    assert fw.stats.acked == 0  # handed to the broker before any backlog message was acked
+    stop(fw)
 
 
 def test_a_full_disk_drops_the_oldest_reports_it_and_delivers_the_rest(

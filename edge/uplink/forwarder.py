@@ -14,7 +14,8 @@ its own device are still unsent — or at once with ``order="live"``, where afte
 outage a device's live readings overtake its own backlog. Everything stored before
 (the backlog of an outage or of a previous run) drains in id order, at most
 ``rate`` messages per second (a token bucket of ``inflight`` tokens). At most
-``inflight`` messages are unacknowledged at a time. After a reconnect, paho re-sends
+``inflight`` messages are unacknowledged at a time, and a backlog never takes the
+last quarter of that window: it stays free for live readings. After a reconnect, paho re-sends
 the messages that were in flight (DUP) before anything newer goes out.
 
 Faults: a full disk drops the oldest stored messages to make room (counted, reason
@@ -69,6 +70,10 @@ RATE_WINDOW_S = 10
 DRAIN_BURST = 25
 """Backlog messages sent per turn at most: the drain goes in small steps between live
 readings, not in bursts of a whole window that hold the GIL against the poller."""
+LIVE_RESERVE = 4
+"""One slot in LIVE_RESERVE of the in-flight window is never taken by a backlog: a
+reading taken while a backlog drains goes out at once instead of waiting for the
+acknowledgements of a full window of old ones."""
 DROP_REPORT_S = 5.0
 
 
@@ -449,7 +454,7 @@ class Forwarder:
         now = time.monotonic()
         self._tokens = min(float(s.inflight), self._tokens + (now - self._tokens_at) * s.rate)
         self._tokens_at = now
-        paced = min(budget, int(self._tokens), DRAIN_BURST)
+        paced = min(budget - s.inflight // LIVE_RESERVE, int(self._tokens), DRAIN_BURST)
         while paced > 0 and self._next_id < self._live_from:
             rows = self.outbox.rows_from(self._next_id, paced, before=self._live_from)
             if not rows:

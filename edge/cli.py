@@ -198,7 +198,10 @@ def faultproxy(listen: str, target: str, control: str, framing: str, log_level: 
 @main.command()
 @CONFIG_OPTION
 @click.option("--count", type=int, default=0, help="Stop after this many messages (0: never).")
-def tail(config_path: Path, count: int) -> None:
+@click.option("--session", metavar="CLIENT_ID", default=None,
+              help="Keep a session on the broker under this client id, so that what is "
+                   "published while tail is disconnected arrives when it is back.")
+def tail(config_path: Path, count: int, session: str | None) -> None:
     """Print what the agent publishes (subscribes to the node's topics on its broker)."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
 
@@ -207,9 +210,9 @@ def tail(config_path: Path, count: int) -> None:
 
     cfg = _runtime_or_exit(config_path, warn=False)
     topics = Topics(cfg.topic_prefix)
-    client = BrokerClient(
-        dataclasses.replace(cfg.broker, client_id=f"{cfg.broker.client_id}-tail-{os.getpid()}")
-    )
+    client = BrokerClient(dataclasses.replace(
+        cfg.broker, client_id=session or f"{cfg.broker.client_id}-tail-{os.getpid()}",
+        clean_session=session is None))
     done = threading.Event()
     seen = 0
 

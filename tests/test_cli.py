@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +111,41 @@ def test_tail_prints_what_the_agent_publishes_and_survives_a_closed_pipe(tmp_pat
         assert b"Traceback" not in tail.stderr.read()
     finally:
         agent.stop()
+        broker.stop()
+
+
+def test_tail_with_a_session_gets_what_was_published_while_it_was_away(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    cfg = write_agent_file(tmp_path, broker.port, [], node="gw-away")
+
+    def event(n: int) -> None:
+        publish.single("edge/v1/gw-away/events", json.dumps({"n": n}), qos=1,
+                       hostname="127.0.0.1", port=broker.port)
+
+    tail = subprocess.Popen([sys.executable, "-m", "edge", "tail", "-c", str(cfg),
+                             "--session", "watcher"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tail.stdout is not None
+        event(1)  # may come before tail subscribed: then the next one is seen
+        seen = threading.Thread(target=tail.stdout.readline)
+        seen.start()
+        for _ in range(100):
+            seen.join(0.1)
+            if not seen.is_alive():
+                break
+            event(1)
+        assert not seen.is_alive(), "tail never printed anything"
+        time.sleep(0.5)  # the last event(1)s are delivered and acknowledged
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(10) == 0
+        event(2)  # nobody connected: the broker keeps it for the session
+        out = edge_cli("tail", "-c", str(cfg), "--session", "watcher", "--count", "1",
+                       timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == 'events {"n":2}\n'
+    finally:
+        if tail.poll() is None:
+            tail.kill()
         broker.stop()
 
 

@@ -76,7 +76,7 @@ class BrokerClient:
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
-            clean_session=True,
+            clean_session=settings.clean_session,
             reconnect_on_failure=True,
         )
         if settings.tls or settings.ca or settings.cert:

@@ -16,6 +16,8 @@ class BrokerSettings:
     each for a 50-value reading: 20 000 ≈ 34 MB), so an outage cannot exhaust a small
     gateway's memory (the uplink's readings wait in the SQLite outbox instead, and
     only ``max_inflight`` of them are ever handed to paho at once).
+    ``clean_session=False`` asks the broker to keep the session (subscriptions and
+    unacknowledged QoS 1 messages) of ``client_id`` while it is disconnected.
     """
 
     host: str
@@ -32,6 +34,7 @@ class BrokerSettings:
     reconnect_max_s: float = 8.0
     max_queued: int = 20_000
     max_inflight: int = 1000
+    clean_session: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,6 +243,16 @@ def unpolled(
     }
 
 
+def agent_reconnected(msgs: list[dict[str, Any]], t_restart: float) -> float | None:
+    """Arrival of the agent's first message after the broker restart that is not a DUP.
+
+    A DUP that arrives first is the broker re-delivering, from the subscriber's saved
+    session, what it had not acknowledged before the outage (e.g. the retained state):
+    it says nothing about the agent, which connects on its own back-off later."""
+    return min((m["t"] for m in msgs if m["t"] >= t_restart and not m.get("dup")),
+               default=None)
+
+
 def live_latency(
     msgs: list[dict[str, Any]], t_live: float | None, t_drained: float | None, cutoff: float
 ) -> dict[str, Any]:
@@ -272,7 +282,7 @@ def live_latency(
         "after_drain_p50": pct(after, 0.5),
         "after_drain_p99": pct(after, 0.99),
         "note": (
-            "live = read at or after the agent's first message after the broker "
+            "live = read at or after the agent's first message (not a DUP) after the broker "
             "restart; during drain = read by the last backlog arrival (whenever it "
             "arrived); after = read after it, up to the cutoff; first copy of each cycle"
         ),
@@ -396,9 +406,7 @@ def cmd_figures(a: argparse.Namespace) -> None:
     )
     cutoff = t_stop - a.grace
     ar = res.get("after_restart_s", {})
-    t_first = (
-        t_restart + ar["first_gateway_msg"] if ar.get("first_gateway_msg") is not None else None
-    )
+    t_first = agent_reconnected(msgs, t_restart)
     t_drained = (
         t_restart + ar["backlog_drained"] if ar.get("backlog_drained") is not None else t_first
     )

@@ -68,6 +68,7 @@ from edge.modbus.framing import ConnectionStats, Link, MbapLink, RtuLink
 from edge.modbus.pdu import (
     Request,
     Values,
+    mask_write_request,
     read_request,
     rtu_silence,
     write_coils_request,
@@ -136,6 +137,12 @@ class Connection:
         self._retry_at = 0.0
         self._last_error = ""
         self._closed = False
+        self.mask_write_unsupported: set[int] = set()
+        """Unit ids that answered ILLEGAL FUNCTION (exception 1) to a mask write (FC 22),
+        recorded by :meth:`mask_write_register`; writers go straight to read-modify-write
+        for them (:mod:`edge.modbus.writer`). Kept for the life of this connection object
+        (across reconnects: the device behind the endpoint is the same)."""
+        self._unit_locks: dict[int, asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"Connection({self._key}, connected={self.connected})"
@@ -192,6 +199,43 @@ class Connection:
         The device's echo is checked.
         """
         await self._call(unit_id, write_coils_request(address, values), timeout)
+
+    async def mask_write_register(
+        self,
+        unit_id: int,
+        address: int,
+        and_mask: int,
+        or_mask: int,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
+        """Mask Write Register (FC 22, Application Protocol V1.1b3 §6.16) at ``address``.
+
+        Frame: fc 0x16, address u16, AND mask u16, OR mask u16, all big-endian; the
+        device sets the holding register to ``(current AND and_mask) OR (or_mask AND
+        (NOT and_mask))`` in one request and echoes the request, which is checked.
+        Masks are 0..65535. A device that answers ILLEGAL FUNCTION (exception 1) is
+        added to :attr:`mask_write_unsupported`; the ModbusExceptionError is raised
+        all the same.
+        """
+        try:
+            await self._call(unit_id, mask_write_request(address, and_mask, or_mask), timeout)
+        except ModbusExceptionError as e:
+            if e.exception_code == 0x01:
+                self.mask_write_unsupported.add(unit_id)
+            raise
+
+    def unit_lock(self, unit_id: int) -> asyncio.Lock:
+        """The lock that serialises this process's multi-request sequences on one unit
+        id behind this endpoint (read-modify-write of a register, :mod:`edge.modbus.writer`).
+
+        Polling does not take it (reads cannot lose a write); other Modbus clients of the
+        device know nothing of it, which is why FC 22 is preferred where it is supported.
+        """
+        lock = self._unit_locks.get(unit_id)
+        if lock is None:
+            lock = self._unit_locks[unit_id] = asyncio.Lock()
+        return lock
 
     async def close(self) -> None:
         """Close the transport and fail whatever is in flight; later calls fail at once."""

@@ -3,8 +3,9 @@
 Sources of the formats:
 
 * PDU layouts, quantity limits, exception responses: *MODBUS Application Protocol
-  Specification V1.1b3* (2012), §4.1 (PDU ≤ 253 bytes), §6.1–§6.6, §6.11, §6.12
-  (function codes 1, 2, 3, 4, 5, 6, 15, 16) and §7 (exception responses and codes).
+  Specification V1.1b3* (2012), §4.1 (PDU ≤ 253 bytes), §6.1–§6.6, §6.11, §6.12,
+  §6.16 (function codes 1, 2, 3, 4, 5, 6, 15, 16, 22) and §7 (exception responses
+  and codes).
 * RTU ADU (address + PDU + CRC, CRC low byte first), CRC-16 and inter-frame silence:
   *MODBUS over Serial Line Specification and Implementation Guide V1.02* (2006),
   §2.5.1, §2.5.1.1 and §6.2.2.
@@ -44,6 +45,7 @@ MBAP = struct.Struct(">HHHB")
 
 _FC_ADDR_QTY = struct.Struct(">BHH")  # fc, address, quantity|value (requests, echoes)
 _FC_ADDR_QTY_N = struct.Struct(">BHHB")  # fc, address, quantity, byte count (FC 15/16)
+_MASK_WRITE = struct.Struct(">BHHH")  # fc, address, AND mask, OR mask (FC 22)
 _CRC = struct.Struct("<H")
 _REGISTERS = tuple(struct.Struct(f">{n}H") for n in range(MAX_READ_REGISTERS + 1))
 _BITS = tuple(tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256))
@@ -51,16 +53,17 @@ _BITS = tuple(tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256
 # Kinds of request, i.e. how the normal response is checked.
 _READ_BITS: Final = 0
 _READ_REGISTERS: Final = 1
-_WRITE_SINGLE: Final = 2
-_WRITE_MULTIPLE: Final = 3
+_WRITE_SINGLE: Final = 2  # FC 5, 6, 22: the response echoes the whole request
+_WRITE_MULTIPLE: Final = 3  # FC 15, 16: the response echoes fc, address, quantity
 
 
 class Request:
     """An immutable request PDU together with what its response must look like.
 
-    Build one with :func:`read_request`, :func:`write_registers_request` or
-    :func:`write_coils_request`; ``pdu`` is the request PDU (function code first),
-    ``address``/``count`` the 0-based protocol address and the quantity.
+    Build one with :func:`read_request`, :func:`write_registers_request`,
+    :func:`write_coils_request` or :func:`mask_write_request`; ``pdu`` is the request
+    PDU (function code first), ``address``/``count`` the 0-based protocol address and
+    the quantity.
     """
 
     __slots__ = ("_kind", "address", "count", "function_code", "pdu")
@@ -120,7 +123,7 @@ class Request:
             del bits[self.count :]
             return bits
         echo = self.pdu if kind == _WRITE_SINGLE else self.pdu[:5]
-        if size != 5 or buf[start:end] != echo:
+        if size != len(echo) or buf[start:end] != echo:
             raise ModbusFrameError(
                 f"write response {bytes(buf[start:end]).hex()} does not echo {echo.hex()}",
                 kind=FrameErrorKind.GARBLED,
@@ -199,6 +202,24 @@ def write_coils_request(address: int, values: Sequence[bool]) -> Request:
     return Request(_WRITE_MULTIPLE, 15, address, count, pdu)
 
 
+def mask_write_request(address: int, and_mask: int, or_mask: int) -> Request:
+    """A Mask Write Register (FC 22, V1.1b3 §6.16) of the holding register at ``address``.
+
+    Request PDU: fc 0x16, address u16 BE, AND mask u16 BE, OR mask u16 BE (7 bytes);
+    the normal response echoes the request. The device sets the register to
+    ``(current AND and_mask) OR (or_mask AND (NOT and_mask))``: and_mask 0xFFFF ^ bit,
+    or_mask bit sets a bit; or_mask 0 clears it (:func:`edge.modbus.codec.bit_mask`).
+    Raises ValueError for an address or a mask outside 0..65535.
+    """
+    _check_range(address, 1, 1, "mask write register")
+    for name, mask in (("AND", and_mask), ("OR", or_mask)):
+        if not 0 <= mask <= 0xFFFF:
+            raise ValueError(f"mask write register: {name} mask {mask} outside 0..65535")
+    return Request(
+        _WRITE_SINGLE, 22, address, 1, _MASK_WRITE.pack(22, address, and_mask, or_mask)
+    )
+
+
 def mbap_adu(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:
     """MBAP header + PDU (TCP/IP Guide V1.0b §3.1.3); protocol id 0, length = 1 + len(pdu)."""
     return MBAP.pack(transaction_id, 0, len(pdu) + 1, unit_id) + pdu
@@ -241,8 +262,9 @@ def rtu_response_length(buf: Buffer, start: int = 0) -> int | None:
     """Total length of the RTU response frame that begins at ``buf[start]``.
 
     Needs the first 3 bytes (unit id, function code, byte count or address high).
-    Exception (fc ≥ 0x80): 5; reads (fc 1–4): 5 + byte count; writes (5, 6, 15, 16): 8.
-    Returns None for any other function code: the frame cannot be delimited.
+    Exception (fc ≥ 0x80): 5; reads (fc 1–4): 5 + byte count; writes (5, 6, 15, 16): 8;
+    mask write (22): 10. Returns None for any other function code: the frame cannot be
+    delimited.
     """
     fc = buf[start + 1]
     if fc & 0x80:
@@ -251,6 +273,8 @@ def rtu_response_length(buf: Buffer, start: int = 0) -> int | None:
         return 5 + buf[start + 2]
     if fc in (5, 6, 15, 16):
         return 8
+    if fc == 22:
+        return 10
     return None
 
 

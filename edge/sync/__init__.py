@@ -1,0 +1,1 @@
+"""The control plane on the gateway: desired bundles, their verification, apply and rollback."""

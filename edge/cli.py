@@ -1,4 +1,4 @@
-"""The ``edge`` command line: run, check, simulate, tail, faultproxy."""
+"""The ``edge`` command line: run, check, simulate, tail, faultproxy, cloud."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edge import __version__
+from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -245,3 +246,6 @@ def tail(config_path: Path, count: int, session: str | None) -> None:
         pass
     finally:
         client.stop()
+
+
+main.add_command(cloud)

@@ -1,0 +1,186 @@
+"""``edge cloud``: the control plane's side, for operators and tests.
+
+``keygen`` makes an Ed25519 key pair (the public half goes into each gateway's
+``trust.keys``); ``push`` builds a desired bundle from KubeEdge manifests (or takes a
+bundle JSON file), signs it and publishes it retained on ``{prefix}/desired`` of each
+node (DESIGN.md §6, :mod:`edge.sync.bundle`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge.config.errors import ConfigError
+
+DEFAULT_PREFIX = "edge/v1/{node}"
+ACK_TIMEOUT_S = 10.0
+KINDS = {"Device": "devices", "DeviceModel": "deviceModels"}
+
+
+def _broker(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _objects(data: object, group: str) -> list[Any]:
+    """KubeEdge Device/DeviceModel objects of one YAML document (``kind: List`` too)."""
+    if isinstance(data, dict) and data.get("kind") == "List":
+        return [o for item in data.get("items") or [] for o in _objects(item, group)]
+    if (isinstance(data, dict) and str(data.get("apiVersion", "")).startswith(group + "/")
+            and data.get("kind") in KINDS):
+        return [data]
+    return []
+
+
+def bundle_content(paths: list[Path], node: str) -> dict[str, list[Any]]:
+    """The ``devices`` and ``deviceModels`` of manifest files and directories, checked
+    the way the gateway will check them; a Device bound to another node
+    (``spec.nodeName``) is left out.
+
+    Raises:
+        ConfigError: every problem of the manifests.
+    """
+    from edge.config.kubeedge_docs import GROUP  # noqa: PLC0415
+    from edge.config.load import load_manifests  # noqa: PLC0415
+    from edge.config.sources import (  # noqa: PLC0415
+        Report,
+        expand_manifest_paths,
+        read_yaml_documents,
+    )
+
+    load_manifests(paths, node=node)
+    report = Report()
+    out: dict[str, list[Any]] = {"devices": [], "deviceModels": []}
+    for file in expand_manifest_paths(paths, report):
+        for doc in read_yaml_documents(file, report):
+            for obj in _objects(doc.data, GROUP):
+                bound = (obj.get("spec") or {}).get("nodeName")
+                if obj["kind"] == "Device" and bound and bound != node:
+                    continue
+                out[KINDS[obj["kind"]]].append(obj)
+    report.raise_if_errors()
+    return out
+
+
+def publish_retained(host: str, port: int, messages: list[tuple[str, bytes]]) -> None:
+    """Publish each ``(topic, payload)`` retained at QoS 1 over one connection and wait
+    for every PUBACK.
+
+    Raises:
+        click.ClickException: the broker cannot be reached or does not acknowledge.
+    """
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    client_id=f"edge-cloud-{os.getpid()}")
+    try:
+        c.connect(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
+    c.loop_start()
+    try:
+        for topic, payload in messages:
+            info = c.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(ACK_TIMEOUT_S)
+            if not info.is_published():
+                raise click.ClickException(f"the broker {host}:{port} did not acknowledge "
+                                           f"{topic} within {ACK_TIMEOUT_S:g} s")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+@click.group()
+def cloud() -> None:
+    """The control plane's side: keys, signed bundles."""
+
+
+@cloud.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=".", show_default=True, help="Where to write NAME.key and NAME.pub.")
+@click.option("--name", default="cloud", show_default=True, help="File name stem.")
+def keygen(out_dir: Path, name: str) -> None:
+    """Make an Ed25519 key pair: NAME.key (private, mode 0600) and NAME.pub (public)."""
+    from edge.sync.bundle import key_id, load_public_key, new_key_pair  # noqa: PLC0415
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    private, public = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for p in (private, public):
+        if p.exists():
+            raise click.ClickException(f"{p} exists; not overwritten")
+    private_pem, public_pem = new_key_pair()
+    private.touch(mode=0o600)
+    private.write_bytes(private_pem)
+    public.write_bytes(public_pem)
+    kid = key_id(load_public_key(public_pem))
+    click.echo(f"{private} (keep it secret) and {public} (list it in each gateway's "
+               f"trust.keys); key id {kid}")
+
+
+@cloud.command()
+@click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
+@click.option("--key", "key_path", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The private key (PEM) to sign with.")
+@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="Bundle version (default: the time in seconds since the epoch).")
+@click.option("--expires", "expires_s", type=click.IntRange(min=1), default=7 * 86400,
+              show_default=True, help="Seconds until the bundle expires.")
+@click.option("--agent", "agent_path", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="A YAML file of agent-file sections the bundle overrides.")
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
+         version: int | None, expires_s: int, agent_path: Path | None,
+         sources: tuple[Path, ...]) -> None:
+    """Sign a bundle of SOURCES (manifest files/directories, or one bundle .json) and
+    publish it retained on each node's desired topic."""
+    import yaml  # noqa: PLC0415
+
+    from edge.sync.bundle import load_private_key, rfc3339, sign  # noqa: PLC0415
+
+    host, port = _broker(broker)
+    try:
+        key = load_private_key(key_path.read_bytes(), where=str(key_path))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    agent = yaml.safe_load(agent_path.read_text(encoding="utf-8")) if agent_path else {}
+    now = datetime.now(UTC)
+    version = version or int(time.time())
+    messages: list[tuple[str, bytes]] = []
+    lines: list[str] = []
+    for node in nodes:
+        if len(sources) == 1 and sources[0].suffix == ".json":
+            body = json.loads(sources[0].read_text(encoding="utf-8"))
+        else:
+            try:
+                body = bundle_content(list(sources), node)
+            except ConfigError as e:
+                for p in e.problems:
+                    click.echo(str(p), err=True)
+                sys.exit(2)
+        content = {"devices": [], "deviceModels": [], "policies": [], "plugins": [],
+                   "agent": agent or {}, **body, "version": version, "node": node,
+                   "issued_at": rfc3339(now),
+                   "expires_at": rfc3339(now + timedelta(seconds=expires_s))}
+        topic = prefix.format(node=node) + "/desired"
+        messages.append((topic, sign(content, key)))
+        lines.append(f"{node}: version {version} -> {topic} ({len(content['devices'])} "
+                     f"devices, {len(content['deviceModels'])} models)")
+    publish_retained(host, port, messages)
+    for line in lines:
+        click.echo(line)

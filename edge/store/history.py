@@ -1,0 +1,158 @@
+"""Configuration versions in SQLite: what was received, applied, committed, rolled back.
+
+One file (``config.db`` beside the outbox; stdlib ``sqlite3``, WAL, ``synchronous
+FULL``: a decision must survive a power cut). Table ``versions``, one row per bundle
+version that passed verification and validation:
+
+``version``
+    the bundle's version (0 is the agent file alone, before any bundle);
+``content``
+    the bundle's payload as JSON text (for ``edge config diff`` and a restart);
+``state``
+    ``pending`` (applied, in its health window), ``committed`` (the last good one is
+    the highest committed), ``rolled_back``, or ``superseded`` (committed once, a newer
+    one was committed since);
+``reason``
+    why it was rolled back; ``received_ms``, ``decided_ms``: ms since the epoch.
+
+At most one version is pending. History is bounded to ``keep`` versions; the newest
+committed one and a pending one are never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+KEEP: Final = 20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    content TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'rolled_back', 'superseded')),
+    reason TEXT NOT NULL DEFAULT '',
+    received_ms INTEGER NOT NULL,
+    decided_ms INTEGER
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One row of the history (see the module doc)."""
+
+    version: int
+    content: Mapping[str, Any]
+    state: str
+    reason: str
+    received_ms: int
+    decided_ms: int | None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class History:
+    """The version history of one gateway; every method commits before it returns."""
+
+    def __init__(self, path: Path, *, keep: int = KEEP) -> None:
+        self.path = path
+        self.keep = keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._db.close()
+
+    def _rows(self, *, state: str | None = None, version: int | None = None) -> list[Version]:
+        cur = self._db.execute(
+            "SELECT version, content, state, reason, received_ms, decided_ms FROM versions "
+            "WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR version = ?2) ORDER BY version",
+            (state, version))
+        return [Version(v, json.loads(c), s, r, rec, dec) for v, c, s, r, rec, dec in cur]
+
+    def versions(self) -> list[Version]:
+        """Every version kept, oldest first."""
+        return self._rows()
+
+    def get(self, version: int) -> Version | None:
+        """One version, or None when it is not (or no longer) kept."""
+        rows = self._rows(version=version)
+        return rows[0] if rows else None
+
+    def committed(self) -> Version | None:
+        """The version to run: the newest committed one (None before any)."""
+        rows = self._rows(state="committed")
+        return rows[-1] if rows else None
+
+    def pending(self) -> Version | None:
+        """The version in its health window, if any."""
+        rows = self._rows(state="pending")
+        return rows[-1] if rows else None
+
+    def add_pending(self, version: int, content: Mapping[str, Any]) -> None:
+        """Record ``version`` as applied and in its health window.
+
+        Raises:
+            ValueError: another version is pending, or ``version`` is already kept.
+        """
+        with self._db:
+            if self.pending() is not None:
+                raise ValueError("another version is still pending")
+            if self.get(version) is not None:
+                raise ValueError(f"version {version} is already in the history")
+            self._db.execute(
+                "INSERT INTO versions (version, content, state, received_ms) "
+                "VALUES (?, ?, 'pending', ?)",
+                (version, json.dumps(content, separators=(",", ":")), _now_ms()))
+            self._trim()
+
+    def commit(self, version: int) -> None:
+        """``version`` passed its health window: it is the last good one now."""
+        with self._db:
+            self._db.execute("UPDATE versions SET state = 'superseded' WHERE state = 'committed'")
+            self._decide(version, "committed", "")
+
+    def commit_baseline(self, content: Mapping[str, Any]) -> None:
+        """Record version 0 (the agent file alone) as committed if nothing is yet."""
+        with self._db:
+            if not self._rows():
+                self._db.execute(
+                    "INSERT INTO versions (version, content, state, received_ms, decided_ms) "
+                    "VALUES (0, ?, 'committed', ?, ?)",
+                    (json.dumps(content, separators=(",", ":")), _now_ms(), _now_ms()))
+
+    def roll_back(self, version: int, reason: str) -> None:
+        """``version`` failed (or was rolled back on request) for ``reason``; it is never
+        applied again. The newest committed version is the one to run."""
+        with self._db:
+            self._decide(version, "rolled_back", reason)
+
+    def _decide(self, version: int, state: str, reason: str) -> None:
+        cur = self._db.execute(
+            "UPDATE versions SET state = ?, reason = ?, decided_ms = ? WHERE version = ?",
+            (state, reason, _now_ms(), version))
+        if cur.rowcount != 1:
+            raise ValueError(f"version {version} is not in the history")
+
+    def _trim(self) -> None:
+        keep = self._db.execute(
+            "SELECT version FROM versions ORDER BY version DESC LIMIT ?", (self.keep,)
+        ).fetchall()
+        if len(keep) < self.keep:
+            return
+        oldest_kept = keep[-1][0]
+        self._db.execute(
+            "DELETE FROM versions WHERE version < ? AND state NOT IN ('pending', 'committed')",
+            (oldest_kept,))

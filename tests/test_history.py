@@ -1,0 +1,68 @@
+"""The configuration history in a real SQLite file, across reopening (a restart)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.store.history import History
+
+
+def test_a_pending_version_survives_a_restart_and_is_decided_after(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.commit_baseline({"devices": []})
+    h.add_pending(5, {"version": 5})
+    h.close()
+    h = History(tmp_path / "config.db")  # the agent died in the health window
+    pending = h.pending()
+    assert pending is not None
+    assert (pending.version, pending.content) == (5, {"version": 5})
+    h.roll_back(5, "the agent restarted during the health window")
+    assert h.pending() is None
+    committed = h.committed()
+    assert committed is not None
+    assert committed.version == 0
+    rolled = h.get(5)
+    assert rolled is not None
+    assert (rolled.state, rolled.reason) == ("rolled_back",
+                                             "the agent restarted during the health window")
+
+
+def test_commit_makes_the_version_the_one_to_run(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.commit_baseline({})
+    for v in (3, 4):
+        h.add_pending(v, {"version": v})
+        h.commit(v)
+    committed = h.committed()
+    assert committed is not None
+    assert committed.version == 4
+    assert [(v.version, v.state) for v in h.versions()] == [
+        (0, "superseded"), (3, "superseded"), (4, "committed")]
+    h.commit_baseline({"ignored": True})  # only before any version
+    assert len(h.versions()) == 3
+
+
+def test_one_pending_version_at_a_time_and_no_version_twice(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.add_pending(1, {})
+    with pytest.raises(ValueError, match="still pending"):
+        h.add_pending(2, {})
+    h.roll_back(1, "uplink did not reconnect")
+    with pytest.raises(ValueError, match="already in the history"):
+        h.add_pending(1, {})
+    with pytest.raises(ValueError, match="not in the history"):
+        h.commit(9)
+
+
+def test_history_is_bounded_but_keeps_the_committed_version(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db", keep=5)
+    h.commit_baseline({})
+    h.add_pending(1, {})
+    h.commit(1)
+    for v in range(2, 12):
+        h.add_pending(v, {})
+        h.roll_back(v, "broken")
+    kept = [v.version for v in h.versions()]
+    assert kept == [1, 7, 8, 9, 10, 11]  # the last five, and the committed one

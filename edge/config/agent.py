@@ -404,6 +404,16 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+class SyncConfig(_Section):
+    """``sync``: desired bundles from the control plane (see :mod:`edge.sync.controller`).
+
+    ``health_window`` is how long a newly applied configuration is watched before it
+    is committed or rolled back (seconds, or ``30s``/``2m``).
+    """
+
+    health_window: Duration = 30
+
+
 class LogConfig(_Section):
     """``log``: the log level, in any case (``INFO`` is ``info``)."""
 
@@ -428,6 +438,7 @@ class AgentFile(_Section):
     plugins: PluginsConfig = PluginsConfig()
     policy: PolicyConfig = PolicyConfig()
     modbus: ModbusConfig = ModbusConfig()
+    sync: SyncConfig = SyncConfig()
     log: LogConfig = LogConfig()
 
     @property

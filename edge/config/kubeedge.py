@@ -394,16 +394,25 @@ class Manifests:
 
 def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -> Manifests:
     """Read manifest files and directories (``*.yaml``/``*.yml``, recursive, sorted) and
-    resolve every Device against its DeviceModel into a DeviceSpec.
+    resolve every Device against its DeviceModel (:func:`resolve_documents`)."""
+    files = expand_manifest_paths(paths, report)
+    documents = [doc for file in files for doc in read_yaml_documents(file, report)]
+    return resolve_documents(documents, node=node, report=report, files=tuple(map(str, files)))
+
+
+def resolve_documents(
+    documents: Sequence[Document], *, node: str | None, report: Report,
+    files: tuple[str, ...] = (),
+) -> Manifests:
+    """Resolve every Device of ``documents`` (from files or a bundle) against its
+    DeviceModel into a DeviceSpec.
 
     ``node`` is this gateway's name: a v1beta1 Device whose ``spec.nodeName`` names
     another node is skipped with a warning (None: no filter). Devices of other
     protocols are skipped with a warning; a Device with the endpoint and unit id of
     another is a warning; two Devices on one serial port with different line settings
-    are an error. Problems go to ``report``.
+    are an error. Problems go to ``report``; ``files`` is passed through.
     """
-    files = expand_manifest_paths(paths, report)
-    documents = [doc for file in files for doc in read_yaml_documents(file, report)]
     objects, ignored = parse_objects(documents, report)
     models = _index(objects, "DeviceModel", report)
     devices = [d for d in _index(objects, "Device", report).values() if isinstance(d, DeviceDoc)]
@@ -443,7 +452,7 @@ def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -
     _warn_same_device(built, report)
     return Manifests(
         devices=tuple(spec for _doc, spec in built),
-        files=tuple(str(f) for f in files),
+        files=files,
         ignored=ignored,
         found=len(devices),
         other_nodes=tuple(other_nodes),

@@ -8,16 +8,30 @@ error, so that an invalid input applies nothing (DESIGN.md §3).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge.config.agent import AgentFile, parse_agent
 from edge.config.errors import ConfigError, Problem
-from edge.config.kubeedge import Manifests, read_manifests
+from edge.config.kubeedge import Manifests, read_manifests, resolve_documents
 from edge.config.kubeedge_docs import GROUP
 from edge.config.model import DeviceSpec
-from edge.config.sources import MANIFEST_SUFFIXES, Report, Where, or_list, read_yaml_file
+from edge.config.sources import (
+    MANIFEST_SUFFIXES,
+    Document,
+    Report,
+    Where,
+    or_list,
+    read_yaml_file,
+)
+
+LOCAL_ONLY = ("node", "devices", "trust")
+"""Agent-file keys a bundle's ``agent`` may not set: the gateway's identity, where its
+local manifests are, and whom it trusts stay with whoever installed it."""
+LOCAL_ONLY_STORE = ("path",)
+NOT_SUPPORTED_YET = ("policies", "plugins")
 
 
 @dataclass(frozen=True)
@@ -124,3 +138,83 @@ def load_manifests(
     manifests = read_manifests([Path(p) for p in paths], node=node, report=report)
     report.raise_if_errors()
     return manifests.devices, report.warnings
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top, mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        out[k] = _merge(b, v) if isinstance(b, Mapping) and isinstance(v, Mapping) else v
+    return out
+
+
+def _bundle_overrides(agent: object, where: Where, report: Report) -> Mapping[str, Any]:
+    if not isinstance(agent, Mapping):
+        report.error(where, "agent", "must be a mapping of agent-file sections")
+        return {}
+    for key in LOCAL_ONLY:
+        if key in agent:
+            report.error(where, f"agent.{key}", "is set by the gateway's own agent file only; "
+                         "a bundle cannot change it")
+    store = agent.get("store")
+    for key in LOCAL_ONLY_STORE:
+        if isinstance(store, Mapping) and key in store:
+            report.error(where, f"agent.store.{key}", "is set by the gateway's own agent file "
+                         "only; a bundle cannot change it")
+    return {k: v for k, v in agent.items() if k not in LOCAL_ONLY}
+
+
+def load_agent_file(path: str | Path) -> AgentFile:
+    """The agent file alone (no manifests), e.g. for its ``trust.keys``.
+
+    Raises:
+        ConfigError: every problem of the file.
+    """
+    path = Path(path)
+    report = Report()
+    readable, data = read_yaml_file(path, report)
+    agent = parse_agent(data, file=str(path), base_dir=path.parent, report=report) if readable \
+        else None
+    if agent is None or report.has_errors:
+        raise ConfigError(report.problems)
+    return agent
+
+
+def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedConfig:
+    """The agent file at ``path`` with a verified bundle's content applied: its
+    ``agent`` sections override the file's, its ``devices``/``deviceModels`` replace the
+    manifests the file names. Checked exactly like :func:`load_config`; problems of the
+    bundle are reported against ``bundle version N`` (and ``… devices`` / ``…
+    deviceModels`` with the object's 1-based index as the document).
+
+    Raises:
+        ConfigError: with every problem when any is an error.
+    """
+    path = Path(path)
+    label = f"bundle version {bundle.get('version')}"
+    report = Report()
+    readable, data = read_yaml_file(path, report)
+    overrides = _bundle_overrides(bundle.get("agent", {}), Where(label), report)
+    for name in NOT_SUPPORTED_YET:
+        if bundle.get(name):
+            report.error(Where(label), name, "this agent version does not support "
+                         f"{name} yet; a bundle with {name} is not applied")
+    merged = _merge(data, overrides) if isinstance(data, Mapping) else data
+    agent = (
+        parse_agent(merged, file=f"{path} + {label} agent", base_dir=path.parent, report=report)
+        if readable else None
+    )
+    documents = [
+        Document(f"{label} {name}", i, obj)
+        for name in ("deviceModels", "devices")
+        for i, obj in enumerate(bundle.get(name) or [], start=1)
+    ]
+    manifests = resolve_documents(documents, node=agent.node if agent else None, report=report)
+    if agent is None or report.has_errors:
+        raise ConfigError(report.problems)
+    if not manifests.devices:
+        report.warning(Where(label), "devices", "no device will be polled: " + (
+            f"of the bundle's {manifests.found} Device(s) none can be polled here (see the "
+            "warnings)" if manifests.found else "the bundle holds no Device"))
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files)

@@ -11,13 +11,17 @@ the child (bounded by ``RLIMIT_AS`` and a deadline), never the agent.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import resource
 import select
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
@@ -58,7 +62,8 @@ class RuntimeConfig:
 
     ``version`` is a content hash of the agent file and every manifest it loaded
     (``sha256:`` + 12 hex digits); ``broker`` carries the uplink password read from
-    ``password_file`` (kept in memory only).
+    ``password_file`` (kept in memory only). ``bundle_version`` is the desired bundle
+    applied on top of the agent file (0: none) and ``bundle`` its content.
     """
 
     node: str
@@ -69,24 +74,77 @@ class RuntimeConfig:
     store: StoreSettings
     forward: ForwardSettings
     log_level: str
+    health_window_s: float
     devices: tuple[DeviceSpec, ...]
     warnings: tuple[Problem, ...]
     files: tuple[str, ...]
     version: str
+    bundle_version: int = 0
+    bundle: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
-def _version(agent_file: Path, files: tuple[str, ...]) -> str:
+@dataclass(frozen=True, slots=True)
+class BundleSource:
+    """A desired bundle to apply on top of the agent file: ``token`` as it came off the
+    wire (verified in the child against the agent file's ``trust.keys``, for a version
+    above ``running_version``), or the ``content`` of one verified before (from the
+    history)."""
+
+    token: bytes | None = None
+    content: Mapping[str, Any] | None = None
+    running_version: int = 0
+
+
+class BundleRefusedError(ConfigError):
+    """A bundle that failed verification: ``reason`` (see
+    :data:`edge.sync.bundle.Reason`) and the ``version`` it claims (None if unknown)."""
+
+    def __init__(self, reason: str, message: str, version: int | None) -> None:
+        super().__init__([Problem("desired bundle", None, None, "", message)])
+        self.reason = reason
+        self.version = version
+
+
+def _version(agent_file: Path, files: tuple[str, ...],
+             bundle: Mapping[str, Any] | None = None) -> str:
     h = hashlib.sha256()
     for name in (str(agent_file), *sorted(files)):
         h.update(Path(name).read_bytes())
+    if bundle is not None:
+        h.update(json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()[:12]
 
 
-def build_runtime_config(path: Path) -> RuntimeConfig:
-    """Load and validate ``path`` in this process (raises :class:`ConfigError`)."""
-    from edge.config.load import load_config  # noqa: PLC0415 (only ever in the child)
+def _verified_content(path: Path, source: BundleSource) -> Mapping[str, Any]:
+    """The content of ``source``, its token verified first (only ever in the child)."""
+    if source.token is None:
+        if source.content is None:
+            raise ValueError("a BundleSource needs a token or a content")
+        return source.content
+    from edge.config.load import load_agent_file  # noqa: PLC0415
+    from edge.sync.bundle import BundleError, load_public_key, verify  # noqa: PLC0415
 
-    cfg = load_config(path)
+    agent = load_agent_file(path)
+    keys = [load_public_key(Path(k).read_bytes(), where=str(k)) for k in agent.trust.keys]
+    try:
+        bundle = verify(source.token, keys, node=agent.node, now=datetime.now(UTC),
+                        running_version=source.running_version)
+    except BundleError as e:
+        raise BundleRefusedError(e.reason, str(e), e.version) from e
+    return bundle.content
+
+
+def build_runtime_config(path: Path, source: BundleSource | None = None) -> RuntimeConfig:
+    """Load and validate ``path`` (with ``source`` applied on top) in this process.
+
+    Raises:
+        BundleRefusedError: the bundle's token did not verify.
+        ConfigError: every problem of the agent file and the manifests or bundle.
+    """
+    from edge.config.load import load_bundle_config, load_config  # noqa: PLC0415 (child only)
+
+    content = _verified_content(path, source) if source is not None else None
+    cfg = load_config(path) if content is None else load_bundle_config(path, content)
     agent, up = cfg.agent, cfg.agent.uplink
     password = None
     if up.password_file:
@@ -130,20 +188,25 @@ def build_runtime_config(path: Path) -> RuntimeConfig:
         ),
         forward=ForwardSettings(inflight=up.inflight, rate=up.rate, order=up.order),
         log_level=agent.log.level,
+        health_window_s=float(agent.sync.health_window),
         devices=cfg.devices,
         warnings=cfg.warnings,
         files=cfg.files,
-        version=_version(path, cfg.files),
+        version=_version(path, cfg.files, content),
+        bundle_version=int(content["version"]) if content is not None else 0,
+        bundle=content,
     )
 
 
-def _child(path: Path, out: int, memory_limit: int) -> None:
+def _child(path: Path, source: BundleSource | None, out: int, memory_limit: int) -> None:
     """Runs in the forked child: validate, write the pickled outcome, never return."""
     status = 0
     try:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         try:
-            outcome: object = build_runtime_config(path)
+            outcome: object = build_runtime_config(path, source)
+        except BundleRefusedError as e:
+            outcome = ("refused", e.reason, e.problems[0].message, e.version)
         except ConfigError as e:
             outcome = e.problems
         except MemoryError:
@@ -169,6 +232,7 @@ class PendingConfig:
         self,
         path: Path,
         *,
+        source: BundleSource | None = None,
         timeout_s: float = CHILD_TIMEOUT_S,
         memory_limit: int = CHILD_MEMORY_LIMIT,
     ) -> None:
@@ -179,13 +243,14 @@ class PendingConfig:
         self._pid = os.fork()
         if self._pid == 0:  # pragma: no cover (the child always leaves through os._exit)
             os.close(self._read_fd)
-            _child(path, write_fd, memory_limit)
+            _child(path, source, write_fd, memory_limit)
         os.close(write_fd)
 
     def result(self) -> RuntimeConfig:
         """The validated configuration.
 
         Raises:
+            BundleRefusedError: the source's bundle did not verify.
             ConfigError: every problem found; also when validation crashed, ran out of
                 memory or time (then one problem says so).
         """
@@ -211,16 +276,21 @@ class PendingConfig:
         outcome = pickle.loads(b"".join(chunks))  # noqa: S301 (our own child's output)
         if isinstance(outcome, RuntimeConfig):
             return outcome
+        if isinstance(outcome, tuple):
+            _, reason, message, version = outcome
+            raise BundleRefusedError(reason, message, version)
         raise ConfigError(outcome)
 
 
 def load_runtime_config(
     path: str | Path,
     *,
+    source: BundleSource | None = None,
     timeout_s: float = CHILD_TIMEOUT_S,
     memory_limit: int = CHILD_MEMORY_LIMIT,
 ) -> RuntimeConfig:
-    """Validate ``path`` in a forked child and return what the agent needs.
+    """Validate ``path`` (with ``source`` applied on top) in a forked child and return
+    what the agent needs.
 
     The child may use ``memory_limit`` bytes of address space and ``timeout_s``
     seconds.
@@ -228,4 +298,5 @@ def load_runtime_config(
     Raises:
         ConfigError: as :meth:`PendingConfig.result`. Nothing is started.
     """
-    return PendingConfig(Path(path), timeout_s=timeout_s, memory_limit=memory_limit).result()
+    return PendingConfig(Path(path), source=source, timeout_s=timeout_s,
+                         memory_limit=memory_limit).result()

@@ -12,9 +12,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edge import __version__
+from edge.config.model import DeviceSpec
 from edge.config.runtime import RuntimeConfig
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
@@ -26,6 +28,31 @@ from edge.uplink.topics import Topics
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True, slots=True)
+class DeviceChanges:
+    """What :meth:`Agent.apply_devices` did, by device key."""
+
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def same_device(a: DeviceSpec, b: DeviceSpec) -> bool:
+    """Equal definitions, wherever they were read from (``source`` is left out)."""
+    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
+
+
+HOT = ("devices", "log_level", "health_window_s", "warnings", "files", "version",
+       "bundle_version", "bundle")
+"""RuntimeConfig fields a running agent takes over without a restart."""
+
+
+def needs_restart(running: RuntimeConfig, new: RuntimeConfig) -> list[str]:
+    """The RuntimeConfig fields that differ and cannot change while running."""
+    return [f.name for f in dataclasses.fields(running)
+            if f.name not in HOT and getattr(running, f.name) != getattr(new, f.name)]
+
 RESTART_DELAY_MAX_S = 30.0
 UPLINK_WATCH_S = 1.0
 UPLINK_WARN_AFTER_S = 10.0
@@ -36,6 +63,10 @@ class Agent:
 
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
+        self.task_failures = 0
+        """Agent tasks that failed with an unexpected error (the health window resets it)."""
+        self.services: list[Callable[[], Awaitable[None]]] = []
+        """More long-running tasks for :meth:`run` (e.g. the control-plane sync)."""
         self.topics = Topics(cfg.topic_prefix)
         st = cfg.store
         self.outbox = Outbox(st.path, max_bytes=st.max_bytes, ttl_ms=st.ttl_ms, drop=st.drop,
@@ -59,15 +90,67 @@ class Agent:
         # seq goes on from the last committed reading; a device new to this store starts
         # at 1, or at the clock (ms) when a damaged store was replaced, so that seq never
         # goes back for a consumer that de-duplicates by (device, seq)
-        fresh_seq = now_ms() if self.outbox.replaced_damaged_file else 1
+        self._fresh_seq = now_ms() if self.outbox.replaced_damaged_file else 1
         seqs = self.outbox.seqs
         self.pollers = {
-            d.key: DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state,
-                                breaker_failures=m.breaker_failures,
-                                probe_initial_s=m.probe_initial_s, probe_max_s=m.probe_max_s,
-                                first_seq=seqs[d.key] + 1 if d.key in seqs else fresh_seq)
+            d.key: self._poller(d, seqs[d.key] + 1 if d.key in seqs else self._fresh_seq)
             for d in cfg.devices
         }
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def _poller(self, d: DeviceSpec, first_seq: int) -> DevicePoller:
+        m = self.cfg.modbus
+        return DevicePoller(d, self.pool.get(d.endpoint), self._on_reading, self._on_state,
+                            breaker_failures=m.breaker_failures,
+                            probe_initial_s=m.probe_initial_s, probe_max_s=m.probe_max_s,
+                            first_seq=first_seq)
+
+    def _start_poller(self, key: str) -> None:
+        self._tasks[key] = asyncio.create_task(self._supervise(key, self.pollers[key].run),
+                                               name=f"device[{key}]")
+
+    async def _stop_poller(self, key: str) -> int:
+        """Stop one device's polling; the seq its next reading would have had."""
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return self.pollers.pop(key).next_seq
+
+    async def apply_devices(self, cfg: RuntimeConfig) -> DeviceChanges:
+        """Make ``cfg``'s devices the polled ones, hot: a device whose definition did
+        not change keeps its poller (no gap), a changed one is restarted (``seq`` goes
+        on), a removed one stops (its retained state entry is dropped), a new one starts.
+        The rest of ``cfg`` must equal the running configuration but for the log level
+        (see :func:`needs_restart`)."""
+        old = {d.key: d for d in self.cfg.devices}
+        new = {d.key: d for d in cfg.devices}
+        changes = DeviceChanges(
+            added=tuple(k for k in new if k not in old),
+            removed=tuple(k for k in old if k not in new),
+            changed=tuple(k for k in new if k in old and not same_device(old[k], new[k])),
+        )
+        self.cfg = cfg
+        logging.getLogger("edge").setLevel(cfg.log_level.upper())
+        for key in (*changes.removed, *changes.changed):
+            next_seq = await self._stop_poller(key)
+            if key in changes.removed:
+                self.uplink.forget_device(key)
+            else:
+                self.pollers[key] = self._poller(new[key], next_seq)
+        seqs = self.outbox.seqs if changes.added else {}
+        for key in changes.added:
+            self.pollers[key] = self._poller(
+                new[key], seqs[key] + 1 if key in seqs else self._fresh_seq)
+        for key in (*changes.changed, *changes.added):
+            self._start_poller(key)
+        self.push.stop()
+        self.push = PushSinks(cfg.devices, cfg.broker.client_id)
+        self.push.start()
+        log.info("devices applied: %d added, %d changed, %d removed, %d unchanged",
+                 len(changes.added), len(changes.changed), len(changes.removed),
+                 len(new) - len(changes.added) - len(changes.changed))
+        return changes
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for the web page and /metrics, plain JSON-able values.
@@ -97,6 +180,12 @@ class Agent:
             "devices": {key: dataclasses.asdict(p.stats) for key, p in self.pollers.items()},
         }
 
+    def device_states(self) -> dict[str, str]:
+        """``online``/``offline`` of each polled device (``unknown`` before its first
+        cycle ended)."""
+        known = self.uplink.device_states()
+        return {key: known.get(key, "unknown") for key in self.pollers}
+
     def _on_reading(self, reading: Reading) -> None:
         self.uplink.publish_reading(reading)
         if self.push:
@@ -123,14 +212,15 @@ class Agent:
             self.cfg.broker.host,
             self.cfg.broker.port,
         )
-        tasks = [
-            asyncio.create_task(self._supervise(key, p.run), name=f"device[{key}]")
-            for key, p in self.pollers.items()
-        ]
-        tasks.append(asyncio.create_task(self._watch_uplink(), name="uplink-watch"))
+        for key in self.pollers:
+            self._start_poller(key)
+        watch = [asyncio.create_task(self._watch_uplink(), name="uplink-watch")]
+        watch += [asyncio.create_task(self._supervise(f"service[{i}]", svc), name=f"service[{i}]")
+                  for i, svc in enumerate(self.services)]
         try:
             await stop.wait()
         finally:
+            tasks = [*watch, *self._tasks.values()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -168,6 +258,7 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug must not take the other devices down
+                self.task_failures += 1
                 log.exception("%s failed; restarting in %.0f s", name, delay)
                 self.uplink.publish_event("agent_error", task=name, error=repr(e))
                 await asyncio.sleep(delay)

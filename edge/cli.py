@@ -68,6 +68,21 @@ def _runtime_or_exit(
     return cfg
 
 
+def _committed_bundle(path: Path, local: RuntimeConfig, content: Any) -> RuntimeConfig:
+    """The agent file with the last committed bundle applied; the file alone (and an
+    error in the log) when that no longer validates, e.g. after the file was edited."""
+    from edge.config.runtime import BundleSource, load_runtime_config  # noqa: PLC0415
+
+    try:
+        return load_runtime_config(path, source=BundleSource(content=content))
+    except ConfigError as e:
+        log.error("the committed configuration version %s does not validate with %s any "
+                  "more; running the agent file alone:", content.get("version"), path)
+        for p in e.problems:
+            log.error("  %s", p)
+        return local
+
+
 def _run_until_signal(main: Any) -> None:
     """Run ``main(stop_event)`` in a new event loop until SIGINT or SIGTERM sets the event.
 
@@ -102,7 +117,19 @@ def run(config_path: Path) -> None:
 
     cfg = _runtime_or_exit(config_path, pending=pending)
     _setup_logging(cfg.log_level)
-    _run_until_signal(Agent(cfg).run)
+    from edge.store.history import History  # noqa: PLC0415
+    from edge.sync.controller import ConfigSync, restart_rollback  # noqa: PLC0415
+
+    history = History(cfg.store.path.parent / "config.db")
+    rolled_back = restart_rollback(history)
+    history.commit_baseline({"version": 0})
+    committed = history.committed()
+    if committed is not None and committed.version > 0:
+        cfg = _committed_bundle(config_path, cfg, committed.content)
+    agent = Agent(cfg)
+    sync = ConfigSync(agent, config_path, history, rolled_back_at_start=rolled_back)
+    agent.services.append(sync.run)
+    _run_until_signal(agent.run)
 
 
 @main.command()

@@ -257,6 +257,11 @@ class DevicePoller:
         }
 
     @property
+    def next_seq(self) -> int:
+        """The ``seq`` of the next reading (a replacement poller goes on from it)."""
+        return self._seq
+
+    @property
     def request_count(self) -> int:
         """Read requests per round of all cycles (what the planner produced)."""
         return sum(len(g) for g in self._groups.values())

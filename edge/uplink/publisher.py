@@ -58,6 +58,7 @@ class Uplink:
         self._config_version = config_version
         self._since = now_ms()
         self._devices: dict[str, str] = {}
+        self._config: dict[str, Any] = {"applied": 0, "pending": None, "last_error": ""}
         self._lock = threading.Lock()
         self._state_pending: asyncio.TimerHandle | None = None
         self._offline = json_bytes(
@@ -104,6 +105,26 @@ class Uplink:
                 STATE_DELAY_S, self._publish_state_now
             )
 
+    def device_states(self) -> dict[str, str]:
+        """The last reported state of each device."""
+        with self._lock:
+            return dict(self._devices)
+
+    def forget_device(self, device: str) -> None:
+        """A device no longer configured: it leaves the retained state (at once)."""
+        with self._lock:
+            if self._devices.pop(device, None) is None:
+                return
+        self._publish_state()
+
+    def set_config(self, version: str, config: dict[str, Any]) -> None:
+        """The running configuration's content hash and its ``config`` block of the
+        retained state (``applied``, ``pending``, ``last_error``); published at once."""
+        with self._lock:
+            self._config_version = version
+            self._config = dict(config)
+        self._publish_state()
+
     def _publish_state_now(self) -> None:
         self._state_pending = None
         self._publish_state()
@@ -134,6 +155,7 @@ class Uplink:
                     "agent": self._agent_version,
                     "since": self._since,
                     "devices": dict(self._devices),
+                    "config": self._config,
                 }
             )
             self.client.publish(self.topics.state, payload, retain=True)

@@ -24,3 +24,8 @@ class Topics:
     def telemetry(self, namespace: str, device: str) -> str:
         """Readings of one device."""
         return f"{self.prefix}/telemetry/{namespace}/{device}"
+
+    @property
+    def desired(self) -> str:
+        """The retained, signed desired bundle from the control plane (DESIGN.md §6)."""
+        return f"{self.prefix}/desired"

@@ -1,0 +1,213 @@
+"""Desired bundles in the running agent: verify, validate, apply, health window, decide.
+
+The agent subscribes to its retained ``{prefix}/desired`` (QoS 1). Each new bundle is
+verified (:mod:`edge.sync.bundle`) and validated like ``edge check`` in the forked
+child (:func:`edge.config.runtime.load_runtime_config`), then applied as one unit,
+hot (:meth:`edge.agent.Agent.apply_devices`), and watched for the new configuration's
+``sync.health_window`` seconds:
+
+* the uplink must be connected at the end of the window;
+* no device may be offline at the end that was online before (or is new);
+* no agent task may have failed during the window.
+
+Then the version is committed (it runs after a restart too), or the agent goes back to
+the last committed version and records why. A restart during the window (a crash, a
+power cut) counts as a failure: at start-up the pending version is rolled back before
+anything runs. A version once rolled back is never applied again; the cloud pushes a
+new version instead.
+
+Events on ``…/events``: ``config_refused`` (``version``, ``reason`` — one of
+:data:`edge.sync.bundle.Reason`, ``rolled_back``, ``needs_restart`` — and ``error``),
+``config_applied`` (``version``, ``added``/``changed``/``removed``),
+``config_committed`` (``version``) and ``config_rolled_back`` (``version``,
+``reason``, ``to``). The retained ``state`` carries ``config: {applied, pending,
+last_error}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+
+from edge.config.errors import ConfigError
+from edge.config.runtime import (
+    BundleRefusedError,
+    BundleSource,
+    RuntimeConfig,
+    load_runtime_config,
+)
+from edge.store.history import History
+
+if TYPE_CHECKING:
+    from edge.agent import Agent
+
+log = logging.getLogger(__name__)
+
+MAX_PROBLEMS = 20
+"""Problems listed in a ``config_refused`` event at most (the log has all)."""
+
+
+def restart_rollback(history: History) -> tuple[int, str] | None:
+    """At start-up: roll back a version left pending by the previous process.
+
+    Returns ``(version, reason)`` when it did, for the caller to report once the
+    uplink is up; None otherwise.
+    """
+    pending = history.pending()
+    if pending is None:
+        return None
+    reason = "the agent restarted during the health window"
+    history.roll_back(pending.version, reason)
+    return pending.version, reason
+
+
+class ConfigSync:
+    """Owns the desired-bundle pipeline of one agent; :meth:`run` until cancelled."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        agent_file: Path,
+        history: History,
+        *,
+        rolled_back_at_start: tuple[int, str] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.agent_file = agent_file
+        self.history = history
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._last_token = b""
+        self._last_error = ""
+        self._pending: int | None = None
+        self._at_start = rolled_back_at_start
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- MQTT (paho's thread) -------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        client = self.agent.uplink.client.paho
+        client.message_callback_add(self.agent.topics.desired, self._on_desired)
+        client.subscribe(self.agent.topics.desired, qos=1)
+
+    def _on_desired(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._loop is not None and msg.payload:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, bytes(msg.payload))
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _report_state(self) -> None:
+        cfg = self.agent.cfg
+        self.agent.uplink.set_config(cfg.version, {
+            "applied": cfg.bundle_version, "pending": self._pending,
+            "last_error": self._last_error})
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self.agent.uplink.publish_event(kind, **fields)
+
+    async def run(self) -> None:
+        """Subscribe, then handle each bundle as it arrives (cancel to stop)."""
+        self._loop = asyncio.get_running_loop()
+        if self._at_start is not None:
+            version, reason = self._at_start
+            self._last_error = f"version {version} rolled back: {reason}"
+            log.error("configuration version %d rolled back: %s", version, reason)
+            self._event("config_rolled_back", version=version, reason=reason,
+                        to=self.agent.cfg.bundle_version)
+        self._report_state()
+        self.agent.uplink.client.add_connect_hook(self._subscribe)
+        if self.agent.uplink.client.stats.connected:
+            self._subscribe()
+        while True:
+            token = await self._inbox.get()
+            while not self._inbox.empty():  # only the newest matters
+                token = self._inbox.get_nowait()
+            if token != self._last_token:
+                self._last_token = token
+                await self._handle(token)
+
+    def _refuse(self, version: int | None, reason: str, error: str,
+                problems: list[str] | None = None) -> None:
+        self._last_error = f"version {version}: {error}" if version else error
+        log.error("desired configuration refused (%s): %s", reason, error)
+        for p in problems or []:
+            log.error("  %s", p)
+        self._event("config_refused", version=version, reason=reason, error=error,
+                    **({"problems": problems[:MAX_PROBLEMS]} if problems else {}))
+        self._report_state()
+
+    async def _handle(self, token: bytes) -> None:
+        running = self.agent.cfg
+        source = BundleSource(token=token, running_version=running.bundle_version)
+        try:
+            new = await asyncio.to_thread(load_runtime_config, self.agent_file, source=source)
+        except BundleRefusedError as e:
+            self._refuse(e.version, e.reason, e.problems[0].message)
+            return
+        except ConfigError as e:
+            errors = [str(p) for p in e.problems if p.severity == "error"]
+            self._refuse(None, "invalid", f"{len(errors)} problem(s) in the bundle", errors)
+            return
+        version = new.bundle_version
+        known = self.history.get(version)
+        if known is not None and known.state == "rolled_back":
+            self._refuse(version, "rolled_back", f"version {version} was rolled back before "
+                         f"({known.reason}); push a new version")
+            return
+        from edge.agent import needs_restart  # noqa: PLC0415 (agent imports this module)
+
+        fixed = needs_restart(running, new)
+        if fixed:
+            self._refuse(version, "needs_restart", "this agent changes devices and the log "
+                         f"level while running, not {', '.join(fixed)}")
+            return
+        await self._apply(running, new)
+
+    def _healthy(self, before: Mapping[str, str], changed: set[str]) -> str:
+        """Why the configuration just applied is not healthy ("" when it is)."""
+        agent = self.agent
+        if not agent.uplink.client.stats.connected:
+            return "the uplink is not connected at the end of the health window"
+        if agent.task_failures:
+            return f"{agent.task_failures} agent task(s) failed during the health window"
+        states = agent.device_states()
+        down = sorted(k for k, st in states.items()
+                      if st != "online" and (before.get(k) == "online" or k in changed))
+        if down:
+            return f"device(s) {', '.join(down)} not online after the change"
+        return ""
+
+    async def _apply(self, running: RuntimeConfig, new: RuntimeConfig) -> None:
+        version, agent = new.bundle_version, self.agent
+        before = agent.device_states()
+        self.history.add_pending(version, new.bundle or {})
+        self._pending = version
+        self._report_state()
+        agent.task_failures = 0
+        changes = await agent.apply_devices(new)
+        self._event("config_applied", version=version, added=list(changes.added),
+                    changed=list(changes.changed), removed=list(changes.removed))
+        log.info("configuration version %d applied; health window %g s", version,
+                 new.health_window_s)
+        await asyncio.sleep(new.health_window_s)
+        why = self._healthy(before, {*changes.added, *changes.changed})
+        self._pending = None
+        if not why:
+            self.history.commit(version)
+            self._last_error = ""
+            log.info("configuration version %d committed", version)
+            self._event("config_committed", version=version)
+            self._report_state()
+            return
+        self.history.roll_back(version, why)
+        await agent.apply_devices(running)
+        self._last_error = f"version {version} rolled back: {why}"
+        log.error("configuration version %d rolled back to %d: %s", version,
+                  running.bundle_version, why)
+        self._event("config_rolled_back", version=version, reason=why,
+                    to=running.bundle_version)
+        self._report_state()

@@ -1,0 +1,176 @@
+"""Desired bundles in a running agent: hot apply, health window, commit, rollback, refusal.
+
+Real parts: mosquitto, a pymodbus server, the agent as a process (``python -m edge
+run``), bundles signed and published as the cloud CLI does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import StopLater
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import (
+    AgentProcess,
+    Broker,
+    Image,
+    ModbusServer,
+    Subscriber,
+    device_docs,
+    free_port,
+    start_broker,
+    start_edge,
+)
+
+from edge.cloud import publish_retained
+from edge.sync.bundle import load_private_key, new_key_pair, rfc3339, sign
+
+NODE = "gw-sync"
+PREFIX = f"edge/v1/{NODE}"
+PROPS = [{"name": "level", "type": "INT", "collectCycle": 200,
+          "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}]
+
+
+@pytest.fixture
+def server() -> Iterator[ModbusServer]:
+    s = ModbusServer({1: Image(hr=[11]), 2: Image(hr=[22])})
+    yield s
+    s.stop()
+
+
+class Gateway:
+    def __init__(self, tmp_path: Path, broker: Broker, server: ModbusServer) -> None:
+        self.tmp, self.broker, self.server = tmp_path, broker, server
+        private_pem, public_pem = new_key_pair()
+        self.key = load_private_key(private_pem)
+        (tmp_path / "cloud.pub").write_bytes(public_pem)
+        (tmp_path / "manifests.yaml").write_text(
+            yaml.safe_dump_all(device_docs("a", server.port, 1, PROPS)))
+        self.agent_file = tmp_path / "edge.yaml"
+        self.agent_file.write_text(yaml.safe_dump({
+            "node": NODE, "devices": ["./manifests.yaml"],
+            "uplink": {"host": "127.0.0.1", "port": broker.port},
+            "store": {"path": "./edge.db"}, "trust": {"keys": ["./cloud.pub"]},
+            "sync": {"health_window": 2}, "modbus": {"probe_initial_ms": 5000},
+        }))
+
+    def start(self) -> AgentProcess:
+        return start_edge(["run", "-c", str(self.agent_file)], self.tmp)
+
+    def push(self, version: int, devices: list[dict[str, Any]], *,
+             key: Ed25519PrivateKey | None = None, raw: bytes | None = None) -> None:
+        now = datetime.now(UTC)
+        body = {"version": version, "node": NODE, "issued_at": rfc3339(now),
+                "expires_at": rfc3339(now + timedelta(hours=1)), "policies": [],
+                "plugins": [], "agent": {},
+                "deviceModels": [d for d in devices if d["kind"] == "DeviceModel"],
+                "devices": [d for d in devices if d["kind"] == "Device"]}
+        token = raw if raw is not None else sign(body, key or self.key)
+        publish_retained("127.0.0.1", self.broker.port, [(f"{PREFIX}/desired", token)])
+
+
+def events(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
+    return [e for m in sub.on(f"{PREFIX}/events") if (e := m.json())["type"] == kind]
+
+
+def wait_event(sub: Subscriber, kind: str, timeout: float = 20, **fields: Any) -> dict[str, Any]:
+    def match(m: Any) -> bool:
+        if m.topic != f"{PREFIX}/events":
+            return False
+        e = m.json()
+        return bool(e["type"] == kind and all(e.get(k) == v for k, v in fields.items()))
+    return dict(sub.wait_for(match, timeout=timeout)[0].json())
+
+
+def state(sub: Subscriber) -> dict[str, Any]:
+    return dict(sub.on(f"{PREFIX}/state")[-1].json())
+
+
+def seqs(sub: Subscriber, device: str) -> list[int]:
+    return [m.json()["seq"] for m in sub.on(f"{PREFIX}/telemetry/default/{device}")]
+
+
+def test_bundles_apply_hot_commit_roll_back_and_survive_a_restart(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, server)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"), count=3)
+
+    # v1 adds device b; a is unchanged and keeps polling without a gap
+    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
+    gw.push(1, a + b)
+    applied = wait_event(sub, "config_applied", version=1)
+    assert (applied["added"], applied["changed"], applied["removed"]) == (["default/b"], [], [])
+    wait_event(sub, "config_committed", version=1)
+    assert state(sub)["config"] == {"applied": 1, "pending": None, "last_error": ""}
+    assert sub.on(f"{PREFIX}/telemetry/default/b")[0].json()["values"] == {"level": 22}
+    got = seqs(sub, "a")
+    assert got == list(range(1, len(got) + 1))  # a was never restarted: no gap, no reset
+
+    # v2 moves b to a port where nothing listens: b goes offline, v2 is rolled back
+    dead = device_docs("b", free_port(), 2, PROPS)
+    gw.push(2, a + dead)
+    wait_event(sub, "config_applied", version=2)
+    rolled = wait_event(sub, "config_rolled_back", version=2)
+    assert "default/b" in rolled["reason"]
+    assert rolled["to"] == 1
+    assert state(sub)["config"]["applied"] == 1
+    assert "version 2 rolled back" in state(sub)["config"]["last_error"]
+    n_b = len(seqs(sub, "b"))
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/b"), count=n_b + 3)  # b is back
+
+    # the same version again (signed anew) is refused: it was rolled back
+    gw.push(2, a + dead)
+    refused = wait_event(sub, "config_refused", version=2)
+    assert refused["reason"] == "rolled_back"
+    # unsigned, wrongly signed and older bundles are refused; v1 keeps running
+    gw.push(3, a, raw=json.dumps({"version": 3}).encode())
+    assert wait_event(sub, "config_refused", reason="unsigned")["error"]
+    gw.push(3, a, key=Ed25519PrivateKey.generate())
+    assert wait_event(sub, "config_refused", reason="unknown_key")["version"] is None
+    gw.push(1, a)
+    assert wait_event(sub, "config_refused", reason="replayed")["version"] == 1
+    assert events(sub, "config_applied")[-1]["version"] == 2
+    assert state(sub)["config"]["applied"] == 1
+
+    # a restart runs the committed version 1 (from the history), with device b
+    assert agent.stop() == 0
+    n_b = len(seqs(sub, "b"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/b"), count=n_b + 3)
+    assert "Traceback" not in agent.output()
+
+
+def test_a_restart_during_the_health_window_rolls_back_on_start_up(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, server)
+    text = gw.agent_file.read_text().replace("health_window: 2", "health_window: 60")
+    gw.agent_file.write_text(text)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))
+    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
+    gw.push(1, a + b)
+    wait_event(sub, "config_applied", version=1)
+    agent.stop(9)  # SIGKILL inside the 60 s window
+    agent = stop_later(gw.start())
+    rolled = wait_event(sub, "config_rolled_back", version=1)
+    assert rolled["reason"] == "the agent restarted during the health window"
+    assert rolled["to"] == 0
+    # the retained v1 is delivered again, and refused: it was rolled back
+    assert wait_event(sub, "config_refused", version=1)["reason"] == "rolled_back"
+    n_a = len(seqs(sub, "a"))
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"), count=n_a + 3)
+    assert not sub.on(f"{PREFIX}/telemetry/default/b") or all(
+        m.at < rolled["ts"] / 1000 + 1 for m in sub.on(f"{PREFIX}/telemetry/default/b"))

@@ -1142,6 +1142,7 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
         "policy": {"mode": "audit"},
         "modbus": {"backoff_initial_ms": 500, "backoff_max_ms": 30000, "connect_timeout_ms": 3000,
                    "breaker_failures": 3, "probe_initial_ms": 1000, "probe_max_ms": 60000},
+        "sync": {"health_window": 30},
         "log": {"level": "info"},
     }  # fmt: skip
     assert (agent.topic_prefix, agent.client_id, agent.uplink.tls.enabled) == (
@@ -1252,7 +1253,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: ''\n", ["node: must not be empty (got '')"]),
         ("node: gw\nnodes: [a]\n",
          ["nodes: unknown key 'nodes'; accepted: node, devices, uplink, store, web, trust, "
-          "plugins, policy, modbus, log"]),
+          "plugins, policy, modbus, sync, log"]),
         ("node: gw\nuplink: {tls: {key: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),
         ("node: gw\nuplink: {qos: 2, port: 0, topic_prefix: 'a/#'}\n",

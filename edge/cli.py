@@ -1,4 +1,5 @@
-"""The ``edge`` command line: run, check, simulate, tail, faultproxy, cloud."""
+"""The ``edge`` command line: run, check, simulate, tail, faultproxy, config, rollback,
+cloud."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import click
 from edge import __version__
 from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
+from edge.history_cli import config, rollback
 
 if TYPE_CHECKING:
     from edge.config.runtime import PendingConfig, RuntimeConfig
@@ -53,7 +55,7 @@ def _problems_exit(path: Path, e: ConfigError) -> SystemExit:
     return SystemExit(2)
 
 
-def _runtime_or_exit(
+def runtime_or_exit(
     path: Path, *, warn: bool = True, pending: PendingConfig | None = None
 ) -> RuntimeConfig:
     """Load and validate in a child process, so the agent never holds the validators."""
@@ -115,7 +117,7 @@ def run(config_path: Path) -> None:
     pending = PendingConfig(config_path)
     from edge.agent import Agent  # noqa: PLC0415 (imported while the child validates)
 
-    cfg = _runtime_or_exit(config_path, pending=pending)
+    cfg = runtime_or_exit(config_path, pending=pending)
     _setup_logging(cfg.log_level)
     from edge.store.history import History  # noqa: PLC0415
     from edge.sync.controller import ConfigSync, restart_rollback  # noqa: PLC0415
@@ -138,7 +140,7 @@ def check(config_path: Path) -> None:
     """Validate the agent file and every manifest it names; exit 0 only when all is valid."""
     from edge.modbus.planner import plan_device  # noqa: PLC0415
 
-    cfg = _runtime_or_exit(config_path)  # the same bounded child as `edge run`
+    cfg = runtime_or_exit(config_path)  # the same bounded child as `edge run`
     props = sum(len(d.properties) for d in cfg.devices)
     requests = sum(len(r) for d in cfg.devices for r in plan_device(d).values())
     click.echo(
@@ -236,7 +238,7 @@ def tail(config_path: Path, count: int, session: str | None) -> None:
     from edge.uplink.client import BrokerClient  # noqa: PLC0415
     from edge.uplink.topics import Topics  # noqa: PLC0415
 
-    cfg = _runtime_or_exit(config_path, warn=False)
+    cfg = runtime_or_exit(config_path, warn=False)
     topics = Topics(cfg.topic_prefix)
     client = BrokerClient(dataclasses.replace(
         cfg.broker, client_id=session or f"{cfg.broker.client_id}-tail-{os.getpid()}",
@@ -276,3 +278,5 @@ def tail(config_path: Path, count: int, session: str | None) -> None:
 
 
 main.add_command(cloud)
+main.add_command(config)
+main.add_command(rollback)

@@ -3,7 +3,8 @@
 ``keygen`` makes an Ed25519 key pair (the public half goes into each gateway's
 ``trust.keys``); ``push`` builds a desired bundle from KubeEdge manifests (or takes a
 bundle JSON file), signs it and publishes it retained on ``{prefix}/desired`` of each
-node (DESIGN.md §6, :mod:`edge.sync.bundle`).
+node (DESIGN.md §6, :mod:`edge.sync.bundle`); ``status`` reads the gateways' retained
+``state``.
 """
 
 from __future__ import annotations
@@ -126,6 +127,80 @@ def keygen(out_dir: Path, name: str) -> None:
     kid = key_id(load_public_key(public_pem))
     click.echo(f"{private} (keep it secret) and {public} (list it in each gateway's "
                f"trust.keys); key id {kid}")
+
+
+def retained(host: str, port: int, topic_filter: str, *, wait_s: float) -> dict[str, bytes]:
+    """The retained messages on ``topic_filter``: what the broker sends right after the
+    subscription, collected for ``wait_s`` seconds.
+
+    Raises:
+        click.ClickException: the broker cannot be reached.
+    """
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    got: dict[str, bytes] = {}
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            got[msg.topic] = bytes(msg.payload)
+
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    client_id=f"edge-cloud-{os.getpid()}")
+    c.on_message = on_message
+    c.on_connect = lambda cl, *_: cl.subscribe(topic_filter, qos=1)
+    try:
+        c.connect(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
+    c.loop_start()
+    time.sleep(wait_s)
+    c.disconnect()
+    c.loop_stop()
+    return got
+
+
+@cloud.command()
+@click.option("--node", "nodes", multiple=True, help="Only these gateways (repeat).")
+@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
+@click.option("--wait", "wait_s", type=float, default=1.0, show_default=True,
+              help="Seconds to collect the retained states.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+def status(nodes: tuple[str, ...], broker: str, prefix: str, wait_s: float,
+           as_json: bool) -> None:
+    """Each gateway's retained state: online, configuration applied / pending / last
+    error, devices online."""
+    host, port = _broker(broker)
+    topic = prefix.format(node="+") + "/state"
+    states = retained(host, port, topic, wait_s=wait_s)
+    head, _, tail = prefix.partition("{node}")
+    rows = []
+    for t, payload in sorted(states.items()):
+        node = t.removeprefix(head).removesuffix(tail + "/state")
+        if nodes and node not in nodes:
+            continue
+        try:
+            st = json.loads(payload)
+        except ValueError:
+            st = {"state": f"unreadable state {payload[:40]!r}"}
+        rows.append((node, st))
+    missing = sorted(set(nodes) - {n for n, _ in rows})
+    for node, st in rows:
+        if as_json:
+            click.echo(json.dumps({"node": node, **st}, separators=(",", ":")))
+            continue
+        cfg = st.get("config") or {}
+        devices = st.get("devices") or {}
+        online = sum(1 for v in devices.values() if v == "online")
+        line = (f"{node}: {st.get('state')}, config {cfg.get('applied', '?')}"
+                + (f" (pending {cfg['pending']})" if cfg.get("pending") else "")
+                + f", devices {online}/{len(devices)} online")
+        click.echo(line + (f"; last error: {cfg['last_error']}" if cfg.get("last_error") else ""))
+    for node in missing:
+        click.echo(f"{node}: no retained state on {host}:{port}", err=True)
+    if missing:
+        sys.exit(1)
 
 
 @cloud.command()

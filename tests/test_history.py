@@ -66,3 +66,33 @@ def test_history_is_bounded_but_keeps_the_committed_version(tmp_path: Path) -> N
         h.roll_back(v, "broken")
     kept = [v.version for v in h.versions()]
     assert kept == [1, 7, 8, 9, 10, 11]  # the last five, and the committed one
+
+
+def test_reinstate_goes_back_and_the_left_version_is_never_applied_again(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.commit_baseline({})
+    for v in (1, 2):
+        h.add_pending(v, {"version": v})
+        h.commit(v)
+    previous = h.previous()
+    assert previous is not None
+    assert previous.version == 1
+    h.reinstate(1, "rolled back on request")
+    assert [(v.version, v.state) for v in h.versions()] == [
+        (0, "superseded"), (1, "committed"), (2, "rolled_back")]
+    with pytest.raises(ValueError, match="was rolled back"):
+        h.reinstate(2, "again")
+    with pytest.raises(ValueError, match="not in the history"):
+        h.reinstate(7, "never seen")
+    previous = h.previous()
+    assert previous is not None
+    assert previous.version == 0
+
+
+def test_rollback_requests_reach_the_agent_once(tmp_path: Path) -> None:
+    cli_side = History(tmp_path / "config.db")
+    agent_side = History(tmp_path / "config.db")  # another process, the same file
+    cli_side.request_rollback(None)
+    cli_side.request_rollback(3)
+    assert agent_side.take_requests() == [None, 3]
+    assert agent_side.take_requests() == []

@@ -23,6 +23,7 @@ from support import (
     ModbusServer,
     Subscriber,
     device_docs,
+    edge_cli,
     free_port,
     start_broker,
     start_edge,
@@ -174,3 +175,43 @@ def test_a_restart_during_the_health_window_rolls_back_on_start_up(
     sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"), count=n_a + 3)
     assert not sub.on(f"{PREFIX}/telemetry/default/b") or all(
         m.at < rolled["ts"] / 1000 + 1 for m in sub.on(f"{PREFIX}/telemetry/default/b"))
+
+
+def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, server)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))
+    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
+    gw.push(1, a)
+    wait_event(sub, "config_committed", version=1)
+    gw.push(2, a + b)
+    wait_event(sub, "config_committed", version=2)
+    cfg = str(gw.agent_file)
+
+    out = edge_cli("rollback", "-c", cfg)
+    assert out.returncode == 0, out.stderr
+    rolled = wait_event(sub, "config_rolled_back", version=2)
+    assert (rolled["to"], rolled["reason"]) == (1, "rolled back on request to version 1")
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/state" and m.json()["config"]["applied"] == 1
+                 and "default/b" not in m.json()["devices"] and m.at * 1000 >= rolled["ts"])
+    listing = edge_cli("config", "history", "-c", cfg)
+    assert listing.returncode == 0, listing.stderr
+    states = {int(line.split()[0]): line.split()[1] for line in listing.stdout.splitlines()[1:]}
+    assert states == {0: "superseded", 1: "committed", 2: "rolled_back"}
+    assert "(rolled back on request to version 1)" in listing.stdout
+    diff = edge_cli("config", "diff", "-c", cfg, "1", "2")
+    assert diff.returncode == 0, diff.stderr
+    assert '+        "name": "b"' in diff.stdout
+    # going back to a version that was rolled back is refused before asking the agent
+    again = edge_cli("rollback", "-c", cfg, "2")
+    assert again.returncode != 0
+    assert "version 2 was rolled back" in again.stderr
+    status = edge_cli("cloud", "status", "--broker", f"127.0.0.1:{broker.port}",
+                      "--node", NODE, "--node", "gw-nobody")
+    assert status.returncode == 1  # gw-nobody has no retained state
+    assert f"{NODE}: online, config 1, devices 1/1 online" in status.stdout
+    assert "gw-nobody: no retained state" in status.stderr

@@ -17,14 +17,18 @@ version that passed verification and validation:
 
 At most one version is pending. History is bounded to ``keep`` versions; the newest
 committed one and a pending one are never deleted.
+
+Table ``requests`` carries rollbacks asked for on the gateway itself (``edge
+rollback``) to the running agent, which takes them within a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +36,12 @@ from typing import Any, Final
 KEEP: Final = 20
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    action TEXT NOT NULL CHECK (action = 'rollback'),
+    version INTEGER,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
     content TEXT NOT NULL,
@@ -59,6 +69,11 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def history_file(store_path: Path) -> Path:
+    """Where the history of the agent whose outbox is ``store_path`` lives."""
+    return store_path.parent / "config.db"
+
+
 class History:
     """The version history of one gateway; every method commits before it returns."""
 
@@ -74,6 +89,17 @@ class History:
     def close(self) -> None:
         """Close the file."""
         self._db.close()
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        """One write transaction: all of it reaches the file, or none."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _rows(self, *, state: str | None = None, version: int | None = None) -> list[Version]:
         cur = self._db.execute(
@@ -107,7 +133,7 @@ class History:
         Raises:
             ValueError: another version is pending, or ``version`` is already kept.
         """
-        with self._db:
+        with self._txn():
             if self.pending() is not None:
                 raise ValueError("another version is still pending")
             if self.get(version) is not None:
@@ -120,13 +146,13 @@ class History:
 
     def commit(self, version: int) -> None:
         """``version`` passed its health window: it is the last good one now."""
-        with self._db:
+        with self._txn():
             self._db.execute("UPDATE versions SET state = 'superseded' WHERE state = 'committed'")
             self._decide(version, "committed", "")
 
     def commit_baseline(self, content: Mapping[str, Any]) -> None:
         """Record version 0 (the agent file alone) as committed if nothing is yet."""
-        with self._db:
+        with self._txn():
             if not self._rows():
                 self._db.execute(
                     "INSERT INTO versions (version, content, state, received_ms, decided_ms) "
@@ -136,8 +162,46 @@ class History:
     def roll_back(self, version: int, reason: str) -> None:
         """``version`` failed (or was rolled back on request) for ``reason``; it is never
         applied again. The newest committed version is the one to run."""
-        with self._db:
+        with self._txn():
             self._decide(version, "rolled_back", reason)
+
+    def reinstate(self, version: int, reason: str) -> None:
+        """Go back to the kept ``version`` on request: the committed version is rolled
+        back for ``reason`` and ``version`` is committed again.
+
+        Raises:
+            ValueError: ``version`` is not kept, or was itself rolled back.
+        """
+        with self._txn():
+            target = self.get(version)
+            if target is None:
+                raise ValueError(f"version {version} is not in the history")
+            if target.state == "rolled_back":
+                raise ValueError(f"version {version} was rolled back ({target.reason})")
+            current = self.committed()
+            if current is not None and current.version != version:
+                self._decide(current.version, "rolled_back", reason)
+            self._decide(version, "committed", "")
+
+    def request_rollback(self, version: int | None) -> None:
+        """Ask the running agent to roll back to ``version`` (None: the one before)."""
+        with self._txn():
+            self._db.execute("INSERT INTO requests (action, version, at_ms) "
+                             "VALUES ('rollback', ?, ?)", (version, _now_ms()))
+
+    def take_requests(self) -> list[int | None]:
+        """The rollbacks asked for since the last call, oldest first (then forgotten)."""
+        with self._txn():
+            rows = self._db.execute("SELECT version FROM requests ORDER BY id").fetchall()
+            self._db.execute("DELETE FROM requests")
+        return [v for (v,) in rows]
+
+    def previous(self) -> Version | None:
+        """The newest version before the committed one that may be gone back to."""
+        current = self.committed()
+        rows = [v for v in self._rows(state="superseded")
+                if current is None or v.version < current.version]
+        return rows[-1] if rows else None
 
     def _decide(self, version: int, state: str, reason: str) -> None:
         cur = self._db.execute(

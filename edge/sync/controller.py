@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REQUEST_POLL_S = 1.0
+"""How often the history is asked for rollbacks requested on the gateway."""
 MAX_PROBLEMS = 20
 """Problems listed in a ``config_refused`` event at most (the log has all)."""
 
@@ -123,12 +125,58 @@ class ConfigSync:
         if self.agent.uplink.client.stats.connected:
             self._subscribe()
         while True:
-            token = await self._inbox.get()
+            try:
+                token = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
+            except TimeoutError:
+                for target in self.history.take_requests():
+                    await self.roll_back_to(target)
+                continue
             while not self._inbox.empty():  # only the newest matters
                 token = self._inbox.get_nowait()
             if token != self._last_token:
                 self._last_token = token
                 await self._handle(token)
+
+    async def roll_back_to(self, target: int | None) -> None:
+        """Go back, on request, to the kept version ``target`` (None: the one before
+        the running version), commit it at once, and never apply the left version
+        again. Refused (``config_refused``, reason ``rollback``) when there is no such
+        version or it does not validate any more."""
+        running = self.agent.cfg
+        if target is None:
+            previous = self.history.previous()
+            if previous is None:
+                self._refuse(None, "rollback", "there is no earlier version to roll back to")
+                return
+            target = previous.version
+        kept = self.history.get(target)
+        if kept is None or kept.state == "rolled_back":
+            why = "is not in the history" if kept is None else f"was rolled back ({kept.reason})"
+            self._refuse(target, "rollback", f"cannot roll back to version {target}: it {why}")
+            return
+        source = BundleSource(content=kept.content) if target > 0 else None
+        try:
+            new = await asyncio.to_thread(load_runtime_config, self.agent_file, source=source)
+        except ConfigError as e:
+            errors = [str(p) for p in e.problems if p.severity == "error"]
+            self._refuse(target, "rollback", f"version {target} does not validate any more",
+                         errors)
+            return
+        from edge.agent import needs_restart  # noqa: PLC0415
+
+        fixed = needs_restart(running, new)
+        if fixed:
+            self._refuse(target, "rollback", f"rolling back to version {target} changes "
+                         f"{', '.join(fixed)}, which needs a restart")
+            return
+        reason = f"rolled back on request to version {target}"
+        self.history.reinstate(target, reason)
+        await self.agent.apply_devices(new)
+        self._last_error = ""
+        log.warning("configuration version %d %s", running.bundle_version, reason)
+        self._event("config_rolled_back", version=running.bundle_version, reason=reason,
+                    to=target)
+        self._report_state()
 
     def _refuse(self, version: int | None, reason: str, error: str,
                 problems: list[str] | None = None) -> None:
@@ -158,7 +206,7 @@ class ConfigSync:
             self._refuse(version, "rolled_back", f"version {version} was rolled back before "
                          f"({known.reason}); push a new version")
             return
-        from edge.agent import needs_restart  # noqa: PLC0415 (agent imports this module)
+        from edge.agent import needs_restart  # noqa: PLC0415 (the agent imports this module)
 
         fixed = needs_restart(running, new)
         if fixed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -203,6 +204,101 @@ def status(nodes: tuple[str, ...], broker: str, prefix: str, wait_s: float,
         sys.exit(1)
 
 
+def command_replies(host: str, port: int, commands: dict[str, tuple[str, str, bytes]],
+                    *, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Publish each node's command (``node -> (topic, id, signed token)``, QoS 1) and
+    wait up to ``timeout_s`` for the replies on ``topic/reply`` carrying its ``id``;
+    the replies by node (missing nodes did not answer in time)."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    ids = {node: cid for node, (_t, cid, _tok) in commands.items()}
+    by_topic = {topic + "/reply": node for node, (topic, _id, _tok) in commands.items()}
+    replies: dict[str, dict[str, Any]] = {}
+    subscribed = threading.Event()
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        node = by_topic.get(msg.topic)
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        if node is not None and isinstance(body, dict) and body.get("id") == ids[node]:
+            replies[node] = body
+
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    client_id=f"edge-cloud-{os.getpid()}")
+    c.on_message = on_message
+    c.on_subscribe = lambda *_: subscribed.set()
+    try:
+        c.connect(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
+    c.loop_start()
+    try:
+        c.subscribe([(t, 1) for t in by_topic])
+        subscribed.wait(ACK_TIMEOUT_S)
+        for topic, _id, token in commands.values():
+            c.publish(topic, token, qos=1).wait_for_publish(ACK_TIMEOUT_S)
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(commands) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return replies
+
+
+@cloud.command()
+@click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
+@click.option("--key", "key_path", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The private key (PEM) to sign with.")
+@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for every node's reply.")
+@click.argument("version", type=int, required=False)
+def rollback(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
+             timeout_s: float, version: int | None) -> None:
+    """Tell each node to go back to VERSION (default: the version before its running
+    one), signed, and wait for their replies; exit 1 unless all did."""
+    import uuid  # noqa: PLC0415
+
+    from edge.sync.bundle import rfc3339, sign  # noqa: PLC0415
+
+    host, port = _broker(broker)
+    key = _private_key(key_path)
+    now = datetime.now(UTC)
+    commands = {}
+    for node in nodes:
+        cid = uuid.uuid4().hex
+        commands[node] = (prefix.format(node=node) + "/cmd/rollback", cid, sign({
+            "command": "rollback", "id": cid, "node": node, "version": version,
+            "issued_at": rfc3339(now), "expires_at": rfc3339(now + timedelta(minutes=5))},
+            key))
+    replies = command_replies(host, port, commands, timeout_s=timeout_s)
+    for node in nodes:
+        r = replies.get(node)
+        if r is None:
+            click.echo(f"{node}: no reply within {timeout_s:g} s", err=True)
+        elif r.get("ok"):
+            click.echo(f"{node}: rolled back, running version {r.get('applied')}")
+        else:
+            click.echo(f"{node}: refused: {r.get('error')}", err=True)
+    if len(replies) < len(nodes) or not all(r.get("ok") for r in replies.values()):
+        sys.exit(1)
+
+
+def _private_key(key_path: Path) -> Any:
+    from edge.sync.bundle import load_private_key  # noqa: PLC0415
+
+    try:
+        return load_private_key(key_path.read_bytes(), where=str(key_path))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @cloud.command()
 @click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
 @click.option("--key", "key_path", required=True,
@@ -226,13 +322,10 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
     publish it retained on each node's desired topic."""
     import yaml  # noqa: PLC0415
 
-    from edge.sync.bundle import load_private_key, rfc3339, sign  # noqa: PLC0415
+    from edge.sync.bundle import rfc3339, sign  # noqa: PLC0415
 
     host, port = _broker(broker)
-    try:
-        key = load_private_key(key_path.read_bytes(), where=str(key_path))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    key = _private_key(key_path)
     agent = yaml.safe_load(agent_path.read_text(encoding="utf-8")) if agent_path else {}
     now = datetime.now(UTC)
     version = version or int(time.time())

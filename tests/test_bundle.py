@@ -22,6 +22,7 @@ from edge.sync.bundle import (
     rfc3339,
     sign,
     verify,
+    verify_command,
 )
 
 NOW = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
@@ -182,3 +183,33 @@ def test_key_pairs_round_trip_through_pem_and_pass_edge_check(tmp_path: Any) -> 
     assert ed25519_key_error(path) is None  # what the agent file's trust.keys accepts
     with pytest.raises(ValueError, match=r"k\.pem: not a PEM public key"):
         load_public_key(private_pem, where="k.pem")
+
+
+def command(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"command": "rollback", "id": "c1", "node": "gw-1", "version": 3,
+                            "issued_at": rfc3339(NOW),
+                            "expires_at": rfc3339(NOW + timedelta(minutes=5))}
+    body.update(over)
+    return body
+
+
+def test_signed_commands_are_verified_like_bundles(key: Ed25519PrivateKey) -> None:
+    def check_cmd(body: dict[str, Any], signer: Ed25519PrivateKey = key) -> Any:
+        return verify_command(sign(body, signer), [key.public_key()], node="gw-1", now=NOW)
+
+    assert check_cmd(command())["version"] == 3
+    cases = [
+        (command(command="reboot"), "invalid", "unknown command 'reboot'"),
+        (command(id=""), "invalid", "no id"),
+        (command(node="gw-2"), "wrong_node", "'gw-2'"),
+        (command(version="3"), "invalid", "version must be an integer"),
+        (command(expires_at=rfc3339(NOW)), "expired", "expired"),
+    ]
+    for body, reason, words in cases:
+        with pytest.raises(BundleError) as e:
+            check_cmd(body)
+        assert e.value.reason == reason
+        assert words in str(e.value)
+    with pytest.raises(BundleError) as e:
+        check_cmd(command(), Ed25519PrivateKey.generate())
+    assert e.value.reason == "unknown_key"

@@ -51,6 +51,8 @@ class Gateway:
         private_pem, public_pem = new_key_pair()
         self.key = load_private_key(private_pem)
         (tmp_path / "cloud.pub").write_bytes(public_pem)
+        self.key_file = tmp_path / "cloud.key"
+        self.key_file.write_bytes(private_pem)
         (tmp_path / "manifests.yaml").write_text(
             yaml.safe_dump_all(device_docs("a", server.port, 1, PROPS)))
         self.agent_file = tmp_path / "edge.yaml"
@@ -215,3 +217,36 @@ def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
     assert status.returncode == 1  # gw-nobody has no retained state
     assert f"{NODE}: online, config 1, devices 1/1 online" in status.stdout
     assert "gw-nobody: no retained state" in status.stderr
+
+
+def test_cloud_rollback_is_a_signed_command_with_a_reply(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, server)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))
+    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
+    gw.push(1, a)
+    wait_event(sub, "config_committed", version=1)
+    gw.push(2, a + b)
+    wait_event(sub, "config_committed", version=2)
+    where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--timeout", "15"]
+
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(new_key_pair()[0])
+    forged = edge_cli("cloud", "rollback", *where, "--key", str(stranger), "1")
+    assert forged.returncode == 1
+    assert f"{NODE}: refused:" in forged.stderr
+    assert "does not trust" in forged.stderr
+    assert state(sub)["config"]["applied"] == 2  # nothing happened
+
+    done = edge_cli("cloud", "rollback", *where, "--key", str(gw.key_file), "1")
+    assert done.returncode == 0, done.stderr
+    assert f"{NODE}: rolled back, running version 1" in done.stdout
+    rolled = wait_event(sub, "config_rolled_back", version=2)
+    assert rolled["to"] == 1
+    again = edge_cli("cloud", "rollback", *where, "--key", str(gw.key_file), "2")
+    assert again.returncode == 1
+    assert "refused: cannot roll back to version 2: it was rolled back" in again.stderr

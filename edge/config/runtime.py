@@ -17,7 +17,7 @@ import pickle
 import resource
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,19 +198,29 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
     )
 
 
-def _child(path: Path, source: BundleSource | None, out: int, memory_limit: int) -> None:
-    """Runs in the forked child: validate, write the pickled outcome, never return."""
+def _validate(path: Path, source: BundleSource | None) -> object:
+    """In the child: a RuntimeConfig, a list of problems, or ("refused", reason,
+    message, version) — plain values that pickle."""
+    try:
+        return build_runtime_config(path, source)
+    except BundleRefusedError as e:
+        return ("refused", e.reason, e.problems[0].message, e.version)
+    except ConfigError as e:
+        return e.problems
+    except MemoryError:
+        return [Problem(str(path), None, None, "", "validating it ran out of memory")]
+
+
+def _child(target: Callable[[], object], out: int, memory_limit: int) -> None:
+    """Runs in the forked child: call ``target``, write the pickled outcome, never
+    return (the exit status says whether it got that far)."""
     status = 0
     try:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         try:
-            outcome: object = build_runtime_config(path, source)
-        except BundleRefusedError as e:
-            outcome = ("refused", e.reason, e.problems[0].message, e.version)
-        except ConfigError as e:
-            outcome = e.problems
+            outcome = target()
         except MemoryError:
-            outcome = [Problem(str(path), None, None, "", "validating it ran out of memory")]
+            outcome = None
         data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         view = memoryview(data)
         while view:
@@ -221,12 +231,67 @@ def _child(path: Path, source: BundleSource | None, out: int, memory_limit: int)
         os._exit(status)
 
 
-class PendingConfig:
-    """A validation running in a forked child; :meth:`result` waits for it.
+class ChildCall:
+    """``target()`` running in a forked child with ``memory_limit`` bytes of address
+    space and ``timeout_s`` seconds; :meth:`outcome` waits for its return value, which
+    must pickle. Whatever ``target`` imports stays in the child.
 
-    Start it early: the caller can import and prepare the agent meanwhile (two cores
-    on a typical gateway).
+    Start it early: the caller can import and prepare meanwhile (two cores on a
+    typical gateway).
     """
+
+    def __init__(
+        self,
+        target: Callable[[], object],
+        *,
+        label: str,
+        timeout_s: float = CHILD_TIMEOUT_S,
+        memory_limit: int = CHILD_MEMORY_LIMIT,
+    ) -> None:
+        self.label = label
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._read_fd, write_fd = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:  # pragma: no cover (the child always leaves through os._exit)
+            os.close(self._read_fd)
+            _child(target, write_fd, memory_limit)
+        os.close(write_fd)
+
+    def outcome(self) -> object:
+        """What ``target`` returned.
+
+        Raises:
+            ConfigError: one problem (against ``label``) when the child took longer
+                than its time, crashed, or ran out of memory.
+        """
+        read_fd = self._read_fd
+        chunks: list[bytes] = []
+        try:
+            while True:
+                left = self._deadline - time.monotonic()
+                if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                    os.kill(self._pid, 9)
+                    raise ConfigError([Problem(self.label, None, None, "", "validation took "
+                                               f"longer than {self._timeout_s:.0f} s")])
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(read_fd)
+            _, status = os.waitpid(self._pid, 0)
+        outcome = pickle.loads(b"".join(chunks)) if status == 0 and chunks else None  # noqa: S301
+        if outcome is None:
+            why = ("ran out of memory" if status == 0 and chunks
+                   else f"failed unexpectedly (child status {status})")
+            raise ConfigError([Problem(self.label, None, None, "", f"validation {why}")])
+        return outcome
+
+
+class PendingConfig:
+    """A validation running in a forked child (:class:`ChildCall`); :meth:`result`
+    waits for it."""
 
     def __init__(
         self,
@@ -237,14 +302,8 @@ class PendingConfig:
         memory_limit: int = CHILD_MEMORY_LIMIT,
     ) -> None:
         self.path = path
-        self._timeout_s = timeout_s
-        self._deadline = time.monotonic() + timeout_s
-        self._read_fd, write_fd = os.pipe()
-        self._pid = os.fork()
-        if self._pid == 0:  # pragma: no cover (the child always leaves through os._exit)
-            os.close(self._read_fd)
-            _child(path, source, write_fd, memory_limit)
-        os.close(write_fd)
+        self._call = ChildCall(lambda: _validate(path, source), label=str(path),
+                               timeout_s=timeout_s, memory_limit=memory_limit)
 
     def result(self) -> RuntimeConfig:
         """The validated configuration.
@@ -254,32 +313,16 @@ class PendingConfig:
             ConfigError: every problem found; also when validation crashed, ran out of
                 memory or time (then one problem says so).
         """
-        path, read_fd = str(self.path), self._read_fd
-        chunks: list[bytes] = []
-        try:
-            while True:
-                left = self._deadline - time.monotonic()
-                if left <= 0 or not select.select([read_fd], [], [], left)[0]:
-                    os.kill(self._pid, 9)
-                    raise ConfigError([Problem(path, None, None, "", "validation took longer "
-                                               f"than {self._timeout_s:.0f} s")])
-                chunk = os.read(read_fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(read_fd)
-            _, status = os.waitpid(self._pid, 0)
-        if status != 0 or not chunks:
-            raise ConfigError([Problem(path, None, None, "",
-                                       f"validation failed unexpectedly (child status {status})")])
-        outcome = pickle.loads(b"".join(chunks))  # noqa: S301 (our own child's output)
+        outcome = self._call.outcome()
         if isinstance(outcome, RuntimeConfig):
             return outcome
         if isinstance(outcome, tuple):
             _, reason, message, version = outcome
             raise BundleRefusedError(reason, message, version)
-        raise ConfigError(outcome)
+        if isinstance(outcome, list):
+            raise ConfigError(outcome)
+        raise ConfigError([Problem(str(self.path), None, None, "",
+                                   f"validation returned {type(outcome).__name__}")])
 
 
 def load_runtime_config(

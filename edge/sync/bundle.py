@@ -270,3 +270,41 @@ def verify(
                           version)
     return Bundle(version, node, issued, expires, kid, content, token.strip())
 
+
+
+COMMANDS: Final = ("rollback",)
+
+
+def verify_command(
+    token: bytes, trusted: Sequence[Ed25519PublicKey], *, node: str, now: datetime
+) -> dict[str, Any]:
+    """Check a signed command (``…/cmd/{name}``), signed like a bundle; its payload:
+    ``{"command": one of COMMANDS, "id": str, "node", "issued_at", "expires_at", …}``
+    (``rollback`` may carry ``version``). Replays within ``expires_at`` are the
+    caller's to catch, by ``id``.
+
+    Raises:
+        BundleError: as :func:`verify`, except ``replayed``; ``invalid`` for an unknown
+            command or a missing id.
+    """
+    payload, _kid = _verified_payload(token, trusted)
+    try:
+        content = json.loads(payload)
+    except ValueError as e:
+        raise BundleError("malformed", f"the command's payload is not JSON: {e}") from e
+    if not isinstance(content, dict):
+        raise BundleError("malformed", "the command's payload is not a JSON object")
+    name, cid = content.get("command"), content.get("id")
+    if name not in COMMANDS:
+        raise BundleError("invalid", f"unknown command {name!r} (known: {', '.join(COMMANDS)})")
+    if not isinstance(cid, str) or not cid:
+        raise BundleError("invalid", "the command has no id")
+    if content.get("node") != node:
+        raise BundleError("wrong_node", f"command {cid} is for node {content.get('node')!r}, "
+                          f"not for this gateway ({node!r})")
+    version = content.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise BundleError("invalid", f"command {cid}: version must be an integer")
+    if now >= _time(content, "expires_at", 0):
+        raise BundleError("expired", f"command {cid} expired at {content['expires_at']}")
+    return content

@@ -27,6 +27,8 @@ last_error}``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,10 +40,12 @@ from edge.config.errors import ConfigError
 from edge.config.runtime import (
     BundleRefusedError,
     BundleSource,
+    ChildCall,
     RuntimeConfig,
     load_runtime_config,
 )
 from edge.store.history import History
+from edge.uplink.payload import json_bytes
 
 if TYPE_CHECKING:
     from edge.agent import Agent
@@ -52,6 +56,50 @@ REQUEST_POLL_S = 1.0
 """How often the history is asked for rollbacks requested on the gateway."""
 MAX_PROBLEMS = 20
 """Problems listed in a ``config_refused`` event at most (the log has all)."""
+
+
+def _check_command(agent_file: Path, token: bytes) -> object:
+    """In the child: ("ok", payload) of a verified command, or ("refused", reason,
+    message)."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from edge.config.load import load_agent_file  # noqa: PLC0415
+    from edge.sync.bundle import BundleError, load_public_key, verify_command  # noqa: PLC0415
+
+    try:
+        agent = load_agent_file(agent_file)
+        keys = [load_public_key(Path(k).read_bytes(), where=str(k)) for k in agent.trust.keys]
+        return ("ok", verify_command(token, keys, node=agent.node, now=datetime.now(UTC)))
+    except BundleError as e:
+        return ("refused", e.reason, str(e))
+    except ConfigError as e:
+        return ("refused", "invalid", str(e.problems[0]))
+
+
+def _claimed_id(token: bytes) -> str | None:
+    """The ``id`` a command claims, unverified: a refusal is answered under it so the
+    sender can match it (an id is no secret)."""
+    try:
+        part = token.split(b".")[1]
+        claimed = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
+    except (IndexError, ValueError):
+        return None
+    cid = claimed.get("id") if isinstance(claimed, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def check_command(agent_file: Path, token: bytes) -> dict[str, Any]:
+    """Verify a signed command in a forked child (the crypto stays there).
+
+    Raises:
+        BundleRefusedError: with the reason it was refused.
+    """
+    outcome = ChildCall(lambda: _check_command(agent_file, token),
+                        label="command").outcome()
+    if isinstance(outcome, tuple) and outcome[0] == "ok":
+        return dict(outcome[1])
+    _, reason, message = outcome if isinstance(outcome, tuple) else ("", "invalid", "?")
+    raise BundleRefusedError(reason, message, None)
 
 
 def restart_rollback(history: History) -> tuple[int, str] | None:
@@ -82,7 +130,8 @@ class ConfigSync:
         self.agent = agent
         self.agent_file = agent_file
         self.history = history
-        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._command_ids: set[str] = set()
         self._last_token = b""
         self._last_error = ""
         self._pending: int | None = None
@@ -92,13 +141,15 @@ class ConfigSync:
     # -- MQTT (paho's thread) -------------------------------------------------------
 
     def _subscribe(self) -> None:
-        client = self.agent.uplink.client.paho
-        client.message_callback_add(self.agent.topics.desired, self._on_desired)
-        client.subscribe(self.agent.topics.desired, qos=1)
+        client, topics = self.agent.uplink.client.paho, self.agent.topics
+        for topic in (topics.desired, topics.command("rollback")):
+            client.message_callback_add(topic, self._on_message)
+            client.subscribe(topic, qos=1)
 
-    def _on_desired(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self._loop is not None and msg.payload:
-            self._loop.call_soon_threadsafe(self._inbox.put_nowait, bytes(msg.payload))
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait,
+                                            (msg.topic, bytes(msg.payload)))
 
     # -- the loop -------------------------------------------------------------------
 
@@ -126,49 +177,70 @@ class ConfigSync:
             self._subscribe()
         while True:
             try:
-                token = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
+                topic, payload = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
             except TimeoutError:
                 for target in self.history.take_requests():
                     await self.roll_back_to(target)
                 continue
-            while not self._inbox.empty():  # only the newest matters
-                token = self._inbox.get_nowait()
-            if token != self._last_token:
-                self._last_token = token
-                await self._handle(token)
+            if topic != self.agent.topics.desired:
+                await self._command(payload)
+            elif payload != self._last_token:
+                self._last_token = payload
+                await self._handle(payload)
 
-    async def roll_back_to(self, target: int | None) -> None:
+    async def _command(self, token: bytes) -> None:
+        """A signed ``cmd/rollback``: verified in the child, done, answered on
+        ``cmd/rollback/reply`` with ``{"id", "ok", "error"}``."""
+        reply = self.agent.topics.command("rollback") + "/reply"
+        try:
+            cmd = await asyncio.to_thread(check_command, self.agent_file, token)
+        except ConfigError as e:
+            reason = e.reason if isinstance(e, BundleRefusedError) else "invalid"
+            self._refuse(None, reason, f"command refused: {e.problems[0].message}")
+            self.agent.uplink.client.publish(reply, json_bytes(
+                {"id": _claimed_id(token), "ok": False, "error": e.problems[0].message}))
+            return
+        cid = cmd["id"]
+        if cid in self._command_ids:
+            error = f"command {cid} was already carried out (a replay)"
+        else:
+            self._command_ids.add(cid)
+            error = await self.roll_back_to(cmd.get("version"))
+        self.agent.uplink.client.publish(reply, json_bytes(
+            {"id": cid, "ok": not error, "error": error,
+             "applied": self.agent.cfg.bundle_version}))
+
+    async def roll_back_to(self, target: int | None) -> str:
         """Go back, on request, to the kept version ``target`` (None: the one before
         the running version), commit it at once, and never apply the left version
         again. Refused (``config_refused``, reason ``rollback``) when there is no such
-        version or it does not validate any more."""
+        version or it does not validate any more. Returns why it was refused ("" when
+        done)."""
         running = self.agent.cfg
         if target is None:
             previous = self.history.previous()
             if previous is None:
-                self._refuse(None, "rollback", "there is no earlier version to roll back to")
-                return
+                return self._refuse(None, "rollback",
+                                    "there is no earlier version to roll back to")
             target = previous.version
         kept = self.history.get(target)
         if kept is None or kept.state == "rolled_back":
             why = "is not in the history" if kept is None else f"was rolled back ({kept.reason})"
-            self._refuse(target, "rollback", f"cannot roll back to version {target}: it {why}")
-            return
+            return self._refuse(target, "rollback",
+                                f"cannot roll back to version {target}: it {why}")
         source = BundleSource(content=kept.content) if target > 0 else None
         try:
             new = await asyncio.to_thread(load_runtime_config, self.agent_file, source=source)
         except ConfigError as e:
             errors = [str(p) for p in e.problems if p.severity == "error"]
-            self._refuse(target, "rollback", f"version {target} does not validate any more",
-                         errors)
-            return
+            return self._refuse(target, "rollback",
+                                f"version {target} does not validate any more", errors)
         from edge.agent import needs_restart  # noqa: PLC0415
 
         fixed = needs_restart(running, new)
         if fixed:
-            self._refuse(target, "rollback", f"rolling back to version {target} changes "
-                         f"{', '.join(fixed)}, which needs a restart")
-            return
+            return self._refuse(target, "rollback", f"rolling back to version {target} "
+                                f"changes {', '.join(fixed)}, which needs a restart")
         reason = f"rolled back on request to version {target}"
         self.history.reinstate(target, reason)
         await self.agent.apply_devices(new)
@@ -177,9 +249,10 @@ class ConfigSync:
         self._event("config_rolled_back", version=running.bundle_version, reason=reason,
                     to=target)
         self._report_state()
+        return ""
 
     def _refuse(self, version: int | None, reason: str, error: str,
-                problems: list[str] | None = None) -> None:
+                problems: list[str] | None = None) -> str:
         self._last_error = f"version {version}: {error}" if version else error
         log.error("desired configuration refused (%s): %s", reason, error)
         for p in problems or []:
@@ -187,6 +260,7 @@ class ConfigSync:
         self._event("config_refused", version=version, reason=reason, error=error,
                     **({"problems": problems[:MAX_PROBLEMS]} if problems else {}))
         self._report_state()
+        return error
 
     async def _handle(self, token: bytes) -> None:
         running = self.agent.cfg

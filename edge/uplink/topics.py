@@ -29,3 +29,7 @@ class Topics:
     def desired(self) -> str:
         """The retained, signed desired bundle from the control plane (DESIGN.md §6)."""
         return f"{self.prefix}/desired"
+
+    def command(self, name: str) -> str:
+        """A command to the agent (its reply: this + ``/reply``)."""
+        return f"{self.prefix}/cmd/{name}"

@@ -44,10 +44,10 @@ def _objects(data: object, group: str) -> list[Any]:
     return []
 
 
-def bundle_content(paths: list[Path], node: str) -> dict[str, list[Any]]:
+def bundle_content(paths: list[Path], node: str | None) -> dict[str, list[Any]]:
     """The ``devices`` and ``deviceModels`` of manifest files and directories, checked
-    the way the gateway will check them; a Device bound to another node
-    (``spec.nodeName``) is left out.
+    the way the gateway will check them; a Device bound to a node other than
+    ``node`` (``spec.nodeName``) is left out (None: none is).
 
     Raises:
         ConfigError: every problem of the manifests.
@@ -67,7 +67,7 @@ def bundle_content(paths: list[Path], node: str) -> dict[str, list[Any]]:
         for doc in read_yaml_documents(file, report):
             for obj in _objects(doc.data, GROUP):
                 bound = (obj.get("spec") or {}).get("nodeName")
-                if obj["kind"] == "Device" and bound and bound != node:
+                if node is not None and obj["kind"] == "Device" and bound and bound != node:
                     continue
                 out[KINDS[obj["kind"]]].append(obj)
     report.raise_if_errors()
@@ -352,3 +352,46 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
     publish_retained(host, port, messages)
     for line in lines:
         click.echo(line)
+
+
+@cloud.command()
+@click.option("--node", "nodes", multiple=True, required=True,
+              help="Target gateway (repeat), in rollout order.")
+@click.option("--canary", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes in the first stage.")
+@click.option("--stage", type=click.IntRange(min=1), default=None,
+              help="Nodes per later stage (default: as many as the canary).")
+@click.option("--key", "key_path", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The private key (PEM) to sign with.")
+@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="Bundle version (default: the time in seconds since the epoch).")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Seconds a stage may take to commit (health window included).")
+@click.option("--expires", "expires_s", type=click.IntRange(min=1), default=7 * 86400,
+              show_default=True, help="Seconds until the bundle expires.")
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Path,
+            broker: str, prefix: str, version: int | None, timeout_s: float, expires_s: int,
+            sources: tuple[Path, ...]) -> None:
+    """Push a bundle of SOURCES to the canary nodes, then in stages once each stage has
+    committed it; on the first failure stop, and roll the nodes that took it back."""
+    from edge.rollout import Rollout  # noqa: PLC0415
+
+    host, port = _broker(broker)
+    key = _private_key(key_path)
+    try:
+        body = bundle_content(list(sources), None)
+    except ConfigError as e:
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        sys.exit(2)
+    content: dict[str, Any] = {"policies": [], "plugins": [], "agent": {}, **body}
+    ok = Rollout(host, port, prefix, key, click.echo).run(
+        list(nodes), content, version=version or int(time.time()), canary=canary,
+        stage=stage or canary, timeout_s=timeout_s, expires_s=expires_s)
+    if not ok:
+        sys.exit(1)

@@ -252,7 +252,9 @@ def tail(config_path: Path, count: int, session: str | None) -> None:
         try:
             body = json.dumps(json.loads(msg.payload), separators=(",", ":"))
         except ValueError:
-            body = repr(msg.payload)
+            # a signed bundle or command: a JWS, too long to be worth printing
+            body = (f"(signed, {len(msg.payload)} bytes)" if msg.payload.count(b".") == 2
+                    else repr(msg.payload[:200]))
         try:
             click.echo(f"{rel} {body}")
         except BrokenPipeError:  # e.g. `edge tail | head`: the reader is gone

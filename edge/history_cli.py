@@ -49,7 +49,7 @@ def history(config_path: Path) -> None:
     h = _history(config_path)
     click.echo(f"{'version':>10}  {'state':<11}  {'received':<20}  {'decided':<20}  devices")
     for v in h.versions():
-        devices = len(v.content.get("devices", []))
+        devices = "(agent file)" if v.version == 0 else len(v.content.get("devices", []))
         line = (f"{v.version:>10}  {v.state:<11}  {_when(v.received_ms):<20}  "
                 f"{_when(v.decided_ms):<20}  {devices}")
         click.echo(line + (f"  ({v.reason})" if v.reason else ""))

@@ -87,7 +87,7 @@ def test_a_bundle_that_does_not_verify_is_refused_with_its_reason(
     with pytest.raises(BundleRefusedError) as e:
         load(agent_file, sign(content(7), signer), running=7)
     assert (e.value.reason, e.value.version) == ("replayed", 7)
-    assert "not newer than the running version 7" in str(e.value.problems[0])
+    assert "not newer than version 7, the newest this gateway has taken" in str(e.value.problems[0])
 
 
 def test_a_bundle_cannot_change_what_only_the_gateway_sets(

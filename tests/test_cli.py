@@ -149,6 +149,18 @@ def test_tail_with_a_session_gets_what_was_published_while_it_was_away(tmp_path:
         broker.stop()
 
 
+def test_tail_shows_a_signed_bundle_as_its_size(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    try:
+        cfg = write_agent_file(tmp_path, broker.port, [], node="gw-jws")
+        publish.single("edge/v1/gw-jws/desired", b"aGVhZA.Ym9keQ.c2ln", qos=1, retain=True,
+                       hostname="127.0.0.1", port=broker.port)
+        out = edge_cli("tail", "-c", str(cfg), "--count", "1", timeout=30)
+        assert out.stdout == "desired (signed, 18 bytes)\n"
+    finally:
+        broker.stop()
+
+
 def test_simulate_on_a_busy_port_says_which_endpoint(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -139,7 +139,8 @@ def test_bundles_apply_hot_commit_roll_back_and_survive_a_restart(
     gw.push(3, a, raw=json.dumps({"version": 3}).encode())
     assert wait_event(sub, "config_refused", reason="unsigned")["error"]
     gw.push(3, a, key=Ed25519PrivateKey.generate())
-    assert wait_event(sub, "config_refused", reason="unknown_key")["version"] is None
+    forged = wait_event(sub, "config_refused", reason="unknown_key")
+    assert (forged["version"], forged["claimed_version"]) == (None, 3)
     gw.push(1, a)
     assert wait_event(sub, "config_refused", reason="replayed")["version"] == 1
     assert events(sub, "config_applied")[-1]["version"] == 2
@@ -190,28 +191,34 @@ def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
     a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
     gw.push(1, a)
     wait_event(sub, "config_committed", version=1)
-    gw.push(2, a + b)
-    wait_event(sub, "config_committed", version=2)
+    gw.push(3, a + b)
+    wait_event(sub, "config_committed", version=3)
     cfg = str(gw.agent_file)
 
     out = edge_cli("rollback", "-c", cfg)
     assert out.returncode == 0, out.stderr
-    rolled = wait_event(sub, "config_rolled_back", version=2)
+    rolled = wait_event(sub, "config_rolled_back", version=3)
     assert (rolled["to"], rolled["reason"]) == (1, "rolled back on request to version 1")
     sub.wait_for(lambda m: m.topic == f"{PREFIX}/state" and m.json()["config"]["applied"] == 1
                  and "default/b" not in m.json()["devices"] and m.at * 1000 >= rolled["ts"])
     listing = edge_cli("config", "history", "-c", cfg)
     assert listing.returncode == 0, listing.stderr
     states = {int(line.split()[0]): line.split()[1] for line in listing.stdout.splitlines()[1:]}
-    assert states == {0: "superseded", 1: "committed", 2: "rolled_back"}
+    assert states == {0: "superseded", 1: "committed", 3: "rolled_back"}
     assert "(rolled back on request to version 1)" in listing.stdout
-    diff = edge_cli("config", "diff", "-c", cfg, "1", "2")
+    diff = edge_cli("config", "diff", "-c", cfg, "1", "3")
     assert diff.returncode == 0, diff.stderr
     assert '+        "name": "b"' in diff.stdout
     # going back to a version that was rolled back is refused before asking the agent
-    again = edge_cli("rollback", "-c", cfg, "2")
+    again = edge_cli("rollback", "-c", cfg, "3")
     assert again.returncode != 0
-    assert "version 2 was rolled back" in again.stderr
+    assert "version 3 was rolled back" in again.stderr
+    # after going back to 1, a version between 1 and 3 is still a replay: never seen,
+    # but older than the newest this gateway took
+    gw.push(2, a + b)
+    refused = wait_event(sub, "config_refused", version=2)
+    assert refused["reason"] == "replayed"
+    assert "newest this gateway has taken" in refused["error"]
     status = edge_cli("cloud", "status", "--broker", f"127.0.0.1:{broker.port}",
                       "--node", NODE, "--node", "gw-nobody")
     assert status.returncode == 1  # gw-nobody has no retained state

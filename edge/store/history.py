@@ -122,6 +122,12 @@ class History:
         rows = self._rows(state="committed")
         return rows[-1] if rows else None
 
+    def newest(self) -> int:
+        """The highest version ever taken (applied, whatever became of it; 0 if none):
+        a bundle must be newer, even after a rollback to an older one."""
+        row = self._db.execute("SELECT max(version) FROM versions").fetchone()
+        return int(row[0] or 0)
+
     def pending(self) -> Version | None:
         """The version in its health window, if any."""
         rows = self._rows(state="pending")

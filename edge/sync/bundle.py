@@ -255,8 +255,8 @@ def verify(
         raise BundleError("wrong_node", f"bundle version {version} is for node {target!r}, "
                           f"not for this gateway ({node!r})", version)
     if version <= running_version:
-        raise BundleError("replayed", f"bundle version {version} is not newer than the "
-                          f"running version {running_version}", version)
+        raise BundleError("replayed", f"bundle version {version} is not newer than version "
+                          f"{running_version}, the newest this gateway has taken", version)
     issued, expires = _time(content, "issued_at", version), _time(content, "expires_at", version)
     if now >= expires:
         raise BundleError("expired", f"bundle version {version} expired at {rfc3339(expires)}",

@@ -13,11 +13,15 @@ hot (:meth:`edge.agent.Agent.apply_devices`), and watched for the new configurat
 Then the version is committed (it runs after a restart too), or the agent goes back to
 the last committed version and records why. A restart during the window (a crash, a
 power cut) counts as a failure: at start-up the pending version is rolled back before
-anything runs. A version once rolled back is never applied again; the cloud pushes a
-new version instead.
+anything runs. A version once rolled back is never applied again, and a bundle must be
+newer than the newest version ever taken (also after a rollback to an older one); the
+cloud pushes a new version instead. Rollbacks on request come from ``edge rollback``
+(through the history file) and from signed ``cmd/rollback`` commands.
 
-Events on ``…/events``: ``config_refused`` (``version``, ``reason`` — one of
-:data:`edge.sync.bundle.Reason`, ``rolled_back``, ``needs_restart`` — and ``error``),
+Events on ``…/events``: ``config_refused`` (``version`` once verified, else
+``claimed_version``; ``reason`` — one of :data:`edge.sync.bundle.Reason`,
+``rolled_back``, ``needs_restart``, or ``rollback`` for a rollback that cannot be
+done — and ``error``),
 ``config_applied`` (``version``, ``added``/``changed``/``removed``),
 ``config_committed`` (``version``) and ``config_rolled_back`` (``version``,
 ``reason``, ``to``). The retained ``state`` carries ``config: {applied, pending,
@@ -76,16 +80,17 @@ def _check_command(agent_file: Path, token: bytes) -> object:
         return ("refused", "invalid", str(e.problems[0]))
 
 
-def _claimed_id(token: bytes) -> str | None:
-    """The ``id`` a command claims, unverified: a refusal is answered under it so the
-    sender can match it (an id is no secret)."""
+def _claimed(token: bytes, key: str) -> object:
+    """What a JWS's payload claims under ``key``, unverified (None when unreadable): a
+    refused command is answered under its ``id`` so the sender can match it, a refused
+    bundle is reported with the version it claims."""
     try:
         part = token.split(b".")[1]
         claimed = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
     except (IndexError, ValueError):
         return None
-    cid = claimed.get("id") if isinstance(claimed, dict) else None
-    return cid if isinstance(cid, str) else None
+    value = claimed.get(key) if isinstance(claimed, dict) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
 def check_command(agent_file: Path, token: bytes) -> dict[str, Any]:
@@ -198,7 +203,7 @@ class ConfigSync:
             reason = e.reason if isinstance(e, BundleRefusedError) else "invalid"
             self._refuse(None, reason, f"command refused: {e.problems[0].message}")
             self.agent.uplink.client.publish(reply, json_bytes(
-                {"id": _claimed_id(token), "ok": False, "error": e.problems[0].message}))
+                {"id": _claimed(token, "id"), "ok": False, "error": e.problems[0].message}))
             return
         cid = cmd["id"]
         if cid in self._command_ids:
@@ -252,34 +257,41 @@ class ConfigSync:
         return ""
 
     def _refuse(self, version: int | None, reason: str, error: str,
-                problems: list[str] | None = None) -> str:
+                problems: list[str] | None = None, *, claimed: object = None) -> str:
+        """Report a refusal; ``version`` is known only once verified, ``claimed`` is
+        what an unverified bundle says (reported as ``claimed_version``)."""
         self._last_error = f"version {version}: {error}" if version else error
         log.error("desired configuration refused (%s): %s", reason, error)
         for p in problems or []:
             log.error("  %s", p)
         self._event("config_refused", version=version, reason=reason, error=error,
-                    **({"problems": problems[:MAX_PROBLEMS]} if problems else {}))
+                    **({"problems": problems[:MAX_PROBLEMS]} if problems else {}),
+                    **({"claimed_version": claimed} if version is None and claimed else {}))
         self._report_state()
         return error
 
     async def _handle(self, token: bytes) -> None:
         running = self.agent.cfg
-        source = BundleSource(token=token, running_version=running.bundle_version)
+        # newer than anything taken before: a rollback must not reopen older bundles
+        source = BundleSource(token=token, running_version=max(running.bundle_version,
+                                                               self.history.newest()))
         try:
             new = await asyncio.to_thread(load_runtime_config, self.agent_file, source=source)
         except BundleRefusedError as e:
-            self._refuse(e.version, e.reason, e.problems[0].message)
+            known = self.history.get(e.version) if e.version is not None else None
+            if known is not None and known.state == "rolled_back":
+                self._refuse(e.version, "rolled_back", f"version {e.version} was rolled back "
+                             f"before ({known.reason}); push a new version")
+            else:
+                self._refuse(e.version, e.reason, e.problems[0].message,
+                             claimed=_claimed(token, "version"))
             return
         except ConfigError as e:
             errors = [str(p) for p in e.problems if p.severity == "error"]
-            self._refuse(None, "invalid", f"{len(errors)} problem(s) in the bundle", errors)
+            self._refuse(None, "invalid", f"{len(errors)} problem(s) in the bundle", errors,
+                         claimed=_claimed(token, "version"))
             return
         version = new.bundle_version
-        known = self.history.get(version)
-        if known is not None and known.state == "rolled_back":
-            self._refuse(version, "rolled_back", f"version {version} was rolled back before "
-                         f"({known.reason}); push a new version")
-            return
         from edge.agent import needs_restart  # noqa: PLC0415 (the agent imports this module)
 
         fixed = needs_restart(running, new)
@@ -308,6 +320,7 @@ class ConfigSync:
         before = agent.device_states()
         self.history.add_pending(version, new.bundle or {})
         self._pending = version
+        self._last_error = ""
         self._report_state()
         agent.task_failures = 0
         changes = await agent.apply_devices(new)

@@ -4,7 +4,8 @@ Payloads are compact JSON (UTF-8). Topics come from :class:`edge.uplink.topics.T
 
 * ``…/state`` (retained, QoS 1): ``{"state": "online", "version", "agent", "since",
   "devices": {"ns/name": "online"|"offline"}}`` while running;
-  ``{"state": "offline", "version", "agent"}`` is the LWT and is also published on
+  ``{"state": "offline", "version", "agent"}`` is the LWT (with the version the agent
+  connected with) and is also published (with the running version) on
   a clean stop (the agent no longer vouches for any device then).
 * ``…/telemetry/{namespace}/{device}``: a reading, see :class:`edge.reading.Reading`.
 * ``…/events``: ``{"ts", "type", ...}``, e.g. ``{"type": "device_state", "device":
@@ -123,6 +124,8 @@ class Uplink:
         with self._lock:
             self._config_version = version
             self._config = dict(config)
+            self._offline = json_bytes(
+                {"state": "offline", "version": version, "agent": self._agent_version})
         self._publish_state()
 
     def _publish_state_now(self) -> None:
@@ -146,7 +149,11 @@ class Uplink:
         self.client.stop()
 
     def _publish_state(self) -> None:
-        """Publish the retained online state (called from the loop and paho's thread)."""
+        """Publish the retained online state (called from the loop and paho's thread).
+        Not while disconnected: paho would queue a state that is stale by the time it
+        goes out, after the fresh one the connect publishes."""
+        if not self.client.stats.connected:
+            return
         with self._lock:
             payload = json_bytes(
                 {

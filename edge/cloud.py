@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,27 @@ def publish_retained(host: str, port: int, messages: list[tuple[str, bytes]]) ->
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def _signing_options(f: Callable[..., None]) -> Callable[..., None]:
+    """``--key``, ``--broker``, ``--prefix``: what every signed publication needs."""
+    f = click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+                     help="Topic prefix.")(f)
+    f = click.option("--broker", default="127.0.0.1:1883", show_default=True,
+                     help="HOST:PORT.")(f)
+    return click.option("--key", "key_path", required=True,
+                        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                        help="The private key (PEM) to sign with.")(f)
+
+
+def _bundle_options(f: Callable[..., None]) -> Callable[..., None]:
+    """``--version`` and ``--expires`` of a bundle."""
+    f = click.option("--expires", "expires_s", type=click.IntRange(min=1),
+                     default=7 * 86400, show_default=True,
+                     help="Seconds until the bundle expires.")(f)
+    return click.option("--version", "version", type=click.IntRange(min=1), default=None,
+                        help="Bundle version (default: the time in seconds since the "
+                             "epoch).")(f)
 
 
 @click.group()
@@ -251,11 +273,7 @@ def command_replies(host: str, port: int, commands: dict[str, tuple[str, str, by
 
 @cloud.command()
 @click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
-@click.option("--key", "key_path", required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="The private key (PEM) to sign with.")
-@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
-@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
+@_signing_options
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for every node's reply.")
 @click.argument("version", type=int, required=False)
@@ -301,15 +319,8 @@ def _private_key(key_path: Path) -> Any:
 
 @cloud.command()
 @click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
-@click.option("--key", "key_path", required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="The private key (PEM) to sign with.")
-@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
-@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
-@click.option("--version", "version", type=click.IntRange(min=1), default=None,
-              help="Bundle version (default: the time in seconds since the epoch).")
-@click.option("--expires", "expires_s", type=click.IntRange(min=1), default=7 * 86400,
-              show_default=True, help="Seconds until the bundle expires.")
+@_signing_options
+@_bundle_options
 @click.option("--agent", "agent_path", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
               help="A YAML file of agent-file sections the bundle overrides.")
@@ -361,17 +372,10 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
               help="Nodes in the first stage.")
 @click.option("--stage", type=click.IntRange(min=1), default=None,
               help="Nodes per later stage (default: as many as the canary).")
-@click.option("--key", "key_path", required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="The private key (PEM) to sign with.")
-@click.option("--broker", default="127.0.0.1:1883", show_default=True, help="HOST:PORT.")
-@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
-@click.option("--version", "version", type=click.IntRange(min=1), default=None,
-              help="Bundle version (default: the time in seconds since the epoch).")
+@_signing_options
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Seconds a stage may take to commit (health window included).")
-@click.option("--expires", "expires_s", type=click.IntRange(min=1), default=7 * 86400,
-              show_default=True, help="Seconds until the bundle expires.")
+@_bundle_options
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Path,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from support import Image, ModbusServer
 
 
 class Stoppable(Protocol):
@@ -50,3 +51,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def two_units() -> Iterator[ModbusServer]:
+    """A Modbus TCP server with unit 1 (holding register 0 = 11) and unit 2 (22)."""
+    server = ModbusServer({1: Image(hr=[11]), 2: Image(hr=[22])})
+    yield server
+    server.stop()

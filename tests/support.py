@@ -266,6 +266,12 @@ def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, 
     return path
 
 
+LEVEL: list[dict[str, Any]] = [
+    {"name": "level", "type": "INT", "collectCycle": 200,
+     "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}]
+"""One int16 property in holding register 0, read every 200 ms (for device_docs)."""
+
+
 def device_docs(name: str, port: int, unit: int, props: list[dict[str, Any]], *,
                 namespace: str = "default", mode: str = "TCP",
                 extra_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import StopLater
 from support import (
-    Image,
+    LEVEL,
     ModbusServer,
     Subscriber,
     device_docs,
@@ -23,15 +22,12 @@ from support import (
 from edge.sync.bundle import new_key_pair
 
 NODES = ("gw-r1", "gw-r2", "gw-r3")
-PROPS = [{"name": "level", "type": "INT", "collectCycle": 200,
-          "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}]
+PROPS = LEVEL
 
 
 @pytest.fixture
-def server() -> Iterator[ModbusServer]:
-    s = ModbusServer({1: Image(hr=[11]), 2: Image(hr=[22])})
-    yield s
-    s.stop()
+def server(two_units: ModbusServer) -> ModbusServer:
+    return two_units
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ run``), bundles signed and published as the cloud CLI does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ import yaml
 from conftest import StopLater
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support import (
+    LEVEL,
     AgentProcess,
     Broker,
-    Image,
     ModbusServer,
     Subscriber,
     device_docs,
@@ -34,15 +33,12 @@ from edge.sync.bundle import load_private_key, new_key_pair, rfc3339, sign
 
 NODE = "gw-sync"
 PREFIX = f"edge/v1/{NODE}"
-PROPS = [{"name": "level", "type": "INT", "collectCycle": 200,
-          "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}}]
+PROPS = LEVEL
 
 
 @pytest.fixture
-def server() -> Iterator[ModbusServer]:
-    s = ModbusServer({1: Image(hr=[11]), 2: Image(hr=[22])})
-    yield s
-    s.stop()
+def server(two_units: ModbusServer) -> ModbusServer:
+    return two_units
 
 
 class Gateway:
@@ -180,17 +176,24 @@ def test_a_restart_during_the_health_window_rolls_back_on_start_up(
         m.at < rolled["ts"] / 1000 + 1 for m in sub.on(f"{PREFIX}/telemetry/default/b"))
 
 
-def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
-    tmp_path: Path, stop_later: StopLater, server: ModbusServer
-) -> None:
+def start_committed(tmp_path: Path, stop_later: StopLater,
+                    server: ModbusServer) -> tuple[Broker, Gateway, Subscriber]:
+    """A running agent with version 1 (device a) committed."""
     broker = stop_later(start_broker(tmp_path))
     gw = Gateway(tmp_path, broker, server)
     sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
     stop_later(gw.start())
     sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))
-    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
-    gw.push(1, a)
+    gw.push(1, device_docs("a", server.port, 1, PROPS))
     wait_event(sub, "config_committed", version=1)
+    return broker, gw, sub
+
+
+def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    broker, gw, sub = start_committed(tmp_path, stop_later, server)
+    a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
     gw.push(3, a + b)
     wait_event(sub, "config_committed", version=3)
     cfg = str(gw.agent_file)
@@ -229,14 +232,8 @@ def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
 def test_cloud_rollback_is_a_signed_command_with_a_reply(
     tmp_path: Path, stop_later: StopLater, server: ModbusServer
 ) -> None:
-    broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, server)
-    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
-    stop_later(gw.start())
-    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))
+    broker, gw, sub = start_committed(tmp_path, stop_later, server)
     a, b = device_docs("a", server.port, 1, PROPS), device_docs("b", server.port, 2, PROPS)
-    gw.push(1, a)
-    wait_event(sub, "config_committed", version=1)
     gw.push(2, a + b)
     wait_event(sub, "config_committed", version=2)
     where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--timeout", "15"]

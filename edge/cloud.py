@@ -75,6 +75,28 @@ def bundle_content(paths: list[Path], node: str | None) -> dict[str, list[Any]]:
     return out
 
 
+def _client() -> Any:
+    """A paho client (MQTT 3.1.1, clean session) for one CLI call."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    return mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                       client_id=f"edge-cloud-{os.getpid()}")
+
+
+def _start(c: Any, host: str, port: int) -> None:
+    """Connect ``c`` and start its network thread.
+
+    Raises:
+        click.ClickException: the broker cannot be reached.
+    """
+    try:
+        c.connect(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
+    c.loop_start()
+
+
 def publish_retained(host: str, port: int, messages: list[tuple[str, bytes]]) -> None:
     """Publish each ``(topic, payload)`` retained at QoS 1 over one connection and wait
     for every PUBACK.
@@ -82,16 +104,9 @@ def publish_retained(host: str, port: int, messages: list[tuple[str, bytes]]) ->
     Raises:
         click.ClickException: the broker cannot be reached or does not acknowledge.
     """
-    import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    client_id=f"edge-cloud-{os.getpid()}")
-    try:
-        c.connect(host, port)
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
-    c.loop_start()
+    c = _client()
+    _start(c, host, port)
     try:
         for topic, payload in messages:
             info = c.publish(topic, payload, qos=1, retain=True)
@@ -160,7 +175,6 @@ def retained(host: str, port: int, topic_filter: str, *, wait_s: float) -> dict[
         click.ClickException: the broker cannot be reached.
     """
     import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
     got: dict[str, bytes] = {}
 
@@ -168,15 +182,10 @@ def retained(host: str, port: int, topic_filter: str, *, wait_s: float) -> dict[
         if msg.retain:
             got[msg.topic] = bytes(msg.payload)
 
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    client_id=f"edge-cloud-{os.getpid()}")
+    c = _client()
     c.on_message = on_message
     c.on_connect = lambda cl, *_: cl.subscribe(topic_filter, qos=1)
-    try:
-        c.connect(host, port)
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
-    c.loop_start()
+    _start(c, host, port)
     time.sleep(wait_s)
     c.disconnect()
     c.loop_stop()
@@ -232,7 +241,6 @@ def command_replies(host: str, port: int, commands: dict[str, tuple[str, str, by
     wait up to ``timeout_s`` for the replies on ``topic/reply`` carrying its ``id``;
     the replies by node (missing nodes did not answer in time)."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
     ids = {node: cid for node, (_t, cid, _tok) in commands.items()}
     by_topic = {topic + "/reply": node for node, (topic, _id, _tok) in commands.items()}
@@ -248,15 +256,10 @@ def command_replies(host: str, port: int, commands: dict[str, tuple[str, str, by
         if node is not None and isinstance(body, dict) and body.get("id") == ids[node]:
             replies[node] = body
 
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    client_id=f"edge-cloud-{os.getpid()}")
+    c = _client()
     c.on_message = on_message
     c.on_subscribe = lambda *_: subscribed.set()
-    try:
-        c.connect(host, port)
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the broker {host}:{port}: {e}") from e
-    c.loop_start()
+    _start(c, host, port)
     try:
         c.subscribe([(t, 1) for t in by_topic])
         subscribed.wait(ACK_TIMEOUT_S)

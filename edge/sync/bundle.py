@@ -193,6 +193,17 @@ def _version(content: Mapping[str, Any]) -> int:
     return version
 
 
+def _json_object(payload: bytes, what: str) -> dict[str, Any]:
+    """A verified payload as a JSON object (``what``: bundle or command, for messages)."""
+    try:
+        content = json.loads(payload)
+    except ValueError as e:
+        raise BundleError("malformed", f"the {what}'s payload is not JSON: {e}") from e
+    if not isinstance(content, dict):
+        raise BundleError("malformed", f"the {what}'s payload is not a JSON object")
+    return content
+
+
 def _verified_payload(token: bytes, trusted: Sequence[Ed25519PublicKey]) -> tuple[bytes, str]:
     """The payload of a JWS signed by one of ``trusted`` and the signing key's id."""
     header = _header(token)
@@ -243,12 +254,7 @@ def verify(
             names the field or the key.
     """
     payload, kid = _verified_payload(token, trusted)
-    try:
-        content = json.loads(payload)
-    except ValueError as e:
-        raise BundleError("malformed", f"the bundle's payload is not JSON: {e}") from e
-    if not isinstance(content, dict):
-        raise BundleError("malformed", "the bundle's payload is not a JSON object")
+    content = _json_object(payload, "bundle")
     version = _version(content)
     target = content.get("node")
     if target != node:
@@ -288,12 +294,7 @@ def verify_command(
             command or a missing id.
     """
     payload, _kid = _verified_payload(token, trusted)
-    try:
-        content = json.loads(payload)
-    except ValueError as e:
-        raise BundleError("malformed", f"the command's payload is not JSON: {e}") from e
-    if not isinstance(content, dict):
-        raise BundleError("malformed", "the command's payload is not a JSON object")
+    content = _json_object(payload, "command")
     name, cid = content.get("command"), content.get("id")
     if name not in COMMANDS:
         raise BundleError("invalid", f"unknown command {name!r} (known: {', '.join(COMMANDS)})")

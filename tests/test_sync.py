@@ -142,6 +142,10 @@ def test_bundles_apply_hot_commit_roll_back_and_survive_a_restart(
     assert events(sub, "config_applied")[-1]["version"] == 2
     assert state(sub)["config"]["applied"] == 1
 
+    # every bundle was verified in the forked child: no crypto in the agent's memory
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "cryptography" not in maps
+    assert "pydantic_core" not in maps
     # a restart runs the committed version 1 (from the history), with device b
     assert agent.stop() == 0
     n_b = len(seqs(sub, "b"))

@@ -25,6 +25,7 @@ from edge.store.outbox import Outbox
 from edge.uplink.payload import now_ms
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
+from edge.uplink.twins import Twins
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Agent:
             forward=cfg.forward,
         )
         self.push = PushSinks(cfg.devices, cfg.broker.client_id)
+        self.twins = Twins(self.uplink.client, self.topics)
+        self.twins.configure(cfg.devices)
         m = cfg.modbus
         self.pool = ConnectionPool(
             backoff_initial=m.backoff_initial_s,
@@ -131,6 +134,7 @@ class Agent:
             changed=tuple(k for k in new if k in old and not same_device(old[k], new[k])),
         )
         self.cfg = cfg
+        self.twins.configure(cfg.devices)
         logging.getLogger("edge").setLevel(cfg.log_level.upper())
         for key in (*changes.removed, *changes.changed):
             next_seq = await self._stop_poller(key)
@@ -188,6 +192,7 @@ class Agent:
 
     def _on_reading(self, reading: Reading) -> None:
         self.uplink.publish_reading(reading)
+        self.twins.update(reading)
         if self.push:
             self.push.push(reading)
 

@@ -33,3 +33,7 @@ class Topics:
     def command(self, name: str) -> str:
         """A command to the agent (its reply: this + ``/reply``)."""
         return f"{self.prefix}/cmd/{name}"
+
+    def twin(self, namespace: str, device: str) -> str:
+        """The retained twin of one device (reported / observedDesired)."""
+        return f"{self.prefix}/twins/{namespace}/{device}"

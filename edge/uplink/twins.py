@@ -1,0 +1,85 @@
+"""Device twins, KubeEdge-shaped, retained on ``{prefix}/twins/{namespace}/{device}``.
+
+Payload: ``{property: {"reported": {"value", "ts"}, "observedDesired": {"value"}}}``
+for each property with ``reportToCloud`` (``observedDesired`` only where the manifest
+gives a ``desired`` value). A property's reported value is refreshed at most once per
+its ``reportCycle`` (the twin is published when any of its properties is due); a
+property read ``bad`` keeps its last good value. Twins are the current state, like
+``state``: not stored in the outbox, published again on every (re)connect.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from edge.config.model import DeviceSpec
+from edge.reading import Reading
+from edge.uplink.client import BrokerClient
+from edge.uplink.payload import json_bytes
+from edge.uplink.topics import Topics
+
+
+class Twins:
+    """The twins of the configured devices; :meth:`update` from the event loop."""
+
+    def __init__(self, client: BrokerClient, topics: Topics) -> None:
+        self._client = client
+        self._topics = topics
+        self._lock = threading.Lock()
+        self._cycle: dict[tuple[str, str], int] = {}
+        self._desired: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._last: dict[tuple[str, str], int] = {}
+        client.add_connect_hook(self._publish_all)
+
+    def configure(self, devices: Sequence[DeviceSpec]) -> None:
+        """Take the reportable properties of ``devices`` (again after a new config);
+        twins of devices no longer configured are cleared (empty retained message)."""
+        keys = {d.key for d in devices}
+        with self._lock:
+            gone = [k for k in self._docs if k not in keys]
+            self._cycle = {(d.key, p.name): p.report_cycle_ms
+                           for d in devices for p in d.properties if p.report_to_cloud}
+            self._desired = {d.key: {p.name: {"value": p.desired} for p in d.properties
+                                     if p.report_to_cloud and p.desired is not None}
+                             for d in devices}
+            for k in gone:
+                del self._docs[k]
+        for k in gone:
+            ns, _, name = k.partition("/")
+            self._client.publish(self._topics.twin(ns, name), b"", retain=True)
+
+    def update(self, reading: Reading) -> None:
+        """Fold one reading in; publish the device's twin when a property is due."""
+        key = f"{reading.namespace}/{reading.device}"
+        due = False
+        with self._lock:
+            doc = self._docs.setdefault(key, {})
+            for prop, value in reading.values.items():
+                cycle = self._cycle.get((key, prop))
+                if cycle is None or reading.quality.get(prop) == "bad":
+                    continue
+                if reading.ts_ms - self._last.get((key, prop), -cycle) >= cycle:
+                    self._last[(key, prop)] = reading.ts_ms
+                    doc[prop] = {"reported": {"value": value, "ts": reading.ts_ms}}
+                    due = True
+            if not due or not self._client.stats.connected:
+                return  # while disconnected, the connect publishes what is current
+            payload = self._payload(key)
+        self._client.publish(self._topics.twin(reading.namespace, reading.device), payload,
+                             retain=True)
+
+    def _payload(self, key: str) -> bytes:
+        desired = self._desired.get(key, {})
+        return json_bytes({prop: {**entry, **({"observedDesired": desired[prop]}
+                                                 if prop in desired else {})}
+                           for prop, entry in self._docs.get(key, {}).items()})
+
+    def _publish_all(self) -> None:  # paho's thread, after a (re)connect
+        with self._lock:
+            docs = {k: self._payload(k) for k, doc in self._docs.items() if doc}
+        for key, payload in docs.items():
+            ns, _, name = key.partition("/")
+            self._client.publish(self._topics.twin(ns, name), payload, retain=True)

@@ -243,7 +243,8 @@ def test_device_that_comes_back_is_polled_again_without_restart(
         sub.wait_for(state_is("offline"))
         server = ModbusServer({1: Image(hr=words("h", 2))}, port=port)
         sub.wait_for(state_is("online"), count=2, timeout=40)
-        got = sub.wait_for(lambda m: m.topic.endswith("/flaky") and m.json()["values"] == {"v": 2})
+        got = sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/flaky")
+                           and m.json()["values"] == {"v": 2})
         assert got
     finally:
         agent.stop()

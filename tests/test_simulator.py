@@ -128,7 +128,7 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
         reading = sub.wait_for(lambda m, t=topic: m.topic == t)[0].json()
         assert reading["values"], reading
         assert "quality" not in reading, reading
-    meter = sub.wait_for(lambda m: m.topic.endswith("/meter-1")
+    meter = sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/meter-1")
                          and "voltage-l1" in m.json()["values"])[0].json()["values"]
     assert 220 <= meter["voltage-l1"] <= 240
     assert 49.8 <= meter["frequency"] <= 50.2

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,34 +45,49 @@ def _objects(data: object, group: str) -> list[Any]:
     return []
 
 
-def bundle_content(paths: list[Path], node: str | None) -> dict[str, list[Any]]:
-    """The ``devices`` and ``deviceModels`` of manifest files and directories, checked
-    the way the gateway will check them; a Device bound to a node other than
-    ``node`` (``spec.nodeName``) is left out (None: none is).
+def bundle_content(paths: list[Path]) -> dict[str, list[Any]]:
+    """The ``devices`` and ``deviceModels`` of manifest files and directories, each
+    file read once and checked the way a gateway will check them.
 
     Raises:
         ConfigError: every problem of the manifests.
     """
+    from edge.config.kubeedge import resolve_documents  # noqa: PLC0415
     from edge.config.kubeedge_docs import GROUP  # noqa: PLC0415
-    from edge.config.load import load_manifests  # noqa: PLC0415
     from edge.config.sources import (  # noqa: PLC0415
         Report,
         expand_manifest_paths,
         read_yaml_documents,
     )
 
-    load_manifests(paths, node=node)
     report = Report()
-    out: dict[str, list[Any]] = {"devices": [], "deviceModels": []}
-    for file in expand_manifest_paths(paths, report):
-        for doc in read_yaml_documents(file, report):
-            for obj in _objects(doc.data, GROUP):
-                bound = (obj.get("spec") or {}).get("nodeName")
-                if node is not None and obj["kind"] == "Device" and bound and bound != node:
-                    continue
-                out[KINDS[obj["kind"]]].append(obj)
+    documents = [d for f in expand_manifest_paths(paths, report)
+                 for d in read_yaml_documents(f, report)]
+    resolve_documents(documents, node=None, report=report)
     report.raise_if_errors()
+    out: dict[str, list[Any]] = {"devices": [], "deviceModels": []}
+    for doc in documents:
+        for obj in _objects(doc.data, GROUP):
+            out[KINDS[obj["kind"]]].append(obj)
     return out
+
+
+def for_node(content: dict[str, Any], node: str) -> dict[str, Any]:
+    """``content`` without the Devices bound to another node (``spec.nodeName``)."""
+    def ours(d: Any) -> bool:
+        bound = (d.get("spec") or {}).get("nodeName") if isinstance(d, dict) else None
+        return not bound or bound == node
+    return {**content, "devices": [d for d in content.get("devices", []) if ours(d)]}
+
+
+def _content_or_exit(sources: tuple[Path, ...]) -> dict[str, list[Any]]:
+    """:func:`bundle_content`, or every problem printed and exit status 2."""
+    try:
+        return bundle_content(list(sources))
+    except ConfigError as e:
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        sys.exit(2)
 
 
 def _client() -> Any:
@@ -284,20 +299,15 @@ def rollback(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
              timeout_s: float, version: int | None) -> None:
     """Tell each node to go back to VERSION (default: the version before its running
     one), signed, and wait for their replies; exit 1 unless all did."""
-    import uuid  # noqa: PLC0415
-
-    from edge.sync.bundle import rfc3339, sign  # noqa: PLC0415
+    from edge.sync.bundle import signed_rollback  # noqa: PLC0415
 
     host, port = _broker(broker)
     key = _private_key(key_path)
     now = datetime.now(UTC)
     commands = {}
     for node in nodes:
-        cid = uuid.uuid4().hex
-        commands[node] = (prefix.format(node=node) + "/cmd/rollback", cid, sign({
-            "command": "rollback", "id": cid, "node": node, "version": version,
-            "issued_at": rfc3339(now), "expires_at": rfc3339(now + timedelta(minutes=5))},
-            key))
+        cid, token = signed_rollback(key, node=node, version=version, now=now)
+        commands[node] = (prefix.format(node=node) + "/cmd/rollback", cid, token)
     replies = command_replies(host, port, commands, timeout_s=timeout_s)
     for node in nodes:
         r = replies.get(node)
@@ -336,7 +346,7 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
     publish it retained on each node's desired topic."""
     import yaml  # noqa: PLC0415
 
-    from edge.sync.bundle import rfc3339, sign  # noqa: PLC0415
+    from edge.sync.bundle import signed_bundle  # noqa: PLC0415
 
     host, port = _broker(broker)
     key = _private_key(key_path)
@@ -345,24 +355,17 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
     version = version or int(time.time())
     messages: list[tuple[str, bytes]] = []
     lines: list[str] = []
+    if len(sources) == 1 and sources[0].suffix == ".json":
+        everything = json.loads(sources[0].read_text(encoding="utf-8"))
+    else:
+        everything = _content_or_exit(sources)
     for node in nodes:
-        if len(sources) == 1 and sources[0].suffix == ".json":
-            body = json.loads(sources[0].read_text(encoding="utf-8"))
-        else:
-            try:
-                body = bundle_content(list(sources), node)
-            except ConfigError as e:
-                for p in e.problems:
-                    click.echo(str(p), err=True)
-                sys.exit(2)
-        content = {"devices": [], "deviceModels": [], "policies": [], "plugins": [],
-                   "agent": agent or {}, **body, "version": version, "node": node,
-                   "issued_at": rfc3339(now),
-                   "expires_at": rfc3339(now + timedelta(seconds=expires_s))}
+        body = {"agent": agent or {}, **for_node(everything, node)}
         topic = prefix.format(node=node) + "/desired"
-        messages.append((topic, sign(content, key)))
-        lines.append(f"{node}: version {version} -> {topic} ({len(content['devices'])} "
-                     f"devices, {len(content['deviceModels'])} models)")
+        messages.append((topic, signed_bundle(body, key, version=version, node=node, now=now,
+                                              expires_s=expires_s)))
+        lines.append(f"{node}: version {version} -> {topic} ({len(body.get('devices', []))} "
+                     f"devices, {len(body.get('deviceModels', []))} models)")
     publish_retained(host, port, messages)
     for line in lines:
         click.echo(line)
@@ -390,13 +393,7 @@ def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Pa
 
     host, port = _broker(broker)
     key = _private_key(key_path)
-    try:
-        body = bundle_content(list(sources), None)
-    except ConfigError as e:
-        for p in e.problems:
-            click.echo(str(p), err=True)
-        sys.exit(2)
-    content: dict[str, Any] = {"policies": [], "plugins": [], "agent": {}, **body}
+    content: dict[str, Any] = dict(_content_or_exit(sources))
     ok = Rollout(host, port, prefix, key, click.echo).run(
         list(nodes), content, version=version or int(time.time()), canary=canary,
         stage=stage or canary, timeout_s=timeout_s, expires_s=expires_s)

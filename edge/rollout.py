@@ -16,16 +16,15 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.sync.bundle import rfc3339, sign
+from edge.sync.bundle import signed_bundle, signed_rollback
 
 POLL_S = 0.1
 
@@ -109,10 +108,9 @@ class Rollout:
                 self.echo(f"stage {i + 1}{' (canary)' if i == 0 else ''}: "
                           f"{', '.join(group)} <- version {version}")
                 for node in group:
-                    body = {**content, "version": version, "node": node,
-                            "issued_at": rfc3339(now),
-                            "expires_at": rfc3339(now + timedelta(seconds=expires_s))}
-                    c.publish(self._topic(node, "desired"), sign(body, self.key), qos=1,
+                    token = signed_bundle(content, self.key, version=version, node=node,
+                                          now=now, expires_s=expires_s)
+                    c.publish(self._topic(node, "desired"), token, qos=1,
                               retain=True).wait_for_publish(10)
                 failed, why = self._wait(group, version, timeout_s)
                 done += [n for n in group if n != failed and self._applied(n)[0] == version]
@@ -131,11 +129,9 @@ class Rollout:
         now = datetime.now(UTC)
         ids = {}
         for node in nodes:
-            cid = ids[node] = uuid.uuid4().hex
-            body = {"command": "rollback", "id": cid, "node": node, "version": before[node],
-                    "issued_at": rfc3339(now), "expires_at": rfc3339(now + timedelta(minutes=5))}
-            c.publish(self._topic(node, "cmd/rollback"), sign(body, self.key),
-                      qos=1).wait_for_publish(10)
+            ids[node], token = signed_rollback(self.key, node=node, version=before[node],
+                                               now=now)
+            c.publish(self._topic(node, "cmd/rollback"), token, qos=1).wait_for_publish(10)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(i not in self.replies for i in ids.values()):
             time.sleep(POLL_S)

@@ -12,7 +12,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support import REPO
 
-from edge.cloud import bundle_content
+from edge.cloud import bundle_content, for_node
 from edge.config.errors import ConfigError
 from edge.config.runtime import BundleRefusedError, BundleSource, load_runtime_config
 from edge.sync.bundle import new_key_pair, rfc3339, sign
@@ -46,7 +46,7 @@ def content(version: int = 7, **over: Any) -> dict[str, Any]:
         "version": version, "node": "demo-gw", "issued_at": rfc3339(now),
         "expires_at": rfc3339(now + timedelta(days=1)), "policies": [], "plugins": [],
         "agent": {"modbus": {"breaker_failures": 5}, "log": {"level": "debug"}},
-        **bundle_content([EXAMPLES], "demo-gw"),
+        **for_node(bundle_content([EXAMPLES]), "demo-gw"),
     }
     body.update(over)
     return body

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import jwt
@@ -279,6 +280,26 @@ def verify(
 
 
 COMMANDS: Final = ("rollback",)
+COMMAND_TTL: Final = timedelta(minutes=5)
+"""How long a signed command stays valid (a replay after that is refused)."""
+
+
+def signed_bundle(body: Mapping[str, Any], key: Ed25519PrivateKey, *, version: int, node: str,
+                  now: datetime, expires_s: int) -> bytes:
+    """The wire form of a bundle for ``node``: ``body`` (devices, deviceModels, …; the
+    lists it lacks are empty) with ``version``, ``node`` and its times, signed."""
+    return sign({"devices": [], "deviceModels": [], "policies": [], "plugins": [], "agent": {},
+                 **body, "version": version, "node": node, "issued_at": rfc3339(now),
+                 "expires_at": rfc3339(now + timedelta(seconds=expires_s))}, key)
+
+
+def signed_rollback(key: Ed25519PrivateKey, *, node: str, version: int | None,
+                    now: datetime) -> tuple[str, bytes]:
+    """A ``cmd/rollback`` for ``node`` (to ``version``; None: the one before): its
+    fresh ``id`` and its wire form, valid for COMMAND_TTL."""
+    cid = uuid.uuid4().hex
+    return cid, sign({"command": "rollback", "id": cid, "node": node, "version": version,
+                      "issued_at": rfc3339(now), "expires_at": rfc3339(now + COMMAND_TTL)}, key)
 
 
 def verify_command(

@@ -49,6 +49,12 @@ HOT = ("devices", "log_level", "health_window_s", "warnings", "files", "version"
 """RuntimeConfig fields a running agent takes over without a restart."""
 
 
+def _push_sinks(devices: tuple[DeviceSpec, ...]) -> list[tuple[str, str, object, int]]:
+    """Every ``pushMethod.mqtt`` sink with its reportCycle, by device and property."""
+    return [(d.key, p.name, p.push_mqtt, p.report_cycle_ms) for d in devices
+            for p in d.properties if p.push_mqtt is not None]
+
+
 def needs_restart(running: RuntimeConfig, new: RuntimeConfig) -> list[str]:
     """The RuntimeConfig fields that differ and cannot change while running."""
     return [f.name for f in dataclasses.fields(running)
@@ -133,6 +139,7 @@ class Agent:
             removed=tuple(k for k in old if k not in new),
             changed=tuple(k for k in new if k in old and not same_device(old[k], new[k])),
         )
+        sinks_changed = _push_sinks(self.cfg.devices) != _push_sinks(cfg.devices)
         self.cfg = cfg
         self.twins.configure(cfg.devices)
         logging.getLogger("edge").setLevel(cfg.log_level.upper())
@@ -148,9 +155,10 @@ class Agent:
                 new[key], seqs[key] + 1 if key in seqs else self._fresh_seq)
         for key in (*changes.changed, *changes.added):
             self._start_poller(key)
-        self.push.stop()
-        self.push = PushSinks(cfg.devices, cfg.broker.client_id)
-        self.push.start()
+        if sinks_changed:  # their clients reconnect: only when a sink changed
+            self.push.stop()
+            self.push = PushSinks(cfg.devices, cfg.broker.client_id)
+            self.push.start()
         log.info("devices applied: %d added, %d changed, %d removed, %d unchanged",
                  len(changes.added), len(changes.changed), len(changes.removed),
                  len(new) - len(changes.added) - len(changes.changed))

@@ -56,6 +56,7 @@ from edge.config.sources import (
     or_list,
     read_yaml_documents,
 )
+from edge.modbus.writer import desired_value, write_problem
 
 _Parser = Callable[[Mapping[str, Any], Metadata, Where, Report], ModelDoc | DeviceDoc | None]
 _PARSERS: dict[tuple[str, str], _Parser] = {
@@ -223,7 +224,7 @@ def _property(
             f"property {model_prop.name!r} is ReadWrite but "
             f"{read.visitor.table} cannot be written; it is only read",
         )
-    return PropertySpec(
+    prop = PropertySpec(
         name=model_prop.name,
         visitor=read.visitor,
         value_type=read.value_type,
@@ -237,6 +238,23 @@ def _property(
         desired=entry.desired if entry else None,
         push_mqtt=entry.push_mqtt if entry else None,
     )
+    if entry is not None and entry.desired is not None:
+        _check_desired(prop, device.where, entry.desired_field, report)
+    return prop
+
+
+def _check_desired(prop: PropertySpec, where: Where, field: str, report: Report) -> None:
+    """A desired value the agent cannot write is an error, before it is applied; one of
+    a ReadOnly property is a warning (applying it refuses, with an event)."""
+    problem = write_problem(prop, desired_value(prop))
+    if problem is None:
+        return
+    kind, cause = problem
+    message = f"desired value {prop.desired!r} of property {prop.name!r} cannot be written: {cause}"
+    if kind in ("read_only", "not_writable"):
+        report.warning(where, field, f"{message}; it is refused (with an event) when applied")
+    else:
+        report.error(where, field, message)
 
 
 def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[MethodSpec, ...]:

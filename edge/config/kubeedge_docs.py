@@ -119,6 +119,7 @@ class PropertyEntry:
     report_cycle_ms: int
     report_to_cloud: bool
     desired: str | None
+    desired_field: str
     push_mqtt: MqttPush | None
 
 

@@ -159,9 +159,9 @@ def device_v1alpha2(
     status = validate_shape(
         _DeviceStatusV1A2, data.get("status") or {}, where, where.field("status"), report
     )
-    desired = {
-        twin.property_name: twin.desired.value
-        for twin in (status.twins if status and status.twins else [])
+    desired: dict[str, tuple[str | None, str]] = {
+        twin.property_name: (twin.desired.value, where.field("status", "twins", i, "desired"))
+        for i, twin in enumerate(status.twins if status and status.twins else [])
         if twin.desired is not None
     }
     protocol_data = spec.protocol or {}
@@ -186,6 +186,7 @@ def device_v1alpha2(
         collect_ms, report_ms = cycles(
             visitor.collect_cycle, visitor.report_cycle, where, field, report
         )
+        desired_value, desired_field = desired.get(visitor.property_name, (None, field))
         properties.append(
             PropertyEntry(
                 name=visitor.property_name,
@@ -197,7 +198,8 @@ def device_v1alpha2(
                 collect_cycle_ms=collect_ms,
                 report_cycle_ms=report_ms,
                 report_to_cloud=True,
-                desired=desired.get(visitor.property_name),
+                desired=desired_value,
+                desired_field=desired_field,
                 push_mqtt=None,
             )
         )

@@ -207,6 +207,7 @@ def device_v1beta1(
                 report_cycle_ms=report_ms,
                 report_to_cloud=prop.report_to_cloud,
                 desired=prop.desired.value if prop.desired else None,
+                desired_field=join_field(field, "desired", "value"),
                 push_mqtt=_push(prop.push_method, where, join_field(field, "pushMethod"), report),
             )
         )

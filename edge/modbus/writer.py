@@ -46,7 +46,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from edge.config.model import (
     AccessMode,
@@ -58,7 +58,6 @@ from edge.config.model import (
     ValueType,
     Visitor,
 )
-from edge.modbus.client import Connection
 from edge.modbus.codec import CodecError, bit_mask, decode, encode
 from edge.modbus.errors import (
     ModbusConnectionError,
@@ -67,9 +66,23 @@ from edge.modbus.errors import (
     ModbusTimeoutError,
 )
 
-__all__ = ["Stage", "WriteError", "WriteErrorKind", "call_method", "write_property"]
+if TYPE_CHECKING:  # the configuration checks import this module, not the client
+    from edge.modbus.client import Connection
+
+__all__ = [
+    "Stage",
+    "WriteError",
+    "WriteErrorKind",
+    "call_method",
+    "desired_value",
+    "find_property",
+    "write_problem",
+    "write_property",
+]
 
 WriteErrorKind = Literal[
+    "unknown_device",
+    "unknown_property",
     "read_only",
     "not_writable",
     "bad_value",
@@ -80,7 +93,9 @@ WriteErrorKind = Literal[
     "timeout",
     "connection",
 ]
-"""Why a write failed: ``read_only`` (accessMode ReadOnly), ``not_writable`` (discrete
+"""Why a write failed: ``unknown_device`` (the gateway has no such device; a
+command's), ``unknown_property`` (the device has no such property),
+``read_only`` (accessMode ReadOnly), ``not_writable`` (discrete
 input or input register), ``bad_value`` (wrong kind, not encodable, a name a method does
 not have), ``out_of_range`` (outside minimum..maximum), ``unknown_method`` (no such
 Device method), ``mismatch`` (the read-back differs), ``device_error`` (an exception
@@ -216,26 +231,14 @@ async def call_method(
             cause=cause,
             method=method_name,
         )
-    by_name = {p.name: p for p in device.properties}
     plans: list[_Plan] = []
     for name in method.property_names:
         if name not in values:
             continue
-        prop = by_name.get(name)
         try:
-            if prop is None:
-                cause = "the device has no such property (its visitor may be broken)"
-                raise WriteError(
-                    "bad_value",
-                    f"{device.key}: cannot write {values[name]!r} to property {name!r}: {cause}",
-                    device=device.key,
-                    property=name,
-                    value=values[name],
-                    cause=cause,
-                )
-            plans.append(_prepare(device, prop, values[name]))
+            plans.append(_prepare(device, find_property(device, name), values[name]))
         except WriteError as e:
-            raise _in_method(e, method_name, {}) from e
+            raise _in_method(replace(e, value=values[name]), method_name, {}) from e
     results: dict[str, Value] = {}
     for plan in plans:
         try:
@@ -275,29 +278,89 @@ def _refuse(
     )
 
 
-def _prepare(device: DeviceSpec, prop: PropertySpec, value: Value) -> _Plan:
-    """Every check that needs no request; the plan of the write, or WriteError."""
+def _plan(prop: PropertySpec, value: Value) -> _Plan | tuple[WriteErrorKind, str]:
+    """Every check that needs no request: the plan of the write, or (kind, cause)."""
     visitor = prop.visitor
     if prop.access_mode is not AccessMode.READ_WRITE:
-        raise _refuse("read_only", device, prop, value,
-                      f"its accessMode is {prop.access_mode}, not ReadWrite")
+        return "read_only", f"its accessMode is {prop.access_mode}, not ReadWrite"
     if not visitor.table.writable:
-        raise _refuse("not_writable", device, prop, value,
-                      f"{visitor.table} cannot be written (only coils, by FC 5/15, and "
-                      "holding registers, by FC 6/16/22)")
+        return "not_writable", (f"{visitor.table} cannot be written (only coils, by FC 5/15, "
+                                "and holding registers, by FC 6/16/22)")
     problem = _kind_problem(prop, value)
     if problem:
-        raise _refuse("bad_value", device, prop, value, problem)
+        return "bad_value", problem
     problem = _range_problem(prop, value)
     if problem:
-        raise _refuse("out_of_range", device, prop, value, problem)
+        return "out_of_range", problem
     try:
         items = encode(visitor, value)
         mask = bit_mask(visitor, value) if visitor.raw_type is RawType.BIT else None
         expected = decode(visitor, items)
     except CodecError as e:
-        raise _refuse("bad_value", device, prop, value, str(e)) from e
+        return "bad_value", str(e)
     return _Plan(prop, value, items, mask, expected)
+
+
+def _prepare(device: DeviceSpec, prop: PropertySpec, value: Value) -> _Plan:
+    """The plan of the write, or WriteError (nothing sent)."""
+    plan = _plan(prop, value)
+    if isinstance(plan, tuple):
+        raise _refuse(plan[0], device, prop, value, plan[1])
+    return plan
+
+
+def write_problem(prop: PropertySpec, value: Value) -> tuple[WriteErrorKind, str] | None:
+    """``(kind, cause)`` of the check that refuses writing ``value`` to ``prop`` before
+    anything is sent (see the module docstring), or None when it may be written; for
+    ``edge check`` of a manifest's desired values."""
+    plan = _plan(prop, value)
+    return plan if isinstance(plan, tuple) else None
+
+
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def desired_value(prop: PropertySpec) -> Value:
+    """The manifest's ``desired`` text of ``prop`` as a value of its value type: BOOLEAN
+    ``true``/``false`` (also ``1``/``0``, any case), INT an integer (``"5.0"`` a float,
+    which the checks take only where the property is not whole numbers), FLOAT and
+    DOUBLE a number, STRING and BYTES the text. Text that is none of these stays
+    text, so that :func:`write_problem` names it (``bad_value``).
+
+    Raises:
+        ValueError: ``prop`` has no desired value.
+    """
+    text = prop.desired
+    if text is None:
+        raise ValueError(f"property {prop.name!r} has no desired value")
+    word = text.strip().lower()
+    if prop.value_type is ValueType.BOOLEAN:
+        return True if word in _TRUE else False if word in _FALSE else text
+    if prop.value_type in (ValueType.STRING, ValueType.BYTES):
+        return text
+    try:
+        return int(word) if prop.value_type is ValueType.INT else float(word)
+    except ValueError:
+        pass
+    try:
+        return float(word)
+    except ValueError:
+        return text
+
+
+def find_property(device: DeviceSpec, name: str) -> PropertySpec:
+    """The property ``name`` of ``device``.
+
+    Raises:
+        WriteError: ``unknown_property``, listing the properties it has.
+    """
+    prop = next((p for p in device.properties if p.name == name), None)
+    if prop is None:
+        known = ", ".join(p.name for p in device.properties) or "none"
+        cause = f"no property {name!r}; it has: {known}"
+        raise WriteError("unknown_property", f"{device.key}: {cause}", device=device.key,
+                         property=name, cause=cause)
+    return prop
 
 
 _KINDS: dict[ValueType, tuple[str, tuple[type, ...]]] = {

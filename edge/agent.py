@@ -21,7 +21,9 @@ from edge.config.runtime import RuntimeConfig
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
 from edge.reading import Reading
+from edge.store.history import History, history_file
 from edge.store.outbox import Outbox
+from edge.sync.writes import Writes
 from edge.uplink.payload import now_ms
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
@@ -66,10 +68,15 @@ UPLINK_WARN_AFTER_S = 10.0
 
 
 class Agent:
-    """Runs until :meth:`run`'s ``stop`` event is set."""
+    """Runs until :meth:`run`'s ``stop`` event is set.
 
-    def __init__(self, cfg: RuntimeConfig) -> None:
+    ``history`` is the configuration history (default: opened beside the outbox); it
+    also remembers the desired values written (:mod:`edge.sync.writes`).
+    """
+
+    def __init__(self, cfg: RuntimeConfig, history: History | None = None) -> None:
         self.cfg = cfg
+        self.history = history or History(history_file(cfg.store.path))
         self.task_failures = 0
         """Agent tasks that failed with an unexpected error (the health window resets it)."""
         self.services: list[Callable[[], Awaitable[None]]] = []
@@ -106,6 +113,7 @@ class Agent:
             for d in cfg.devices
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.writes = Writes(self.pool, self.history, self.twins, self.uplink.publish_event)
 
     def _poller(self, d: DeviceSpec, first_seq: int) -> DevicePoller:
         m = self.cfg.modbus
@@ -142,6 +150,7 @@ class Agent:
         sinks_changed = _push_sinks(self.cfg.devices) != _push_sinks(cfg.devices)
         self.cfg = cfg
         self.twins.configure(cfg.devices)
+        self.writes.configure(cfg.devices)
         logging.getLogger("edge").setLevel(cfg.log_level.upper())
         for key in (*changes.removed, *changes.changed):
             next_seq = await self._stop_poller(key)
@@ -227,6 +236,7 @@ class Agent:
         )
         for key in self.pollers:
             self._start_poller(key)
+        self.writes.configure(self.cfg.devices)
         watch = [asyncio.create_task(self._watch_uplink(), name="uplink-watch")]
         watch += [asyncio.create_task(self._supervise(f"service[{i}]", svc), name=f"service[{i}]")
                   for i, svc in enumerate(self.services)]
@@ -237,6 +247,7 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.writes.stop()
             await self.pool.close()
             self.uplink.cancel_pending()
             await asyncio.to_thread(self.uplink.stop)

@@ -119,16 +119,16 @@ def run(config_path: Path) -> None:
 
     cfg = runtime_or_exit(config_path, pending=pending)
     _setup_logging(cfg.log_level)
-    from edge.store.history import History  # noqa: PLC0415
+    from edge.store.history import History, history_file  # noqa: PLC0415
     from edge.sync.controller import ConfigSync, restart_rollback  # noqa: PLC0415
 
-    history = History(cfg.store.path.parent / "config.db")
+    history = History(history_file(cfg.store.path))
     rolled_back = restart_rollback(history)
     history.commit_baseline({"version": 0})
     committed = history.committed()
     if committed is not None and committed.version > 0:
         cfg = _committed_bundle(config_path, cfg, committed.content)
-    agent = Agent(cfg)
+    agent = Agent(cfg, history)
     sync = ConfigSync(agent, config_path, history, rolled_back_at_start=rolled_back)
     agent.services.append(sync.run)
     _run_until_signal(agent.run)

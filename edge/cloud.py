@@ -4,7 +4,8 @@
 ``trust.keys``); ``push`` builds a desired bundle from KubeEdge manifests (or takes a
 bundle JSON file), signs it and publishes it retained on ``{prefix}/desired`` of each
 node (DESIGN.md §6, :mod:`edge.sync.bundle`); ``status`` reads the gateways' retained
-``state``.
+``state``; ``rollback``, ``write`` and ``call`` send signed commands and wait for the
+replies; ``rollout`` pushes to a fleet in stages (:mod:`edge.rollout`).
 """
 
 from __future__ import annotations
@@ -299,14 +300,14 @@ def rollback(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
              timeout_s: float, version: int | None) -> None:
     """Tell each node to go back to VERSION (default: the version before its running
     one), signed, and wait for their replies; exit 1 unless all did."""
-    from edge.sync.bundle import signed_rollback  # noqa: PLC0415
+    from edge.sync.bundle import signed_command  # noqa: PLC0415
 
     host, port = _broker(broker)
     key = _private_key(key_path)
     now = datetime.now(UTC)
     commands = {}
     for node in nodes:
-        cid, token = signed_rollback(key, node=node, version=version, now=now)
+        cid, token = signed_command(key, "rollback", node=node, now=now, version=version)
         commands[node] = (prefix.format(node=node) + "/cmd/rollback", cid, token)
     replies = command_replies(host, port, commands, timeout_s=timeout_s)
     for node in nodes:
@@ -319,6 +320,93 @@ def rollback(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
             click.echo(f"{node}: refused: {r.get('error')}", err=True)
     if len(replies) < len(nodes) or not all(r.get("ok") for r in replies.values()):
         sys.exit(1)
+
+
+def _cli_value(text: str) -> Any:
+    """A value given on the command line: JSON (``42``, ``-3.5``, ``true``, ``"7"``)
+    when it is a JSON scalar, else the text itself."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, bool | int | float | str) else text
+
+
+def _command_reply(node: str, key_path: Path, broker: str, prefix: str, timeout_s: float,
+                   name: str, **fields: Any) -> dict[str, Any]:
+    """Send the signed ``cmd/{name}`` with ``fields`` to ``node`` and return its reply
+    when it did what was asked; otherwise say why on stderr and exit 1."""
+    from edge.sync.bundle import signed_command  # noqa: PLC0415
+
+    host, port = _broker(broker)
+    cid, token = signed_command(_private_key(key_path), name, node=node,
+                                now=datetime.now(UTC), **fields)
+    topic = prefix.format(node=node) + f"/cmd/{name}"
+    reply = command_replies(host, port, {node: (topic, cid, token)},
+                            timeout_s=timeout_s).get(node)
+    if reply is None:
+        click.echo(f"{node}: no reply within {timeout_s:g} s", err=True)
+        sys.exit(1)
+    if not reply.get("ok"):
+        kind = f" ({reply['kind']})" if reply.get("kind") else ""
+        click.echo(f"{node}: failed{kind}: {reply.get('error')}", err=True)
+        for prop, value in (reply.get("results") or {}).items():
+            click.echo(f"{node}: written before the failure: {prop} = {json.dumps(value)}",
+                       err=True)
+        sys.exit(1)
+    return reply
+
+
+_DEVICE = click.argument("device", metavar="NAMESPACE/DEVICE")
+
+
+_NEGATIVE_VALUES = {"ignore_unknown_options": True}
+"""So that a negative value (``-40``) is a value, not an unknown option."""
+
+
+@cloud.command(context_settings=_NEGATIVE_VALUES)
+@click.option("--node", required=True, help="Target gateway.")
+@_signing_options
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the reply.")
+@_DEVICE
+@click.argument("prop", metavar="PROPERTY")
+@click.argument("value")
+def write(node: str, key_path: Path, broker: str, prefix: str, timeout_s: float,
+          device: str, prop: str, value: str) -> None:
+    """Write VALUE (engineering units; JSON such as 42, -3.5, true or "7", else text) to
+    PROPERTY of the device on the gateway NODE, signed; print the value read back.
+    Exit 1 when it was refused or failed (the reason is printed)."""
+    reply = _command_reply(node, key_path, broker, prefix, timeout_s, "write",
+                           device=device, property=prop, value=_cli_value(value))
+    click.echo(f"{node}: {device} {prop} = {json.dumps(reply.get('value'))} (read back)")
+
+
+@cloud.command(name="call", context_settings=_NEGATIVE_VALUES)
+@click.option("--node", required=True, help="Target gateway.")
+@_signing_options
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the reply.")
+@_DEVICE
+@click.argument("method")
+@click.argument("assignments", nargs=-1, required=True, metavar="PROPERTY=VALUE...")
+def call(node: str, key_path: Path, broker: str, prefix: str, timeout_s: float,
+         device: str, method: str, assignments: tuple[str, ...]) -> None:
+    """Call the Device METHOD of the device on the gateway NODE with PROPERTY=VALUE
+    pairs (values as for ``write``), signed; the gateway writes them in the method's
+    order and stops at the first failure. Print the values read back; exit 1 on a
+    failure (with what was written before it)."""
+    values = {}
+    for item in assignments:
+        name, eq, text = item.partition("=")
+        if not eq or not name:
+            raise click.BadParameter(f"{item!r} is not PROPERTY=VALUE",
+                                     param_hint="PROPERTY=VALUE")
+        values[name] = _cli_value(text)
+    reply = _command_reply(node, key_path, broker, prefix, timeout_s, "method",
+                           device=device, method=method, values=values)
+    for prop, value in reply.get("results", {}).items():
+        click.echo(f"{node}: {device} {prop} = {json.dumps(value)} (read back)")
 
 
 def _private_key(key_path: Path) -> Any:

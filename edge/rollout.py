@@ -24,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.sync.bundle import signed_bundle, signed_rollback
+from edge.sync.bundle import signed_bundle, signed_command
 
 POLL_S = 0.1
 
@@ -129,8 +129,8 @@ class Rollout:
         now = datetime.now(UTC)
         ids = {}
         for node in nodes:
-            ids[node], token = signed_rollback(self.key, node=node, version=before[node],
-                                               now=now)
+            ids[node], token = signed_command(self.key, "rollback", node=node, now=now,
+                                              version=before[node])
             c.publish(self._topic(node, "cmd/rollback"), token, qos=1).wait_for_publish(10)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(i not in self.replies for i in ids.values()):

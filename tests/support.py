@@ -163,6 +163,10 @@ class Subscriber:
         with self._cond:
             return [m for m in self.messages if m.topic == topic]
 
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish ``payload`` on ``topic`` (QoS 1, not retained) from this client."""
+        self._client.publish(topic, payload, qos=1).wait_for_publish(5)
+
     def stop(self) -> None:
         """Disconnect."""
         self._client.disconnect()
@@ -381,6 +385,32 @@ class ModbusServer:
         if not serial_port:
             wait_port(self.port)
 
+    def holding(self, unit: int, address: int, count: int = 1) -> list[int]:
+        """Holding registers as the server stores them (FC 3 by pymodbus's own client,
+        not through edge)."""
+        return list(self._request(unit, "read_holding_registers", address, count=count).registers)
+
+    def coils(self, unit: int, address: int, count: int = 1) -> list[bool]:
+        """Coils as the server stores them (FC 1 by pymodbus's own client)."""
+        return list(self._request(unit, "read_coils", address, count=count).bits[:count])
+
+    def set_holding(self, unit: int, address: int, values: list[int]) -> None:
+        """Change holding registers as an operator at the device would (FC 16 by
+        pymodbus's own client)."""
+        self._request(unit, "write_registers", address, values)
+
+    def _request(self, unit: int, function: str, *args: Any, **kwargs: Any) -> Any:
+        from pymodbus.client import ModbusTcpClient  # noqa: PLC0415
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
+        try:
+            client.connect()
+            reply = getattr(client, function)(*args, device_id=unit, **kwargs)
+            assert not reply.isError(), reply
+            return reply
+        finally:
+            client.close()
+
     def stop(self) -> None:
         """Shut the server down and end its thread."""
         import asyncio  # noqa: PLC0415
@@ -419,3 +449,65 @@ def start_pty_pair(workdir: Path) -> PtyPair:
             raise TimeoutError("socat did not create the pty pair")
         time.sleep(0.02)
     return PtyPair(str(a), str(b), proc)
+
+
+class Gateway:
+    """One gateway under test: an agent file that trusts a fresh cloud key (``key``,
+    ``key_file``), its manifests ``docs``, and the broker; pushes signed bundles."""
+
+    def __init__(self, tmp_path: Path, broker: Broker, docs: list[dict[str, Any]], *,
+                 node: str, health_window: float = 2) -> None:
+        from edge.sync.bundle import load_private_key, new_key_pair  # noqa: PLC0415
+
+        self.tmp, self.broker, self.node = tmp_path, broker, node
+        self.prefix = f"edge/v1/{node}"
+        private_pem, public_pem = new_key_pair()
+        self.key = load_private_key(private_pem)
+        (tmp_path / "cloud.pub").write_bytes(public_pem)
+        self.key_file = tmp_path / "cloud.key"
+        self.key_file.write_bytes(private_pem)
+        (tmp_path / "manifests.yaml").write_text(yaml.safe_dump_all(docs))
+        self.agent_file = tmp_path / "edge.yaml"
+        self.agent_file.write_text(yaml.safe_dump({
+            "node": node, "devices": ["./manifests.yaml"],
+            "uplink": {"host": "127.0.0.1", "port": broker.port},
+            "store": {"path": "./edge.db"}, "trust": {"keys": ["./cloud.pub"]},
+            "sync": {"health_window": health_window}, "modbus": {"probe_initial_ms": 5000},
+        }))
+
+    def start(self) -> AgentProcess:
+        return start_edge(["run", "-c", str(self.agent_file)], self.tmp)
+
+    def push(self, version: int, devices: list[dict[str, Any]], *,
+             key: Any = None, raw: bytes | None = None) -> None:
+        """Publish bundle ``version`` with the manifests ``devices`` (signed by ``key``,
+        default the trusted one; ``raw``: these bytes instead)."""
+        from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+        from edge.cloud import publish_retained  # noqa: PLC0415
+        from edge.sync.bundle import rfc3339, sign  # noqa: PLC0415
+
+        now = datetime.now(UTC)
+        body = {"version": version, "node": self.node, "issued_at": rfc3339(now),
+                "expires_at": rfc3339(now + timedelta(hours=1)), "policies": [],
+                "plugins": [], "agent": {},
+                "deviceModels": [d for d in devices if d["kind"] == "DeviceModel"],
+                "devices": [d for d in devices if d["kind"] == "Device"]}
+        token = raw if raw is not None else sign(body, key or self.key)
+        publish_retained("127.0.0.1", self.broker.port, [(f"{self.prefix}/desired", token)])
+
+
+def events(sub: Subscriber, prefix: str, kind: str) -> list[dict[str, Any]]:
+    """The events of ``kind`` received on ``prefix/events``."""
+    return [e for m in sub.on(f"{prefix}/events") if (e := m.json())["type"] == kind]
+
+
+def wait_event(sub: Subscriber, prefix: str, kind: str, timeout: float = 20,
+               **fields: Any) -> dict[str, Any]:
+    """The first event of ``kind`` on ``prefix/events`` whose ``fields`` match."""
+    def match(m: Any) -> bool:
+        if m.topic != f"{prefix}/events":
+            return False
+        e = m.json()
+        return bool(e["type"] == kind and all(e.get(k) == v for k, v in fields.items()))
+    return dict(sub.wait_for(match, timeout=timeout)[0].json())

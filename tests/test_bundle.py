@@ -194,20 +194,35 @@ def command(**over: Any) -> dict[str, Any]:
 
 
 def test_signed_commands_are_verified_like_bundles(key: Ed25519PrivateKey) -> None:
-    def check_cmd(body: dict[str, Any], signer: Ed25519PrivateKey = key) -> Any:
-        return verify_command(sign(body, signer), [key.public_key()], node="gw-1", now=NOW)
+    def check_cmd(body: dict[str, Any], signer: Ed25519PrivateKey = key,
+                  topic: str | None = None) -> Any:
+        return verify_command(sign(body, signer), [key.public_key()], node="gw-1", now=NOW,
+                              expected=topic or body["command"])
 
     assert check_cmd(command())["version"] == 3
+    write = command(command="write", device="plant/meter-1", property="setpoint", value=42)
+    assert check_cmd(write)["value"] == 42
+    method = command(command="method", device="plant/meter-1", method="start",
+                     values={"run": True, "speed": 12.5})
+    assert check_cmd(method)["values"] == {"run": True, "speed": 12.5}
     cases = [
-        (command(command="reboot"), "invalid", "unknown command 'reboot'"),
-        (command(id=""), "invalid", "no id"),
-        (command(node="gw-2"), "wrong_node", "'gw-2'"),
-        (command(version="3"), "invalid", "version must be an integer"),
-        (command(expires_at=rfc3339(NOW)), "expired", "expired"),
+        (command(command="reboot"), None, "invalid", "unknown command 'reboot'"),
+        (command(), "write", "invalid", "a 'rollback' command arrived on cmd/write"),
+        (command(id=""), None, "invalid", "no id"),
+        (command(node="gw-2"), None, "wrong_node", "'gw-2'"),
+        (command(version="3"), None, "invalid", "version must be an integer"),
+        (command(expires_at=rfc3339(NOW)), None, "expired", "expired"),
+        ({**write, "device": "meter-1"}, None, "invalid", "device must be the device key"),
+        ({**write, "property": 7}, None, "invalid", "property must be a property name"),
+        ({k: v for k, v in write.items() if k != "value"}, None, "invalid", "value must be"),
+        ({**write, "value": [1, 2]}, None, "invalid", "value must be"),
+        ({**method, "method": ""}, None, "invalid", "method must be a method name"),
+        ({**method, "values": {}}, None, "invalid", "values must be an object"),
+        ({**method, "values": {"run": None}}, None, "invalid", "values must be an object"),
     ]
-    for body, reason, words in cases:
+    for body, topic, reason, words in cases:
         with pytest.raises(BundleError) as e:
-            check_cmd(body)
+            check_cmd(body, topic=topic)
         assert e.value.reason == reason
         assert words in str(e.value)
     with pytest.raises(BundleError) as e:

@@ -6,30 +6,29 @@ run``), bundles signed and published as the cloud CLI does.
 
 from __future__ import annotations
 
+import itertools
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import support
 from conftest import StopLater
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support import (
     LEVEL,
-    AgentProcess,
     Broker,
+    Gateway,
+    Image,
     ModbusServer,
     Subscriber,
     device_docs,
     edge_cli,
     free_port,
     start_broker,
-    start_edge,
 )
 
-from edge.cloud import publish_retained
-from edge.sync.bundle import load_private_key, new_key_pair, rfc3339, sign
+from edge.sync.bundle import new_key_pair
 
 NODE = "gw-sync"
 PREFIX = f"edge/v1/{NODE}"
@@ -41,50 +40,12 @@ def server(two_units: ModbusServer) -> ModbusServer:
     return two_units
 
 
-class Gateway:
-    def __init__(self, tmp_path: Path, broker: Broker, server: ModbusServer) -> None:
-        self.tmp, self.broker, self.server = tmp_path, broker, server
-        private_pem, public_pem = new_key_pair()
-        self.key = load_private_key(private_pem)
-        (tmp_path / "cloud.pub").write_bytes(public_pem)
-        self.key_file = tmp_path / "cloud.key"
-        self.key_file.write_bytes(private_pem)
-        (tmp_path / "manifests.yaml").write_text(
-            yaml.safe_dump_all(device_docs("a", server.port, 1, PROPS)))
-        self.agent_file = tmp_path / "edge.yaml"
-        self.agent_file.write_text(yaml.safe_dump({
-            "node": NODE, "devices": ["./manifests.yaml"],
-            "uplink": {"host": "127.0.0.1", "port": broker.port},
-            "store": {"path": "./edge.db"}, "trust": {"keys": ["./cloud.pub"]},
-            "sync": {"health_window": 2}, "modbus": {"probe_initial_ms": 5000},
-        }))
-
-    def start(self) -> AgentProcess:
-        return start_edge(["run", "-c", str(self.agent_file)], self.tmp)
-
-    def push(self, version: int, devices: list[dict[str, Any]], *,
-             key: Ed25519PrivateKey | None = None, raw: bytes | None = None) -> None:
-        now = datetime.now(UTC)
-        body = {"version": version, "node": NODE, "issued_at": rfc3339(now),
-                "expires_at": rfc3339(now + timedelta(hours=1)), "policies": [],
-                "plugins": [], "agent": {},
-                "deviceModels": [d for d in devices if d["kind"] == "DeviceModel"],
-                "devices": [d for d in devices if d["kind"] == "Device"]}
-        token = raw if raw is not None else sign(body, key or self.key)
-        publish_retained("127.0.0.1", self.broker.port, [(f"{PREFIX}/desired", token)])
-
-
 def events(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
-    return [e for m in sub.on(f"{PREFIX}/events") if (e := m.json())["type"] == kind]
+    return support.events(sub, PREFIX, kind)
 
 
 def wait_event(sub: Subscriber, kind: str, timeout: float = 20, **fields: Any) -> dict[str, Any]:
-    def match(m: Any) -> bool:
-        if m.topic != f"{PREFIX}/events":
-            return False
-        e = m.json()
-        return bool(e["type"] == kind and all(e.get(k) == v for k, v in fields.items()))
-    return dict(sub.wait_for(match, timeout=timeout)[0].json())
+    return support.wait_event(sub, PREFIX, kind, timeout, **fields)
 
 
 def state(sub: Subscriber) -> dict[str, Any]:
@@ -99,7 +60,7 @@ def test_bundles_apply_hot_commit_roll_back_and_survive_a_restart(
     tmp_path: Path, stop_later: StopLater, server: ModbusServer
 ) -> None:
     broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, server)
+    gw = Gateway(tmp_path, broker, device_docs("a", server.port, 1, PROPS), node=NODE)
     sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
     agent = stop_later(gw.start())
     sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"), count=3)
@@ -154,11 +115,37 @@ def test_bundles_apply_hot_commit_roll_back_and_survive_a_restart(
     assert "Traceback" not in agent.output()
 
 
+def test_a_hot_apply_that_adds_a_device_leaves_ten_polling_devices_without_a_gap(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    server = stop_later(ModbusServer({u: Image(hr=[u]) for u in range(1, 12)}))
+    fast = [{**LEVEL[0], "collectCycle": 100}]
+    ten = [d for u in range(1, 11) for d in device_docs(f"d{u}", server.port, u, fast)]
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, ten, node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    stop_later(gw.start())
+    for u in range(1, 11):
+        sub.wait_for(lambda m, u=u: m.topic.endswith(f"/telemetry/default/d{u}"), count=5)
+    gw.push(1, ten + device_docs("d11", server.port, 11, fast))
+    applied = wait_event(sub, "config_applied", version=1)
+    assert (applied["added"], applied["changed"]) == (["default/d11"], [])
+    wait_event(sub, "config_committed", version=1)
+    sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/d11"), count=5)
+    for u in range(1, 11):
+        readings = [m.json() for m in sub.on(f"{PREFIX}/telemetry/default/d{u}")]
+        assert [r["seq"] for r in readings] == list(range(1, len(readings) + 1)), u
+        assert {r["values"]["level"] for r in readings} == {u}
+        stamps = [r["ts"] for r in readings if r["ts"] >= applied["ts"] - 1000]
+        # every 100 ms across the apply (a restarted poller would leave a hole)
+        assert max(b - a for a, b in itertools.pairwise(stamps)) < 300, u
+
+
 def test_a_restart_during_the_health_window_rolls_back_on_start_up(
     tmp_path: Path, stop_later: StopLater, server: ModbusServer
 ) -> None:
     broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, server)
+    gw = Gateway(tmp_path, broker, device_docs("a", server.port, 1, PROPS), node=NODE)
     text = gw.agent_file.read_text().replace("health_window: 2", "health_window: 60")
     gw.agent_file.write_text(text)
     sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
@@ -184,7 +171,7 @@ def start_committed(tmp_path: Path, stop_later: StopLater,
                     server: ModbusServer) -> tuple[Broker, Gateway, Subscriber]:
     """A running agent with version 1 (device a) committed."""
     broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, server)
+    gw = Gateway(tmp_path, broker, device_docs("a", server.port, 1, PROPS), node=NODE)
     sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
     stop_later(gw.start())
     sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/a"))

@@ -20,6 +20,12 @@ committed one and a pending one are never deleted.
 
 Table ``requests`` carries rollbacks asked for on the gateway itself (``edge
 rollback``) to the running agent, which takes them within a second.
+
+Table ``desired`` remembers, per device key and property, the desired value last
+written and read back (``signature`` identifies what was written where: endpoint, unit
+id, visitor and desired text; ``read_back`` is JSON). A desired value is written again
+only when its signature changes, so a restart does not overwrite what an operator set
+on the device since; a row goes when its property is no longer configured.
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ CREATE TABLE IF NOT EXISTS requests (
     action TEXT NOT NULL CHECK (action = 'rollback'),
     version INTEGER,
     at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS desired (
+    device TEXT NOT NULL,
+    property TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    read_back TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, property)
 );
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
@@ -201,6 +215,28 @@ class History:
             rows = self._db.execute("SELECT version FROM requests ORDER BY id").fetchall()
             self._db.execute("DELETE FROM requests")
         return [v for (v,) in rows]
+
+    def desired_written(self) -> dict[tuple[str, str], tuple[str, Any]]:
+        """``(device, property) → (signature, read-back value)`` of every desired value
+        written."""
+        cur = self._db.execute("SELECT device, property, signature, read_back FROM desired")
+        return {(d, p): (sig, json.loads(rb)) for d, p, sig, rb in cur}
+
+    def record_desired(self, device: str, prop: str, signature: str, read_back: Any) -> None:
+        """The desired value of ``signature`` was written to ``device``'s ``prop`` and
+        read back as ``read_back`` (a JSON value)."""
+        with self._txn():
+            self._db.execute(
+                "INSERT OR REPLACE INTO desired (device, property, signature, read_back, at_ms) "
+                "VALUES (?, ?, ?, ?, ?)", (device, prop, signature, json.dumps(read_back),
+                                           _now_ms()))
+
+    def forget_desired(self, keep: set[tuple[str, str]]) -> None:
+        """Drop the rows of every ``(device, property)`` not in ``keep``."""
+        with self._txn():
+            rows = self._db.execute("SELECT device, property FROM desired").fetchall()
+            self._db.executemany("DELETE FROM desired WHERE device = ? AND property = ?",
+                                 [r for r in rows if tuple(r) not in keep])
 
     def previous(self) -> Version | None:
         """The newest version before the committed one that may be gone back to."""

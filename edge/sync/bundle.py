@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -38,6 +38,8 @@ from typing import Any, Final, Literal
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge.uplink.topics import COMMANDS
 
 ALGORITHM: Final = "EdDSA"
 TYPE: Final = "edge-bundle+json"
@@ -279,7 +281,6 @@ def verify(
 
 
 
-COMMANDS: Final = ("rollback",)
 COMMAND_TTL: Final = timedelta(minutes=5)
 """How long a signed command stays valid (a replay after that is refused)."""
 
@@ -293,40 +294,81 @@ def signed_bundle(body: Mapping[str, Any], key: Ed25519PrivateKey, *, version: i
                  "expires_at": rfc3339(now + timedelta(seconds=expires_s))}, key)
 
 
-def signed_rollback(key: Ed25519PrivateKey, *, node: str, version: int | None,
-                    now: datetime) -> tuple[str, bytes]:
-    """A ``cmd/rollback`` for ``node`` (to ``version``; None: the one before): its
-    fresh ``id`` and its wire form, valid for COMMAND_TTL."""
+def signed_command(key: Ed25519PrivateKey, command: str, *, node: str, now: datetime,
+                   **fields: Any) -> tuple[str, bytes]:
+    """A ``cmd/{command}`` for ``node`` with ``fields`` (see COMMANDS): its fresh
+    ``id`` and its wire form, valid for COMMAND_TTL."""
     cid = uuid.uuid4().hex
-    return cid, sign({"command": "rollback", "id": cid, "node": node, "version": version,
+    return cid, sign({**fields, "command": command, "id": cid, "node": node,
                       "issued_at": rfc3339(now), "expires_at": rfc3339(now + COMMAND_TTL)}, key)
 
 
+def _optional_int(v: object) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _name(v: object) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _device_key(v: object) -> bool:
+    return isinstance(v, str) and v.count("/") == 1 and all(v.split("/"))
+
+
+def _value(v: object) -> bool:
+    return isinstance(v, bool | int | float | str)
+
+
+def _values(v: object) -> bool:
+    return isinstance(v, dict) and bool(v) and all(_value(x) for x in v.values())
+
+
+_VALUE = "must be a number, true/false or a string"
+COMMAND_FIELDS: Final[dict[str, tuple[tuple[str, Callable[[object], bool], str], ...]]] = {
+    "rollback": (("version", _optional_int, "version must be an integer"),),
+    "write": (("device", _device_key, "device must be the device key, namespace/name"),
+              ("property", _name, "property must be a property name"),
+              ("value", _value, f"value {_VALUE}")),
+    "method": (("device", _device_key, "device must be the device key, namespace/name"),
+               ("method", _name, "method must be a method name"),
+               ("values", _values, f"values must be an object: property name → value that "
+                                   f"{_VALUE}")),
+}
+"""The fields of each command of :data:`edge.uplink.topics.COMMANDS`, checked in this
+order: ``rollback`` ``version`` (absent or null: the one before the running version);
+``write`` the device key, property and value (engineering units); ``method`` the device
+key, the Device method and ``values`` (property name → value)."""
+
+
 def verify_command(
-    token: bytes, trusted: Sequence[Ed25519PublicKey], *, node: str, now: datetime
+    token: bytes, trusted: Sequence[Ed25519PublicKey], *, node: str, now: datetime,
+    expected: str,
 ) -> dict[str, Any]:
-    """Check a signed command (``…/cmd/{name}``), signed like a bundle; its payload:
-    ``{"command": one of COMMANDS, "id": str, "node", "issued_at", "expires_at", …}``
-    (``rollback`` may carry ``version``). Replays within ``expires_at`` are the
-    caller's to catch, by ``id``.
+    """Check a signed command that arrived on ``…/cmd/{expected}``, signed like a
+    bundle; its payload: ``{"command": expected, "id": str, "node", "issued_at",
+    "expires_at", …}`` with the fields of COMMANDS. Replays within ``expires_at`` are
+    the caller's to catch, by ``id``.
 
     Raises:
         BundleError: as :func:`verify`, except ``replayed``; ``invalid`` for an unknown
-            command or a missing id.
+            command, one for another topic, a missing id or a field of the wrong shape.
     """
     payload, _kid = _verified_payload(token, trusted)
     content = _json_object(payload, "command")
     name, cid = content.get("command"), content.get("id")
     if name not in COMMANDS:
         raise BundleError("invalid", f"unknown command {name!r} (known: {', '.join(COMMANDS)})")
+    if name != expected:
+        raise BundleError("invalid", f"a {name!r} command arrived on cmd/{expected}")
     if not isinstance(cid, str) or not cid:
         raise BundleError("invalid", "the command has no id")
     if content.get("node") != node:
         raise BundleError("wrong_node", f"command {cid} is for node {content.get('node')!r}, "
                           f"not for this gateway ({node!r})")
-    version = content.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise BundleError("invalid", f"command {cid}: version must be an integer")
+    problem = next((why for f, ok, why in COMMAND_FIELDS[name] if not ok(content.get(f))),
+                   None)
+    if problem:
+        raise BundleError("invalid", f"command {cid}: {problem}")
     if now >= _time(content, "expires_at", 0):
         raise BundleError("expired", f"command {cid} expired at {content['expires_at']}")
     return content

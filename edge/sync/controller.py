@@ -18,6 +18,14 @@ newer than the newest version ever taken (also after a rollback to an older one)
 cloud pushes a new version instead. Rollbacks on request come from ``edge rollback``
 (through the history file) and from signed ``cmd/rollback`` commands.
 
+Signed commands (:data:`edge.uplink.topics.COMMANDS`) arrive on ``…/cmd/{name}``, are
+verified in the forked child like bundles (a command must come on its own topic), done
+once per ``id`` and answered on ``…/cmd/{name}/reply``: ``{"id", "ok", "error"}`` plus
+``applied`` (rollback), ``value`` (write: the read-back), ``results`` (method: read-backs
+by property); a failed write or method adds ``kind`` and ``stage``, a method
+``written_before``. Writes and method calls run as tasks of their own
+(:class:`edge.sync.writes.Writes`).
+
 Events on ``…/events``: ``config_refused`` (``version`` once verified, else
 ``claimed_version``; ``reason`` — one of :data:`edge.sync.bundle.Reason`,
 ``rolled_back``, ``needs_restart``, or ``rollback`` for a rollback that cannot be
@@ -34,6 +42,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,21 +57,25 @@ from edge.config.runtime import (
     RuntimeConfig,
     load_runtime_config,
 )
+from edge.modbus.writer import WriteError
 from edge.store.history import History
 from edge.uplink.payload import json_bytes
+from edge.uplink.topics import COMMANDS
 
 if TYPE_CHECKING:
     from edge.agent import Agent
 
 log = logging.getLogger(__name__)
 
+COMMAND_MEMORY_S = 600.0
+"""How long a command id is remembered: longer than a command is valid (5 min)."""
 REQUEST_POLL_S = 1.0
 """How often the history is asked for rollbacks requested on the gateway."""
 MAX_PROBLEMS = 20
 """Problems listed in a ``config_refused`` event at most (the log has all)."""
 
 
-def _check_command(agent_file: Path, token: bytes) -> object:
+def _check_command(agent_file: Path, token: bytes, name: str) -> object:
     """In the child: ("ok", payload) of a verified command, or ("refused", reason,
     message)."""
     from datetime import UTC, datetime  # noqa: PLC0415
@@ -73,7 +86,8 @@ def _check_command(agent_file: Path, token: bytes) -> object:
     try:
         agent = load_agent_file(agent_file)
         keys = [load_public_key(Path(k).read_bytes(), where=str(k)) for k in agent.trust.keys]
-        return ("ok", verify_command(token, keys, node=agent.node, now=datetime.now(UTC)))
+        return ("ok", verify_command(token, keys, node=agent.node, now=datetime.now(UTC),
+                                     expected=name))
     except BundleError as e:
         return ("refused", e.reason, str(e))
     except ConfigError as e:
@@ -81,25 +95,29 @@ def _check_command(agent_file: Path, token: bytes) -> object:
 
 
 def _claimed(token: bytes, key: str) -> object:
-    """What a JWS's payload claims under ``key``, unverified (None when unreadable): a
-    refused command is answered under its ``id`` so the sender can match it, a refused
-    bundle is reported with the version it claims."""
+    """What a JWS's payload (or plain JSON, unsigned) claims under ``key``, unverified
+    (None when unreadable): a refused command is answered under its ``id`` so the
+    sender can match it, a refused bundle is reported with the version it claims."""
     try:
-        part = token.split(b".")[1]
-        claimed = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
-    except (IndexError, ValueError):
-        return None
+        claimed = json.loads(token)
+    except ValueError:
+        try:
+            part = token.split(b".")[1]
+            claimed = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
+        except (IndexError, ValueError):
+            return None
     value = claimed.get(key) if isinstance(claimed, dict) else None
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
-def check_command(agent_file: Path, token: bytes) -> dict[str, Any]:
-    """Verify a signed command in a forked child (the crypto stays there).
+def check_command(agent_file: Path, token: bytes, name: str) -> dict[str, Any]:
+    """Verify a signed command that came on ``cmd/{name}`` in a forked child (the
+    crypto stays there).
 
     Raises:
         BundleRefusedError: with the reason it was refused.
     """
-    outcome = ChildCall(lambda: _check_command(agent_file, token),
+    outcome = ChildCall(lambda: _check_command(agent_file, token, name),
                         label="command").outcome()
     if isinstance(outcome, tuple) and outcome[0] == "ok":
         return dict(outcome[1])
@@ -136,7 +154,10 @@ class ConfigSync:
         self.agent_file = agent_file
         self.history = history
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self._command_ids: set[str] = set()
+        self._command_ids: dict[str, float] = {}
+        """Ids of the commands carried out, with when (monotonic s), while they may
+        still be replayed."""
+        self._writing: set[asyncio.Task[None]] = set()
         self._last_token = b""
         self._last_error = ""
         self._pending: int | None = None
@@ -147,7 +168,7 @@ class ConfigSync:
 
     def _subscribe(self) -> None:
         client, topics = self.agent.uplink.client.paho, self.agent.topics
-        for topic in (topics.desired, topics.command("rollback")):
+        for topic in (topics.desired, *map(topics.command, COMMANDS)):
             client.message_callback_add(topic, self._on_message)
             client.subscribe(topic, qos=1)
 
@@ -188,32 +209,66 @@ class ConfigSync:
                     await self.roll_back_to(target)
                 continue
             if topic != self.agent.topics.desired:
-                await self._command(payload)
+                await self._command(topic.rpartition("/")[2], payload)
             elif payload != self._last_token:
                 self._last_token = payload
                 await self._handle(payload)
 
-    async def _command(self, token: bytes) -> None:
-        """A signed ``cmd/rollback``: verified in the child, done, answered on
-        ``cmd/rollback/reply`` with ``{"id", "ok", "error"}``."""
-        reply = self.agent.topics.command("rollback") + "/reply"
+    async def _command(self, name: str, token: bytes) -> None:
+        """A signed ``cmd/{name}``: verified in the child, done, answered on
+        ``cmd/{name}/reply`` with ``{"id", "ok", "error", …}``; a write or method call
+        runs on its own, so that a slow device holds up neither bundles nor rollbacks."""
+        reply = self.agent.topics.command(name) + "/reply"
         try:
-            cmd = await asyncio.to_thread(check_command, self.agent_file, token)
+            cmd = await asyncio.to_thread(check_command, self.agent_file, token, name)
         except ConfigError as e:
             reason = e.reason if isinstance(e, BundleRefusedError) else "invalid"
             self._refuse(None, reason, f"command refused: {e.problems[0].message}")
-            self.agent.uplink.client.publish(reply, json_bytes(
-                {"id": _claimed(token, "id"), "ok": False, "error": e.problems[0].message}))
+            self._reply(reply, {"id": _claimed(token, "id"), "ok": False,
+                                "error": e.problems[0].message})
             return
-        cid = cmd["id"]
+        cid, now = cmd["id"], time.monotonic()
+        self._command_ids = {c: t for c, t in self._command_ids.items()
+                             if now - t < COMMAND_MEMORY_S}
         if cid in self._command_ids:
-            error = f"command {cid} was already carried out (a replay)"
-        else:
-            self._command_ids.add(cid)
+            self._reply(reply, {"id": cid, "ok": False,
+                                "error": f"command {cid} was already carried out (a replay)"})
+            return
+        self._command_ids[cid] = now
+        if name == "rollback":
             error = await self.roll_back_to(cmd.get("version"))
-        self.agent.uplink.client.publish(reply, json_bytes(
-            {"id": cid, "ok": not error, "error": error,
-             "applied": self.agent.cfg.bundle_version}))
+            self._reply(reply, {"id": cid, "ok": not error, "error": error,
+                                "applied": self.agent.cfg.bundle_version})
+            return
+        task = asyncio.create_task(self._write(name, cmd, reply), name=f"cmd/{name}[{cid}]")
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write(self, name: str, cmd: Mapping[str, Any], reply: str) -> None:
+        """A verified ``cmd/write`` or ``cmd/method``, answered with the read-back
+        (``value``; ``results`` by property for a method) or the failure (``kind``,
+        ``stage``; for a method ``written_before`` and their ``results``)."""
+        writes, cid, device = self.agent.writes, cmd["id"], cmd["device"]
+        answer: dict[str, Any] = {"id": cid, "device": device}
+        try:
+            if name == "write":
+                answer["property"] = cmd["property"]
+                answer["value"] = await writes.write(device, cmd["property"], cmd["value"],
+                                                     cid=cid)
+            else:
+                answer["method"] = cmd["method"]
+                answer["results"] = await writes.call(device, cmd["method"], cmd["values"],
+                                                      cid=cid)
+        except WriteError as e:
+            answer.update(ok=False, error=str(e), kind=e.kind, stage=e.stage)
+            if name == "method":
+                answer.update(written_before=list(e.written_before), results=e.results)
+        else:
+            answer.update(ok=True, error="")
+        self._reply(reply, answer)
+
+    def _reply(self, topic: str, body: Mapping[str, Any]) -> None:
+        self.agent.uplink.client.publish(topic, json_bytes(dict(body)))
 
     async def roll_back_to(self, target: int | None) -> str:
         """Go back, on request, to the kept version ``target`` (None: the one before

@@ -173,7 +173,7 @@ class Forwarder:
         self._incoming.append(message)
         self._wake.set()
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, /, **fields: Any) -> None:
         """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1)."""
         ts = now_ms()
         self.submit(NewMessage(self._events_topic, json_bytes({"ts": ts, "type": kind, **fields}),

@@ -85,7 +85,7 @@ class Uplink:
             f"{reading.namespace}/{reading.device}", reading.seq,
         ))
 
-    def publish_event(self, kind: str, **fields: Any) -> None:
+    def publish_event(self, kind: str, /, **fields: Any) -> None:
         """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1, via the outbox)."""
         self.forwarder.event(kind, **fields)
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
+
+COMMANDS: Final = ("rollback", "write", "method")
+"""The signed commands an agent takes, each on ``…/cmd/{name}`` (fields:
+:data:`edge.sync.bundle.COMMAND_FIELDS`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,10 @@
 """Device twins, KubeEdge-shaped, retained on ``{prefix}/twins/{namespace}/{device}``.
 
 Payload: ``{property: {"reported": {"value", "ts"}, "observedDesired": {"value"}}}``
-for each property with ``reportToCloud`` (``observedDesired`` only where the manifest
-gives a ``desired`` value). A property's reported value is refreshed at most once per
+for each property with ``reportToCloud``. ``observedDesired`` is the manifest's
+``desired`` value as the device took it: the value read back after the agent wrote it
+(:mod:`edge.sync.writes`); absent until then, and kept while a newer desired value is
+not yet written. A property's reported value is refreshed at most once per
 its ``reportCycle`` (the twin is published when any of its properties is due); a
 property read ``bad`` keeps its last good value. Twins are the current state, like
 ``state``: not stored in the outbox, published again on every (re)connect.
@@ -29,7 +31,7 @@ class Twins:
         self._topics = topics
         self._lock = threading.Lock()
         self._cycle: dict[tuple[str, str], int] = {}
-        self._desired: dict[str, dict[str, Any]] = {}
+        self._observed: dict[tuple[str, str], Any] = {}
         self._docs: dict[str, dict[str, Any]] = {}
         self._last: dict[tuple[str, str], int] = {}
         client.add_connect_hook(self._publish_all)
@@ -42,9 +44,9 @@ class Twins:
             gone = [k for k in self._docs if k not in keys]
             self._cycle = {(d.key, p.name): p.report_cycle_ms
                            for d in devices for p in d.properties if p.report_to_cloud}
-            self._desired = {d.key: {p.name: {"value": p.desired} for p in d.properties
-                                     if p.report_to_cloud and p.desired is not None}
-                             for d in devices}
+            wanted = {(d.key, p.name) for d in devices for p in d.properties
+                      if p.report_to_cloud and p.desired is not None}
+            self._observed = {k: v for k, v in self._observed.items() if k in wanted}
             for k in gone:
                 del self._docs[k]
         for k in gone:
@@ -71,10 +73,23 @@ class Twins:
         self._client.publish(self._topics.twin(reading.namespace, reading.device), payload,
                              retain=True)
 
+    def observed(self, key: str, prop: str, value: Any) -> None:
+        """The desired value of ``key``'s ``prop`` was written and read back as
+        ``value``: its ``observedDesired`` (published at once when the twin has been)."""
+        with self._lock:
+            if (key, prop) not in self._cycle:
+                return  # not reported to the cloud
+            self._observed[(key, prop)] = value
+            if not self._docs.get(key) or not self._client.stats.connected:
+                return
+            payload = self._payload(key)
+        ns, _, name = key.partition("/")
+        self._client.publish(self._topics.twin(ns, name), payload, retain=True)
+
     def _payload(self, key: str) -> bytes:
-        desired = self._desired.get(key, {})
-        return json_bytes({prop: {**entry, **({"observedDesired": desired[prop]}
-                                                 if prop in desired else {})}
+        observed = self._observed
+        return json_bytes({prop: {**entry, **({"observedDesired": {"value": observed[key, prop]}}
+                                                 if (key, prop) in observed else {})}
                            for prop, entry in self._docs.get(key, {}).items()})
 
     def _publish_all(self) -> None:  # paho's thread, after a (re)connect

@@ -1,0 +1,178 @@
+"""Writes in a running agent: the manifests' desired values, and signed ``cmd/write``
+and ``cmd/method`` with correlated replies.
+
+Real parts: mosquitto, a pymodbus server (its registers read back by pymodbus's own
+client), the agent as a process, commands signed and sent by ``edge cloud``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import StopLater
+from support import (
+    Gateway,
+    Image,
+    ModbusServer,
+    Subscriber,
+    device_docs,
+    edge_cli,
+    events,
+    start_broker,
+    wait_event,
+)
+
+from edge.sync.bundle import new_key_pair
+
+NODE = "gw-write"
+PREFIX = f"edge/v1/{NODE}"
+PROPS = [
+    {"name": "setpoint", "type": "INT", "accessMode": "ReadWrite", "minimum": -100,
+     "maximum": 100, "visitor": {"register": "HoldingRegister", "offset": 0,
+                                 "dataType": "int16"}},
+    {"name": "flow", "type": "FLOAT", "accessMode": "ReadWrite",
+     "visitor": {"register": "HoldingRegister", "offset": 2, "limit": 2,
+                 "dataType": "float32", "scale": 0.1, "isRegisterSwap": True}},
+    {"name": "enable", "type": "BOOLEAN", "accessMode": "ReadWrite",
+     "visitor": {"register": "CoilRegister", "offset": 0, "limit": 1}},
+    {"name": "voltage", "type": "INT",
+     "visitor": {"register": "HoldingRegister", "offset": 5, "dataType": "int16"}},
+]
+DESIRED = {"setpoint": "-40", "flow": "12.5", "enable": "true", "voltage": "230"}
+
+
+def pump_docs(port: int, desired: dict[str, str]) -> list[dict[str, Any]]:
+    """The pump: four properties (the last ReadOnly), ``desired`` values, method start."""
+    docs = device_docs("pump", port, 1, PROPS)
+    for entry in docs[1]["spec"]["properties"]:
+        if entry["name"] in desired:
+            entry["desired"] = {"value": desired[entry["name"]]}
+    docs[1]["spec"]["methods"] = [{"name": "start", "propertyNames": ["setpoint", "enable"]}]
+    return docs
+
+
+def swapped_float(value: float) -> list[int]:
+    """float32 words of ``value`` with the two registers swapped (isRegisterSwap)."""
+    high, low = struct.unpack(">2H", struct.pack(">f", value))
+    return [low, high]
+
+
+def twin(sub: Subscriber) -> dict[str, Any]:
+    return dict(sub.on(f"{PREFIX}/twins/default/pump")[-1].json())
+
+
+def written(sub: Subscriber) -> list[tuple[str, str]]:
+    return [(e["origin"], e["property"]) for e in events(sub, PREFIX, "written")]
+
+
+def test_desired_values_are_written_once_read_back_and_reported(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, pump_docs(server.port, DESIRED), node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+
+    refused = wait_event(sub, PREFIX, "write_failed", property="voltage")
+    assert (refused["origin"], refused["kind"], refused["stage"]) == ("desired", "read_only",
+                                                                     "check")
+    for prop in ("setpoint", "flow", "enable"):
+        wait_event(sub, PREFIX, "written", property=prop)
+    # the exact inverse of decoding: int16 two's complement, unscaled float32 words
+    # swapped, a coil
+    assert server.holding(1, 0, 6) == [0x10000 - 40, 0, *swapped_float(125.0), 0, 0]
+    assert server.coils(1, 0) == [True]
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/twins/default/pump"
+                 and len([p for p in m.json().values() if "observedDesired" in p]) == 3)
+    observed = {p: v["observedDesired"]["value"] for p, v in twin(sub).items()
+                if "observedDesired" in v}
+    assert observed == {"setpoint": -40, "flow": 12.5, "enable": True}
+
+    # an operator changes the setpoint at the device; a restart does not overwrite it
+    assert agent.stop() == 0
+    server.set_holding(1, 0, [7])
+    before = len(written(sub))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/twins/default/pump"
+                 and m.json()["setpoint"]["reported"]["value"] == 7, timeout=10)
+    assert twin(sub)["setpoint"]["observedDesired"] == {"value": -40}  # remembered
+    time.sleep(1)
+    assert len(written(sub)) == before
+    assert server.holding(1, 0) == [7]
+
+    # a bundle that changes one desired value writes that one alone
+    gw.push(1, pump_docs(server.port, {**DESIRED, "setpoint": "-41"}))
+    done = wait_event(sub, PREFIX, "written", property="setpoint", value=-41)
+    assert (done["origin"], done["read_back"]) == ("desired", -41)
+    wait_event(sub, PREFIX, "config_committed", version=1)
+    assert server.holding(1, 0) == [0x10000 - 41]
+    assert written(sub)[before:] == [("desired", "setpoint")]
+    assert "Traceback" not in agent.output()
+
+
+def test_cmd_write_and_method_are_signed_checked_and_answered(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, pump_docs(server.port, {}), node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/telemetry/default/pump")
+    where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--timeout", "15"]
+
+    def cloud(*args: str, key: Path = gw.key_file) -> Any:
+        return edge_cli("cloud", args[0], *where, "--key", str(key), *args[1:])
+
+    done = cloud("write", "default/pump", "setpoint", "-12")
+    assert done.returncode == 0, done.stderr
+    assert f"{NODE}: default/pump setpoint = -12 (read back)" in done.stdout
+    assert server.holding(1, 0) == [0x10000 - 12]
+    event = wait_event(sub, PREFIX, "written", origin="cmd/write")
+    assert (event["property"], event["value"], event["read_back"]) == ("setpoint", -12, -12)
+    assert event["id"]
+
+    refusals = [
+        (("default/pump", "setpoint", "500"), "(out_of_range)", "allowed -100..100"),
+        (("default/pump", "voltage", "1"), "(read_only)", "accessMode is ReadOnly"),
+        (("default/pump", "speed", "1"), "(unknown_property)", "it has: setpoint, flow"),
+        (("default/fan", "setpoint", "1"), "(unknown_device)", "it has: default/pump"),
+        (("default/pump", "flow", '"fast"'), "(bad_value)", "takes a number, not str"),
+    ]
+    for args, kind, words in refusals:
+        failed = cloud("write", *args)
+        assert failed.returncode == 1
+        assert kind in failed.stderr, failed.stderr
+        assert words in failed.stderr, failed.stderr
+    assert server.holding(1, 0, 6) == [0x10000 - 12, 0, 0, 0, 0, 0]  # nothing written
+
+    called = cloud("call", "default/pump", "start", "enable=true", "setpoint=5")
+    assert called.returncode == 0, called.stderr
+    lines = called.stdout.splitlines()
+    assert lines == [f"{NODE}: default/pump setpoint = 5 (read back)",
+                     f"{NODE}: default/pump enable = true (read back)"]  # the method's order
+    assert (server.holding(1, 0), server.coils(1, 0)) == ([5], [True])
+    outside = cloud("call", "default/pump", "start", "flow=1")
+    assert outside.returncode == 1
+    assert "'flow' not in its properties" in outside.stderr
+
+    # a key the gateway does not trust, and a command that is not signed: refused
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(new_key_pair()[0])
+    forged = cloud("write", "default/pump", "setpoint", "9", key=stranger)
+    assert forged.returncode == 1
+    assert "does not trust" in forged.stderr
+    unsigned = json.dumps({"command": "write", "id": "x1", "node": NODE,
+                           "device": "default/pump", "property": "setpoint", "value": 9})
+    sub.publish(f"{PREFIX}/cmd/write", unsigned.encode())
+    reply = sub.wait_for(lambda m: m.topic == f"{PREFIX}/cmd/write/reply"
+                         and m.json()["id"] == "x1")[0].json()
+    assert reply["ok"] is False
+    assert "not signed" in reply["error"]
+    assert server.holding(1, 0) == [5]
+    assert "Traceback" not in agent.output()

@@ -114,6 +114,17 @@ class Agent:
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = Writes(self.pool, self.history, self.twins, self.uplink.publish_event)
+        self.restart_for = ""
+        """Why :meth:`run` returned for the process to start again ("" when it was
+        stopped): a configuration that needs a new process (``edge run`` re-executes)."""
+        self._stop: asyncio.Event | None = None
+
+    def request_restart(self, reason: str) -> None:
+        """Stop cleanly, as for a signal, so that the process can start again."""
+        log.warning("restarting the agent: %s", reason)
+        self.restart_for = reason
+        if self._stop is not None:
+            self._stop.set()
 
     def _poller(self, d: DeviceSpec, first_seq: int) -> DevicePoller:
         m = self.cfg.modbus
@@ -219,6 +230,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, wait for ``stop``, then stop everything cleanly."""
+        self._stop = stop
         for moved in self.outbox.stats.corrupt_files:
             log.error("the store %s was damaged: moved to %s and started afresh",
                       self.outbox.path, moved)

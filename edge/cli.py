@@ -70,21 +70,6 @@ def runtime_or_exit(
     return cfg
 
 
-def _committed_bundle(path: Path, local: RuntimeConfig, content: Any) -> RuntimeConfig:
-    """The agent file with the last committed bundle applied; the file alone (and an
-    error in the log) when that no longer validates, e.g. after the file was edited."""
-    from edge.config.runtime import BundleSource, load_runtime_config  # noqa: PLC0415
-
-    try:
-        return load_runtime_config(path, source=BundleSource(content=content))
-    except ConfigError as e:
-        log.error("the committed configuration version %s does not validate with %s any "
-                  "more; running the agent file alone:", content.get("version"), path)
-        for p in e.problems:
-            log.error("  %s", p)
-        return local
-
-
 def _run_until_signal(main: Any) -> None:
     """Run ``main(stop_event)`` in a new event loop until SIGINT or SIGTERM sets the event.
 
@@ -120,18 +105,17 @@ def run(config_path: Path) -> None:
     cfg = runtime_or_exit(config_path, pending=pending)
     _setup_logging(cfg.log_level)
     from edge.store.history import History, history_file  # noqa: PLC0415
-    from edge.sync.controller import ConfigSync, restart_rollback  # noqa: PLC0415
+    from edge.sync.controller import ConfigSync, start_up  # noqa: PLC0415
 
     history = History(history_file(cfg.store.path))
-    rolled_back = restart_rollback(history)
-    history.commit_baseline({"version": 0})
-    committed = history.committed()
-    if committed is not None and committed.version > 0:
-        cfg = _committed_bundle(config_path, cfg, committed.content)
-    agent = Agent(cfg, history)
-    sync = ConfigSync(agent, config_path, history, rolled_back_at_start=rolled_back)
+    start = start_up(history, config_path, cfg)
+    agent = Agent(start.cfg, history)
+    sync = ConfigSync(agent, config_path, history, start)
     agent.services.append(sync.run)
     _run_until_signal(agent.run)
+    if agent.restart_for:  # the same command line again, in this process (same PID)
+        history.close()
+        os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line)
 
 
 @main.command()

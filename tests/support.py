@@ -461,6 +461,7 @@ class Gateway:
 
         self.tmp, self.broker, self.node = tmp_path, broker, node
         self.prefix = f"edge/v1/{node}"
+        self.started: list[AgentProcess] = []
         private_pem, public_pem = new_key_pair()
         self.key = load_private_key(private_pem)
         (tmp_path / "cloud.pub").write_bytes(public_pem)
@@ -476,12 +477,17 @@ class Gateway:
         }))
 
     def start(self) -> AgentProcess:
-        return start_edge(["run", "-c", str(self.agent_file)], self.tmp)
+        """Start the agent (also kept in :attr:`started`)."""
+        agent = start_edge(["run", "-c", str(self.agent_file)], self.tmp)
+        self.started.append(agent)
+        return agent
 
     def push(self, version: int, devices: list[dict[str, Any]], *,
-             key: Any = None, raw: bytes | None = None) -> None:
-        """Publish bundle ``version`` with the manifests ``devices`` (signed by ``key``,
-        default the trusted one; ``raw``: these bytes instead)."""
+             key: Any = None, raw: bytes | None = None,
+             agent: dict[str, Any] | None = None) -> None:
+        """Publish bundle ``version`` with the manifests ``devices`` and the agent-file
+        sections ``agent`` (signed by ``key``, default the trusted one; ``raw``: these
+        bytes instead)."""
         from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
         from edge.cloud import publish_retained  # noqa: PLC0415
@@ -490,7 +496,7 @@ class Gateway:
         now = datetime.now(UTC)
         body = {"version": version, "node": self.node, "issued_at": rfc3339(now),
                 "expires_at": rfc3339(now + timedelta(hours=1)), "policies": [],
-                "plugins": [], "agent": {},
+                "plugins": [], "agent": agent or {},
                 "deviceModels": [d for d in devices if d["kind"] == "DeviceModel"],
                 "devices": [d for d in devices if d["kind"] == "Device"]}
         token = raw if raw is not None else sign(body, key or self.key)

@@ -96,3 +96,37 @@ def test_rollback_requests_reach_the_agent_once(tmp_path: Path) -> None:
     cli_side.request_rollback(3)
     assert agent_side.take_requests() == [None, 3]
     assert agent_side.take_requests() == []
+
+
+def test_a_version_applied_by_a_restart_is_taken_once_by_the_next_start(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.commit_baseline({})
+    h.add_pending(7, {"version": 7}, restart_before={"default/a": "online"})
+    h.close()
+    h = History(tmp_path / "config.db")  # the restart that applies it
+    taken = h.take_restart()
+    assert taken is not None
+    assert (taken[0].version, taken[1]) == (7, {"default/a": "online"})
+    h.close()
+    h = History(tmp_path / "config.db")  # it died in the window: not taken again
+    assert h.take_restart() is None
+    pending = h.pending()
+    assert pending is not None
+    assert pending.version == 7
+    h.roll_back(7, "the agent restarted during the health window")
+    h.add_pending(8, {"version": 8}, restart_before={})
+    h.commit(8)  # a decision ends the restart, whatever it was
+    assert h.take_restart() is None
+
+
+def test_desired_writes_are_remembered_until_their_property_goes(tmp_path: Path) -> None:
+    h = History(tmp_path / "config.db")
+    h.record_desired("default/a", "setpoint", "sig-1", -40)
+    h.record_desired("default/a", "enable", "sig-2", True)
+    h.record_desired("default/a", "setpoint", "sig-3", -41)  # written again: replaced
+    h.close()
+    h = History(tmp_path / "config.db")
+    assert h.desired_written() == {("default/a", "setpoint"): ("sig-3", -41),
+                                   ("default/a", "enable"): ("sig-2", True)}
+    h.forget_desired({("default/a", "enable")})
+    assert h.desired_written() == {("default/a", "enable"): ("sig-2", True)}

@@ -180,6 +180,42 @@ def start_committed(tmp_path: Path, stop_later: StopLater,
     return broker, gw, sub
 
 
+def test_agent_settings_are_applied_by_a_restart_and_rolled_back_by_one(
+    tmp_path: Path, stop_later: StopLater, server: ModbusServer
+) -> None:
+    _, gw, sub = start_committed(tmp_path, stop_later, server)
+    agent = gw.started[-1]
+    a = device_docs("a", server.port, 1, PROPS)
+    telemetry = f"{PREFIX}/telemetry/default/a"
+
+    # v2 publishes readings with QoS 0: the agent restarts itself (same process) for it
+    gw.push(2, a, agent={"uplink": {"qos": 0}})
+    applied = wait_event(sub, "config_applied", version=2)
+    assert applied["restart"] == ["qos"]
+    wait_event(sub, "config_committed", version=2)
+    assert state(sub)["config"] == {"applied": 2, "pending": None, "last_error": ""}
+    n = len(sub.on(telemetry))
+    assert sub.wait_for(lambda m: m.topic == telemetry, count=n + 2)[-1].qos == 0
+    assert agent.proc.poll() is None  # re-executed in place: same PID, still running
+    assert not events(sub, "config_refused")  # the retained v2 again is the running one
+
+    # v3 points the uplink at a port where no broker listens: it cannot report, so its
+    # health window fails; the agent restarts onto v2 and says so from there
+    gw.push(3, a, agent={"uplink": {"qos": 0, "port": free_port()}})
+    assert wait_event(sub, "config_applied", version=3)["restart"] == ["broker"]
+    rolled = wait_event(sub, "config_rolled_back", version=3, timeout=30)
+    assert rolled["reason"] == "the uplink is not connected at the end of the health window"
+    assert rolled["to"] == 2
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/state" and m.json().get("config", {}).get(
+        "applied") == 2 and "version 3" in m.json()["config"]["last_error"])
+    n = len(sub.on(telemetry))
+    sub.wait_for(lambda m: m.topic == telemetry, count=n + 2)
+    history = edge_cli("config", "history", "-c", str(gw.agent_file))
+    assert "rolled_back" in history.stdout
+    assert agent.proc.poll() is None
+    assert "Traceback" not in agent.output()
+
+
 def test_edge_rollback_goes_back_and_config_history_and_diff_show_it(
     tmp_path: Path, stop_later: StopLater, server: ModbusServer
 ) -> None:

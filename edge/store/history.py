@@ -15,7 +15,11 @@ version that passed verification and validation:
 ``reason``
     why it was rolled back; ``received_ms``, ``decided_ms``: ms since the epoch.
 
-At most one version is pending. History is bounded to ``keep`` versions; the newest
+At most one version is pending. A version whose agent settings need a new process is
+applied by restarting the agent: table ``restarts`` marks it (``started`` 0 until the
+new process took it, then 1; ``before``, JSON, the device states before the restart,
+for the health window). A restart that finds it started again rolls it back.
+History is bounded to ``keep`` versions; the newest
 committed one and a pending one are never deleted.
 
 Table ``requests`` carries rollbacks asked for on the gateway itself (``edge
@@ -47,6 +51,11 @@ CREATE TABLE IF NOT EXISTS requests (
     action TEXT NOT NULL CHECK (action = 'rollback'),
     version INTEGER,
     at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS restarts (
+    version INTEGER PRIMARY KEY,
+    started INTEGER NOT NULL DEFAULT 0,
+    before TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS desired (
     device TEXT NOT NULL,
@@ -147,8 +156,10 @@ class History:
         rows = self._rows(state="pending")
         return rows[-1] if rows else None
 
-    def add_pending(self, version: int, content: Mapping[str, Any]) -> None:
-        """Record ``version`` as applied and in its health window.
+    def add_pending(self, version: int, content: Mapping[str, Any], *,
+                    restart_before: Mapping[str, str] | None = None) -> None:
+        """Record ``version`` as applied and in its health window; with
+        ``restart_before`` (device key → state), as to be applied by a restart.
 
         Raises:
             ValueError: another version is pending, or ``version`` is already kept.
@@ -162,7 +173,25 @@ class History:
                 "INSERT INTO versions (version, content, state, received_ms) "
                 "VALUES (?, ?, 'pending', ?)",
                 (version, json.dumps(content, separators=(",", ":")), _now_ms()))
+            if restart_before is not None:
+                self._db.execute("INSERT INTO restarts (version, before) VALUES (?, ?)",
+                                 (version, json.dumps(dict(restart_before))))
             self._trim()
+
+    def take_restart(self) -> tuple[Version, dict[str, str]] | None:
+        """At start-up: the pending version to be applied by this restart, with the
+        device states before it, marked as taken; None when there is none (or it was
+        taken by an earlier start, which then did not live through its window)."""
+        with self._txn():
+            pending = self.pending()
+            row = self._db.execute(
+                "SELECT started, before FROM restarts WHERE version = ?",
+                (pending.version if pending else -1,)).fetchone()
+            if pending is None or row is None or row[0]:
+                return None
+            self._db.execute("UPDATE restarts SET started = 1 WHERE version = ?",
+                             (pending.version,))
+            return pending, json.loads(row[1])
 
     def commit(self, version: int) -> None:
         """``version`` passed its health window: it is the last good one now."""
@@ -251,6 +280,7 @@ class History:
             (state, reason, _now_ms(), version))
         if cur.rowcount != 1:
             raise ValueError(f"version {version} is not in the history")
+        self._db.execute("DELETE FROM restarts WHERE version = ?", (version,))
 
     def _trim(self) -> None:
         keep = self._db.execute(

@@ -3,20 +3,26 @@
 The agent subscribes to its retained ``{prefix}/desired`` (QoS 1). Each new bundle is
 verified (:mod:`edge.sync.bundle`) and validated like ``edge check`` in the forked
 child (:func:`edge.config.runtime.load_runtime_config`), then applied as one unit,
-hot (:meth:`edge.agent.Agent.apply_devices`), and watched for the new configuration's
-``sync.health_window`` seconds:
+hot (:meth:`edge.agent.Agent.apply_devices`) when it changes only devices, the log
+level and the health window; otherwise (broker, QoS, store bounds, Modbus timing, …)
+by restarting the agent: the version is recorded pending "to be applied by a restart",
+the agent stops cleanly and ``edge run`` executes itself again (same PID), and the new
+process runs that version and opens its window (:func:`start_up`). Either way it is
+watched for the new configuration's ``sync.health_window`` seconds:
 
 * the uplink must be connected at the end of the window;
 * no device may be offline at the end that was online before (or is new);
 * no agent task may have failed during the window.
 
 Then the version is committed (it runs after a restart too), or the agent goes back to
-the last committed version and records why. A restart during the window (a crash, a
-power cut) counts as a failure: at start-up the pending version is rolled back before
-anything runs. A version once rolled back is never applied again, and a bundle must be
-newer than the newest version ever taken (also after a rollback to an older one); the
-cloud pushes a new version instead. Rollbacks on request come from ``edge rollback``
-(through the history file) and from signed ``cmd/rollback`` commands.
+the last committed version and records why (hot, or by another restart when the
+version was applied by one). A restart during the window (a crash, a power cut; for a
+version applied by a restart, a second one) counts as a failure: at start-up the
+pending version is rolled back before anything runs. A version once rolled back is
+never applied again, and a bundle must be newer than the newest version ever taken
+(also after a rollback to an older one); the cloud pushes a new version instead.
+Rollbacks on request come from ``edge rollback`` (through the history file) and from
+signed ``cmd/rollback`` commands.
 
 Signed commands (:data:`edge.uplink.topics.COMMANDS`) arrive on ``…/cmd/{name}``, are
 verified in the forked child like bundles (a command must come on its own topic), done
@@ -28,9 +34,9 @@ by property); a failed write or method adds ``kind`` and ``stage``, a method
 
 Events on ``…/events``: ``config_refused`` (``version`` once verified, else
 ``claimed_version``; ``reason`` — one of :data:`edge.sync.bundle.Reason`,
-``rolled_back``, ``needs_restart``, or ``rollback`` for a rollback that cannot be
-done — and ``error``),
-``config_applied`` (``version``, ``added``/``changed``/``removed``),
+``rolled_back``, or ``rollback`` for a rollback that cannot be done — and ``error``),
+``config_applied`` (``version``; ``added``/``changed``/``removed`` when hot, else
+``restart``: the settings that need it),
 ``config_committed`` (``version``) and ``config_rolled_back`` (``version``,
 ``reason``, ``to``). The retained ``state`` carries ``config: {applied, pending,
 last_error}``.
@@ -44,6 +50,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,18 +101,24 @@ def _check_command(agent_file: Path, token: bytes, name: str) -> object:
         return ("refused", "invalid", str(e.problems[0]))
 
 
-def _claimed(token: bytes, key: str) -> object:
-    """What a JWS's payload (or plain JSON, unsigned) claims under ``key``, unverified
-    (None when unreadable): a refused command is answered under its ``id`` so the
-    sender can match it, a refused bundle is reported with the version it claims."""
+def _unverified(token: bytes) -> object:
+    """A JWS's payload (or plain JSON, unsigned) as it claims to be, unverified; None
+    when unreadable."""
     try:
-        claimed = json.loads(token)
+        return json.loads(token)
     except ValueError:
         try:
             part = token.split(b".")[1]
-            claimed = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
+            return json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
         except (IndexError, ValueError):
             return None
+
+
+def _claimed(token: bytes, key: str) -> object:
+    """What a JWS's payload claims under ``key``, unverified (None when unreadable): a
+    refused command is answered under its ``id`` so the sender can match it, a refused
+    bundle is reported with the version it claims."""
+    claimed = _unverified(token)
     value = claimed.get(key) if isinstance(claimed, dict) else None
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
@@ -125,18 +138,70 @@ def check_command(agent_file: Path, token: bytes, name: str) -> dict[str, Any]:
     raise BundleRefusedError(reason, message, None)
 
 
-def restart_rollback(history: History) -> tuple[int, str] | None:
-    """At start-up: roll back a version left pending by the previous process.
+@dataclass(frozen=True, slots=True)
+class StartUp:
+    """What :func:`start_up` found: the configuration to run, a version it rolled back
+    (``(version, reason)``, to be reported once the uplink is up), or the version this
+    start applies for a restart (``resumed``, with the device states ``before`` it:
+    its health window starts now). ``last_error`` says why the newest version taken
+    is not running, when it was rolled back (before this start, too)."""
 
-    Returns ``(version, reason)`` when it did, for the caller to report once the
-    uplink is up; None otherwise.
+    cfg: RuntimeConfig
+    rolled_back: tuple[int, str] | None = None
+    resumed: int | None = None
+    before: Mapping[str, str] = field(default_factory=dict)
+    last_error: str = ""
+
+
+def _bundle_config(agent_file: Path, content: Mapping[str, Any]) -> RuntimeConfig | str:
+    """The agent file with the kept bundle ``content`` applied, or why it does not
+    validate (all of it logged)."""
+    try:
+        return load_runtime_config(agent_file, source=BundleSource(content=content))
+    except ConfigError as e:
+        log.error("configuration version %s does not validate with %s:", content.get("version"),
+                  agent_file)
+        for p in e.problems:
+            log.error("  %s", p)
+        return f"it does not validate with {agent_file} ({e.problems[0].message})"
+
+
+def start_up(history: History, agent_file: Path, local: RuntimeConfig) -> StartUp:
+    """At start-up, before anything runs: decide on a version left pending by the
+    previous process, and load the configuration to run.
+
+    A pending version that was to be applied by this restart is run, with its health
+    window from now (unless it does not validate: then it is rolled back). Any other
+    pending version is rolled back: the agent restarted (or died) in its window. The
+    configuration is then the newest committed version on top of the agent file
+    ``local`` (the file alone when there is none, or when it no longer validates, e.g.
+    after the file was edited; the log says why).
     """
+    history.commit_baseline({"version": 0})
+    taken = history.take_restart()
+    rolled_back = None
+    if taken is not None:
+        version, before = taken
+        cfg = _bundle_config(agent_file, version.content)
+        if isinstance(cfg, RuntimeConfig):
+            return StartUp(cfg, resumed=version.version, before=before)
+        rolled_back = (version.version, cfg)
+        history.roll_back(*rolled_back)
     pending = history.pending()
-    if pending is None:
-        return None
-    reason = "the agent restarted during the health window"
-    history.roll_back(pending.version, reason)
-    return pending.version, reason
+    if pending is not None:
+        rolled_back = (pending.version, "the agent restarted during the health window")
+        history.roll_back(*rolled_back)
+    newest = history.get(history.newest())
+    last_error = (f"version {newest.version} rolled back: {newest.reason}"
+                  if newest is not None and newest.state == "rolled_back" else "")
+    committed = history.committed()
+    if committed is None or committed.version == 0:
+        return StartUp(local, rolled_back, last_error=last_error)
+    cfg = _bundle_config(agent_file, committed.content)
+    if isinstance(cfg, str):
+        log.error("running the agent file alone")
+        return StartUp(local, rolled_back, last_error=last_error)
+    return StartUp(cfg, rolled_back, last_error=last_error)
 
 
 class ConfigSync:
@@ -147,8 +212,7 @@ class ConfigSync:
         agent: Agent,
         agent_file: Path,
         history: History,
-        *,
-        rolled_back_at_start: tuple[int, str] | None = None,
+        start: StartUp | None = None,
     ) -> None:
         self.agent = agent
         self.agent_file = agent_file
@@ -159,9 +223,11 @@ class ConfigSync:
         still be replayed."""
         self._writing: set[asyncio.Task[None]] = set()
         self._last_token = b""
-        self._last_error = ""
         self._pending: int | None = None
-        self._at_start = rolled_back_at_start
+        self._start = start or StartUp(agent.cfg)
+        self._last_error = self._start.last_error
+        self._restart_for = ""
+        """Why the agent is to restart once the message at hand is answered."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- MQTT (paho's thread) -------------------------------------------------------
@@ -191,8 +257,8 @@ class ConfigSync:
     async def run(self) -> None:
         """Subscribe, then handle each bundle as it arrives (cancel to stop)."""
         self._loop = asyncio.get_running_loop()
-        if self._at_start is not None:
-            version, reason = self._at_start
+        if self._start.rolled_back is not None:
+            version, reason = self._start.rolled_back
             self._last_error = f"version {version} rolled back: {reason}"
             log.error("configuration version %d rolled back: %s", version, reason)
             self._event("config_rolled_back", version=version, reason=reason,
@@ -201,18 +267,32 @@ class ConfigSync:
         self.agent.uplink.client.add_connect_hook(self._subscribe)
         if self.agent.uplink.client.stats.connected:
             self._subscribe()
-        while True:
+        if self._start.resumed is not None:
+            await self._resume(self._start.resumed, self._start.before)
+        while not self._restart_for:
             try:
                 topic, payload = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
             except TimeoutError:
                 for target in self.history.take_requests():
                     await self.roll_back_to(target)
+                    if self._restart_for:
+                        break
                 continue
             if topic != self.agent.topics.desired:
                 await self._command(topic.rpartition("/")[2], payload)
             elif payload != self._last_token:
                 self._last_token = payload
                 await self._handle(payload)
+        self.agent.request_restart(self._restart_for)
+
+    async def _resume(self, version: int, before: Mapping[str, str]) -> None:
+        """The health window of ``version``, which this process started to apply."""
+        new = {d.key for d in self.agent.cfg.devices} - set(before)
+        self._pending = version
+        self._report_state()
+        log.info("configuration version %d started by a restart; health window %g s",
+                 version, self.agent.cfg.health_window_s)
+        await self._decide(version, before, new, back=None)
 
     async def _command(self, name: str, token: bytes) -> None:
         """A signed ``cmd/{name}``: verified in the child, done, answered on
@@ -237,8 +317,10 @@ class ConfigSync:
         self._command_ids[cid] = now
         if name == "rollback":
             error = await self.roll_back_to(cmd.get("version"))
+            committed = self.history.committed()
             self._reply(reply, {"id": cid, "ok": not error, "error": error,
-                                "applied": self.agent.cfg.bundle_version})
+                                "applied": committed.version if committed else 0,
+                                "restart": bool(self._restart_for)})
             return
         task = asyncio.create_task(self._write(name, cmd, reply), name=f"cmd/{name}[{cid}]")
         self._writing.add(task)
@@ -298,12 +380,12 @@ class ConfigSync:
         from edge.agent import needs_restart  # noqa: PLC0415
 
         fixed = needs_restart(running, new)
-        if fixed:
-            return self._refuse(target, "rollback", f"rolling back to version {target} "
-                                f"changes {', '.join(fixed)}, which needs a restart")
         reason = f"rolled back on request to version {target}"
         self.history.reinstate(target, reason)
-        await self.agent.apply_devices(new)
+        if fixed:
+            self._restart_for = f"rolling back to version {target} changes {', '.join(fixed)}"
+        else:
+            await self.agent.apply_devices(new)
         self._last_error = ""
         log.warning("configuration version %d %s", running.bundle_version, reason)
         self._event("config_rolled_back", version=running.bundle_version, reason=reason,
@@ -334,7 +416,11 @@ class ConfigSync:
             new = await asyncio.to_thread(load_runtime_config, self.agent_file, source=source)
         except BundleRefusedError as e:
             known = self.history.get(e.version) if e.version is not None else None
-            if known is not None and known.state == "rolled_back":
+            if (e.reason == "replayed" and e.version == running.bundle_version
+                    and _unverified(token) == running.bundle):
+                # the retained bundle again, e.g. after a restart: it is what runs
+                log.debug("bundle version %s is the running one", e.version)
+            elif known is not None and known.state == "rolled_back":
                 self._refuse(e.version, "rolled_back", f"version {e.version} was rolled back "
                              f"before ({known.reason}); push a new version")
             else:
@@ -346,15 +432,27 @@ class ConfigSync:
             self._refuse(None, "invalid", f"{len(errors)} problem(s) in the bundle", errors,
                          claimed=_claimed(token, "version"))
             return
-        version = new.bundle_version
         from edge.agent import needs_restart  # noqa: PLC0415 (the agent imports this module)
 
         fixed = needs_restart(running, new)
         if fixed:
-            self._refuse(version, "needs_restart", "this agent changes devices and the log "
-                         f"level while running, not {', '.join(fixed)}")
+            self._apply_by_restart(new, fixed)
             return
         await self._apply(running, new)
+
+    def _apply_by_restart(self, new: RuntimeConfig, fixed: list[str]) -> None:
+        """``new`` changes settings a running agent cannot: record it as pending, to be
+        applied by restarting the agent (its health window starts in the new process)."""
+        version = new.bundle_version
+        self.history.add_pending(version, new.bundle or {},
+                                 restart_before=self.agent.device_states())
+        self._pending = version
+        self._last_error = ""
+        self._report_state()
+        self._event("config_applied", version=version, restart=fixed)
+        log.warning("configuration version %d changes %s: restarting the agent to apply it",
+                    version, ", ".join(fixed))
+        self._restart_for = f"configuration version {version} changes {', '.join(fixed)}"
 
     def _healthy(self, before: Mapping[str, str], changed: set[str]) -> str:
         """Why the configuration just applied is not healthy ("" when it is)."""
@@ -383,8 +481,14 @@ class ConfigSync:
                     changed=list(changes.changed), removed=list(changes.removed))
         log.info("configuration version %d applied; health window %g s", version,
                  new.health_window_s)
-        await asyncio.sleep(new.health_window_s)
-        why = self._healthy(before, {*changes.added, *changes.changed})
+        await self._decide(version, before, {*changes.added, *changes.changed}, back=running)
+
+    async def _decide(self, version: int, before: Mapping[str, str], changed: set[str], *,
+                      back: RuntimeConfig | None) -> None:
+        """Wait out the health window of the applied ``version``, then commit it or roll
+        it back: hot to ``back``, or (None) by a restart onto the committed version."""
+        await asyncio.sleep(self.agent.cfg.health_window_s)
+        why = self._healthy(before, changed)
         self._pending = None
         if not why:
             self.history.commit(version)
@@ -394,10 +498,13 @@ class ConfigSync:
             self._report_state()
             return
         self.history.roll_back(version, why)
-        await agent.apply_devices(running)
+        committed = self.history.committed()
+        to = committed.version if committed else 0
+        if back is None:
+            self._restart_for = f"configuration version {version} rolled back"
+        else:
+            await self.agent.apply_devices(back)
         self._last_error = f"version {version} rolled back: {why}"
-        log.error("configuration version %d rolled back to %d: %s", version,
-                  running.bundle_version, why)
-        self._event("config_rolled_back", version=version, reason=why,
-                    to=running.bundle_version)
+        log.error("configuration version %d rolled back to %d: %s", version, to, why)
+        self._event("config_rolled_back", version=version, reason=why, to=to)
         self._report_state()

@@ -41,9 +41,16 @@ class DeviceChanges:
     removed: tuple[str, ...]
 
 
+def _as_polled(d: DeviceSpec) -> DeviceSpec:
+    return dataclasses.replace(d, source="", properties=tuple(
+        dataclasses.replace(p, desired=None) for p in d.properties))
+
+
 def same_device(a: DeviceSpec, b: DeviceSpec) -> bool:
-    """Equal definitions, wherever they were read from (``source`` is left out)."""
-    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
+    """Equal as polled: where they were read from (``source``) and the desired values
+    are left out (a new desired value is a write, :mod:`edge.sync.writes`, not a new
+    poller, and the device need not answer for the configuration to be healthy)."""
+    return _as_polled(a) == _as_polled(b)
 
 
 HOT = ("devices", "log_level", "health_window_s", "warnings", "files", "version",

@@ -323,13 +323,22 @@ def rollback(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
 
 
 def _cli_value(text: str) -> Any:
-    """A value given on the command line: JSON (``42``, ``-3.5``, ``true``, ``"7"``)
-    when it is a JSON scalar, else the text itself."""
+    """A value given on the command line: a JSON scalar (``42``, ``-3.5``, ``true``,
+    ``"7"`` for the text 7), else a decimal number as :func:`~edge.modbus.writer.
+    parse_number` reads it (``+5``, ``.5``, ``007``), ``true``/``false`` in any case,
+    else the text itself."""
+    from edge.modbus.writer import parse_number  # noqa: PLC0415
+
     try:
         value = json.loads(text)
     except ValueError:
-        return text
-    return value if isinstance(value, bool | int | float | str) else text
+        value = None
+    if isinstance(value, bool | int | float | str):
+        return value
+    number = parse_number(text)
+    if number is not None:
+        return number
+    return {"true": True, "false": False}.get(text.strip().lower(), text)
 
 
 def _command_reply(node: str, key_path: Path, broker: str, prefix: str, timeout_s: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from support import (
     device_docs,
     edge_cli,
     events,
+    free_port,
     start_broker,
     wait_event,
 )
 
-from edge.sync.bundle import new_key_pair
+from edge.sync.bundle import new_key_pair, signed_command
 
 NODE = "gw-write"
 PREFIX = f"edge/v1/{NODE}"
@@ -104,6 +106,9 @@ def test_desired_values_are_written_once_read_back_and_reported(
     time.sleep(1)
     assert len(written(sub)) == before
     assert server.holding(1, 0) == [7]
+    # the ReadOnly refusal was reported once, not again at the restart
+    assert len([e for e in events(sub, PREFIX, "write_failed")
+                if e["property"] == "voltage"]) == 1
 
     # a bundle that changes one desired value writes that one alone
     gw.push(1, pump_docs(server.port, {**DESIRED, "setpoint": "-41"}))
@@ -172,7 +177,76 @@ def test_cmd_write_and_method_are_signed_checked_and_answered(
     sub.publish(f"{PREFIX}/cmd/write", unsigned.encode())
     reply = sub.wait_for(lambda m: m.topic == f"{PREFIX}/cmd/write/reply"
                          and m.json()["id"] == "x1")[0].json()
-    assert reply["ok"] is False
-    assert "not signed" in reply["error"]
+    assert (reply["ok"], reply["kind"], reply["reason"]) == (False, "refused", "unsigned")
+    assert "the command is plain JSON" in reply["error"]
+    # what any client of the broker can send changes neither the state nor the events
+    assert not events(sub, PREFIX, "config_refused")
+    assert sub.on(f"{PREFIX}/state")[-1].json()["config"]["last_error"] == ""
+    assert server.holding(1, 0) == [5]
+    assert "Traceback" not in agent.output()
+
+
+def test_a_new_desired_value_for_an_offline_device_is_committed_and_written_when_it_answers(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    port = free_port()  # nothing listens yet: the pump is offline
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, pump_docs(port, {}), node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    stop_later(gw.start())
+    wait_event(sub, PREFIX, "device_state", state="offline")
+    gw.push(1, pump_docs(port, {"setpoint": "33"}))
+    # a desired value alone changes no poller, and the device need not answer for it
+    applied = wait_event(sub, PREFIX, "config_applied", version=1)
+    assert applied["changed"] == []
+    failed = wait_event(sub, PREFIX, "write_failed", property="setpoint")
+    assert failed["kind"] in ("connection", "timeout")
+    wait_event(sub, PREFIX, "config_committed", version=1)
+    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}, port=port))
+    done = wait_event(sub, PREFIX, "written", property="setpoint", timeout=30)
+    assert done["read_back"] == 33
+    assert server.holding(1, 0) == [33]
+
+
+def test_commands_are_answered_during_a_health_window_and_never_carried_out_twice(
+    tmp_path: Path, stop_later: StopLater
+) -> None:
+    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, pump_docs(server.port, {}), node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/telemetry/default/pump")
+    where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--key",
+             str(gw.key_file), "--timeout", "10"]
+
+    gw.push(1, pump_docs(server.port, {}), agent={"sync": {"health_window": 60}})
+    wait_event(sub, PREFIX, "config_applied", version=1)
+    done = edge_cli("cloud", "write", *where, "default/pump", "setpoint", "21")
+    assert done.returncode == 0, done.stderr  # not held up by the 60 s window
+    assert server.holding(1, 0) == [21]
+    busy = edge_cli("cloud", "rollback", *where)
+    assert busy.returncode == 1
+    assert "version 1 is in its health window" in busy.stderr
+
+    # the same signed command again, also after a restart: refused, nothing written
+    cid, token = signed_command(gw.key, "write", node=NODE, now=datetime.now(UTC),
+                                device="default/pump", property="setpoint", value=22)
+    sub.publish(f"{PREFIX}/cmd/write", token)
+    first = sub.wait_for(lambda m: m.topic == f"{PREFIX}/cmd/write/reply"
+                         and m.json()["id"] == cid)[0].json()
+    assert first["ok"] is True
+    assert agent.stop() == 0
+    server.set_holding(1, 0, [5])
+    agent = stop_later(gw.start())
+    def replies() -> list[Any]:
+        return [m.json() for m in sub.on(f"{PREFIX}/cmd/write/reply") if m.json()["id"] == cid]
+
+    deadline = time.monotonic() + 20
+    while len(replies()) < 2 and time.monotonic() < deadline:  # until it has subscribed
+        sub.publish(f"{PREFIX}/cmd/write", token)
+        time.sleep(0.5)
+    again = replies()[1]
+    assert (again["ok"], again["kind"], again["reason"]) == (False, "refused", "replayed")
     assert server.holding(1, 0) == [5]
     assert "Traceback" not in agent.output()

@@ -121,12 +121,15 @@ def test_a_version_applied_by_a_restart_is_taken_once_by_the_next_start(tmp_path
 
 def test_desired_writes_are_remembered_until_their_property_goes(tmp_path: Path) -> None:
     h = History(tmp_path / "config.db")
-    h.record_desired("default/a", "setpoint", "sig-1", -40)
-    h.record_desired("default/a", "enable", "sig-2", True)
-    h.record_desired("default/a", "setpoint", "sig-3", -41)  # written again: replaced
+    h.record_desired("default/a", "setpoint", "sig-1", "written", -40)
+    h.record_desired("default/a", "enable", "sig-2", "written", True)
+    h.record_desired("default/a", "setpoint", "sig-3", "written", -41)  # again: replaced
+    h.record_desired("default/a", "voltage", "sig-4", "read_only")
     h.close()
     h = History(tmp_path / "config.db")
-    assert h.desired_written() == {("default/a", "setpoint"): ("sig-3", -41),
-                                   ("default/a", "enable"): ("sig-2", True)}
-    h.forget_desired({("default/a", "enable")})
-    assert h.desired_written() == {("default/a", "enable"): ("sig-2", True)}
+    assert h.desired_written() == {("default/a", "setpoint"): ("sig-3", "written", -41),
+                                   ("default/a", "enable"): ("sig-2", "written", True),
+                                   ("default/a", "voltage"): ("sig-4", "read_only", None)}
+    h.unknown_desired("default/a", "setpoint")
+    h.forget_desired({("default/a", "enable"), ("default/a", "setpoint")})
+    assert h.desired_written() == {("default/a", "enable"): ("sig-2", "written", True)}

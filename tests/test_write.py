@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,7 +38,13 @@ from edge.config.model import (
 )
 from edge.modbus import pdu
 from edge.modbus.client import Connection, ConnectionPool, ModbusExceptionError, ModbusFrameError
-from edge.modbus.writer import WriteError, call_method, write_property
+from edge.modbus.writer import (
+    WriteError,
+    call_method,
+    desired_value,
+    parse_number,
+    write_property,
+)
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
@@ -629,3 +636,30 @@ def test_mask_write_pdu_matches_the_spec_example() -> None:
     assert pdu.write_registers_request(1, [3]).parse(bytes.fromhex("0600010003"), 0, 5) is None
     with pytest.raises(ModbusFrameError, match="echo"):
         pdu.write_coils_request(1, [True]).parse(bytes.fromhex("050001FF0000"), 0, 6)
+
+
+@pytest.mark.parametrize(("text", "number"), [
+    ("-12", -12), ("+5", 5), ("007", 7), (" 42 ", 42), (".5", 0.5), ("2.5e3", 2500.0),
+    ("-1.", -1.0), ("1_000", None), ("0x10", None), ("nan", None), ("inf", None),
+    ("\u0663", None), ("", None), ("1" * 5000, None),
+])
+def test_numbers_are_ascii_decimal_only(text: str, number: float | None) -> None:
+    got = parse_number(text)
+    assert got == number
+    assert type(got) is type(number)
+
+
+@pytest.mark.parametrize(("value_type", "text", "value"), [
+    (ValueType.BOOLEAN, "TRUE", True), (ValueType.BOOLEAN, "0", False),
+    (ValueType.BOOLEAN, "yes", "yes"), (ValueType.INT, "-40", -40),
+    (ValueType.INT, "5.0", 5.0), (ValueType.INT, "1_000", "1_000"),
+    (ValueType.FLOAT, "12", 12.0), (ValueType.STRING, " a ", " a "),
+])
+def test_desired_text_becomes_a_value_of_the_value_type(
+    value_type: ValueType, text: str, value: object
+) -> None:
+    spec = dataclasses.replace(prop("p", HR, 0, RawType.INT16, value_type=value_type),
+                               desired=text)
+    got = desired_value(spec)
+    assert got == value
+    assert type(got) is type(value)

@@ -227,7 +227,7 @@ class Connection:
 
     def unit_lock(self, unit_id: int) -> asyncio.Lock:
         """The lock that serialises this process's multi-request sequences on one unit
-        id behind this endpoint (read-modify-write of a register, :mod:`edge.modbus.writer`).
+        id behind this endpoint (a write and its read-back, :mod:`edge.modbus.writer`).
 
         Polling does not take it (reads cannot lose a write); other Modbus clients of the
         device know nothing of it, which is why FC 22 is preferred where it is supported.

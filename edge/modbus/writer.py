@@ -16,9 +16,11 @@ A write is checked, sent as the exact inverse of decoding, read back and compare
    A unit that answers ILLEGAL FUNCTION (exception 1) to FC 22 is remembered on the
    :class:`~edge.modbus.client.Connection` (``mask_write_unsupported``); that write
    and every later bit write to the unit is a read-modify-write: FC 3 of the register,
-   the bit changed, FC 6, under the connection's per-unit lock
+   the bit changed, FC 6.
+   Every write with its read-back holds the connection's per-unit lock
    (:meth:`~edge.modbus.client.Connection.unit_lock`), so two bits of one register
-   written at once by this process cannot undo each other.
+   written at once by this process cannot undo each other, and a write cannot land
+   between another write and its read-back (which would be a false ``mismatch``).
 3. The read-back: the property's ``limit`` items, read (FC 1 coils, FC 3 holding
    registers) and decoded with the same visitor, are returned. They must decode to
    ``decode(encode(value))`` — the value after scale rounding, float32 shortest
@@ -43,6 +45,7 @@ it), ``read_back`` (written; the read-back failed or differs).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -76,6 +79,8 @@ __all__ = [
     "call_method",
     "desired_value",
     "find_property",
+    "parse_number",
+    "shown",
     "write_problem",
     "write_property",
 ]
@@ -255,7 +260,7 @@ def _in_method(error: WriteError, method: str, results: dict[str, Value]) -> Wri
     return replace(
         error,
         message=f"{error.device} method {method!r}: property {error.property!r} = "
-        f"{error.value!r} failed ({error.kind}) {written}: {error.cause}",
+        f"{shown(error.value)} failed ({error.kind}) {written}: {error.cause}",
         method=method,
         written_before=done,
         results=dict(results),
@@ -270,7 +275,7 @@ def _refuse(
 ) -> WriteError:
     return WriteError(
         kind,
-        f"{device.key}: cannot write {value!r} to property {prop.name!r}: {cause}",
+        f"{device.key}: cannot write {shown(value)} to property {prop.name!r}: {cause}",
         device=device.key,
         property=prop.name,
         value=value,
@@ -317,15 +322,41 @@ def write_problem(prop: PropertySpec, value: Value) -> tuple[WriteErrorKind, str
     return plan if isinstance(plan, tuple) else None
 
 
+SHOWN_CHARS = 80
+"""Longest value written out whole in a message; longer ones are cut with "…"."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, at most about SHOWN_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} chars)"
+
+
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def parse_number(text: str) -> int | float | None:
+    """``text`` as a number written in ASCII decimal (``-12``, ``+5``, ``007``, ``.5``,
+    ``2.5e3``): an int when it has no point or exponent, else a float; None for
+    anything else (``1_000``, ``0x10``, ``nan``, non-ASCII digits, an integer of more
+    digits than Python converts)."""
+    word = text.strip()
+    try:
+        if _INTEGER.fullmatch(word):
+            return int(word)
+        return float(word) if _DECIMAL.fullmatch(word) else None
+    except ValueError:  # more than sys.get_int_max_str_digits() digits
+        return None
 
 
 def desired_value(prop: PropertySpec) -> Value:
     """The manifest's ``desired`` text of ``prop`` as a value of its value type: BOOLEAN
-    ``true``/``false`` (also ``1``/``0``, any case), INT an integer (``"5.0"`` a float,
-    which the checks take only where the property is not whole numbers), FLOAT and
-    DOUBLE a number, STRING and BYTES the text. Text that is none of these stays
-    text, so that :func:`write_problem` names it (``bad_value``).
+    ``true``/``false`` (also ``1``/``0``, any case), INT, FLOAT and DOUBLE a number
+    (:func:`parse_number`; a float for FLOAT and DOUBLE), STRING and BYTES the text.
+    Text that is none of these stays text, so that :func:`write_problem` names it
+    (``bad_value``).
 
     Raises:
         ValueError: ``prop`` has no desired value.
@@ -333,19 +364,15 @@ def desired_value(prop: PropertySpec) -> Value:
     text = prop.desired
     if text is None:
         raise ValueError(f"property {prop.name!r} has no desired value")
-    word = text.strip().lower()
     if prop.value_type is ValueType.BOOLEAN:
+        word = text.strip().lower()
         return True if word in _TRUE else False if word in _FALSE else text
     if prop.value_type in (ValueType.STRING, ValueType.BYTES):
         return text
-    try:
-        return int(word) if prop.value_type is ValueType.INT else float(word)
-    except ValueError:
-        pass
-    try:
-        return float(word)
-    except ValueError:
+    number = parse_number(text)
+    if number is None:
         return text
+    return number if prop.value_type is ValueType.INT else float(number)
 
 
 def find_property(device: DeviceSpec, name: str) -> PropertySpec:
@@ -437,14 +464,17 @@ async def _execute(conn: Connection, device: DeviceSpec, plan: _Plan) -> Value:
     visitor = plan.prop.visitor
     step = _Step()
     try:
-        await _write(conn, device, plan, step)
-        step.stage, step.request = "read_back", _describe(
-            visitor.table.read_function_code, visitor.offset, visitor.limit, visitor.table
-        )
-        data = await _retrying(device, lambda: conn.read(
-            device.unit_id, visitor.table, visitor.offset, visitor.limit,
-            timeout=device.options.timeout_s,
-        ))
+        # one write and its read-back at a time per unit: a second write between them
+        # would make the first one's read-back a false mismatch
+        async with conn.unit_lock(device.unit_id):
+            await _write(conn, device, plan, step)
+            step.stage, step.request = "read_back", _describe(
+                visitor.table.read_function_code, visitor.offset, visitor.limit, visitor.table
+            )
+            data = await _retrying(device, lambda: conn.read(
+                device.unit_id, visitor.table, visitor.offset, visitor.limit,
+                timeout=device.options.timeout_s,
+            ))
     except ModbusError as e:
         raise _device_failure(device, plan, step, e) from e
     try:
@@ -503,8 +533,7 @@ async def _read_modify_write(
         step.request = f"FC 6 write of holding register {address} (read-modify-write)"
         await conn.write_registers(unit, address, [word], timeout=timeout)
 
-    async with conn.unit_lock(unit):
-        await _retrying(device, once)
+    await _retrying(device, once)  # under the unit's lock, taken by _execute
 
 
 async def _retrying(device: DeviceSpec, send: Callable[[], Awaitable[_T]]) -> _T:
@@ -551,7 +580,7 @@ def _device_failure(
     cause = f"{step.request}: {note}: {error}{after}"
     return WriteError(
         kind,
-        f"{device.key}: cannot write {plan.value!r} to property {plan.prop.name!r}: {cause}",
+        f"{device.key}: cannot write {shown(plan.value)} to property {plan.prop.name!r}: {cause}",
         device=device.key,
         property=plan.prop.name,
         value=plan.value,
@@ -565,7 +594,7 @@ def _mismatch(device: DeviceSpec, plan: _Plan, read_back: Value | None, what: st
     cause = f"wrote {plan.expected!r}, {what}"
     return WriteError(
         "mismatch",
-        f"{device.key}: write of {plan.value!r} to property {plan.prop.name!r} did not "
+        f"{device.key}: write of {shown(plan.value)} to property {plan.prop.name!r} did not "
         f"stick: {cause}",
         device=device.key,
         property=plan.prop.name,

@@ -25,11 +25,16 @@ committed one and a pending one are never deleted.
 Table ``requests`` carries rollbacks asked for on the gateway itself (``edge
 rollback``) to the running agent, which takes them within a second.
 
-Table ``desired`` remembers, per device key and property, the desired value last
-written and read back (``signature`` identifies what was written where: endpoint, unit
-id, visitor and desired text; ``read_back`` is JSON). A desired value is written again
-only when its signature changes, so a restart does not overwrite what an operator set
-on the device since; a row goes when its property is no longer configured.
+Table ``commands`` holds the ids of the signed commands carried out until they expire,
+so that a command is carried out once, also across restarts.
+
+Table ``desired`` remembers, per device key and property, the last desired value
+written (``signature`` identifies what was written where: endpoint, unit id, visitor
+and desired text), with its ``outcome``: ``written`` (and ``read_back``, JSON) or why it
+was refused for good (a :data:`~edge.modbus.writer.WriteErrorKind`). A desired value is
+written again only when its signature changes, so a restart does not overwrite what an
+operator set on the device since, nor repeat a refusal; a row goes when its property is
+no longer configured, or when a write may or may not have reached the device.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ CREATE TABLE IF NOT EXISTS requests (
     version INTEGER,
     at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS restarts (
     version INTEGER PRIMARY KEY,
     started INTEGER NOT NULL DEFAULT 0,
@@ -61,6 +70,7 @@ CREATE TABLE IF NOT EXISTS desired (
     device TEXT NOT NULL,
     property TEXT NOT NULL,
     signature TEXT NOT NULL,
+    outcome TEXT NOT NULL,
     read_back TEXT NOT NULL,
     at_ms INTEGER NOT NULL,
     PRIMARY KEY (device, property)
@@ -245,20 +255,40 @@ class History:
             self._db.execute("DELETE FROM requests")
         return [v for (v,) in rows]
 
-    def desired_written(self) -> dict[tuple[str, str], tuple[str, Any]]:
-        """``(device, property) → (signature, read-back value)`` of every desired value
-        written."""
-        cur = self._db.execute("SELECT device, property, signature, read_back FROM desired")
-        return {(d, p): (sig, json.loads(rb)) for d, p, sig, rb in cur}
+    def take_command(self, cid: str, expires_ms: int) -> bool:
+        """Record command ``cid`` (valid until ``expires_ms``) as carried out; False when
+        it was already (a replay). Expired ids are forgotten."""
+        with self._txn():
+            self._db.execute("DELETE FROM commands WHERE expires_ms < ?", (_now_ms(),))
+            cur = self._db.execute("INSERT OR IGNORE INTO commands (id, expires_ms) "
+                                   "VALUES (?, ?)", (cid, expires_ms))
+            return cur.rowcount == 1
 
-    def record_desired(self, device: str, prop: str, signature: str, read_back: Any) -> None:
-        """The desired value of ``signature`` was written to ``device``'s ``prop`` and
-        read back as ``read_back`` (a JSON value)."""
+    def desired_written(self) -> dict[tuple[str, str], tuple[str, str, Any]]:
+        """``(device, property) → (signature, outcome, read-back value)`` of every
+        desired value written or refused."""
+        cur = self._db.execute(
+            "SELECT device, property, signature, outcome, read_back FROM desired")
+        return {(d, p): (sig, out, json.loads(rb)) for d, p, sig, out, rb in cur}
+
+    def record_desired(self, device: str, prop: str, signature: str, outcome: str,
+                       read_back: Any = None) -> None:
+        """The desired value of ``signature`` was written to ``device``'s ``prop``
+        (``outcome`` ``written``) and read back as ``read_back`` (a JSON value), or was
+        refused for good (``outcome``: why)."""
         with self._txn():
             self._db.execute(
-                "INSERT OR REPLACE INTO desired (device, property, signature, read_back, at_ms) "
-                "VALUES (?, ?, ?, ?, ?)", (device, prop, signature, json.dumps(read_back),
-                                           _now_ms()))
+                "INSERT OR REPLACE INTO desired "
+                "(device, property, signature, outcome, read_back, at_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (device, prop, signature, outcome, json.dumps(read_back), _now_ms()))
+
+    def unknown_desired(self, device: str, prop: str) -> None:
+        """What ``device``'s ``prop`` holds is unknown (a write may or may not have
+        reached it): forget its row, so that the next desired value is written."""
+        with self._txn():
+            self._db.execute("DELETE FROM desired WHERE device = ? AND property = ?",
+                             (device, prop))
 
     def forget_desired(self, keep: set[tuple[str, str]]) -> None:
         """Drop the rows of every ``(device, property)`` not in ``keep``."""

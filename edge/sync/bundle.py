@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.uplink.topics import COMMANDS
+from edge.uplink.topics import COMMANDS, MAX_COMMAND_BYTES
 
 ALGORITHM: Final = "EdDSA"
 TYPE: Final = "edge-bundle+json"
@@ -150,25 +151,24 @@ def sign(content: Mapping[str, Any], private_key: Ed25519PrivateKey) -> bytes:
                               headers=header).encode("ascii")
 
 
-def _header(token: bytes) -> dict[str, Any]:
-    if len(token) > MAX_BUNDLE_BYTES:
-        raise BundleError("malformed", f"the bundle is {len(token)} bytes, more than "
-                          f"{MAX_BUNDLE_BYTES}")
+def _header(token: bytes, what: str, limit: int) -> dict[str, Any]:
+    if len(token) > limit:
+        raise BundleError("malformed", f"the {what} is {len(token)} bytes, more than {limit}")
     text = token.strip()
     if text.startswith(b"{"):
-        raise BundleError("unsigned", "the bundle is plain JSON, not a JWS: it is not signed")
+        raise BundleError("unsigned", f"the {what} is plain JSON, not a JWS: it is not signed")
     if text.count(b".") != 2:
-        raise BundleError("malformed", "the bundle is not a JWS in compact serialization "
+        raise BundleError("malformed", f"the {what} is not a JWS in compact serialization "
                           "(header.payload.signature)")
     try:
         header = jwt.get_unverified_header(text)
     except jwt.PyJWTError as e:
-        raise BundleError("malformed", f"the bundle's JWS header cannot be read: {e}") from e
+        raise BundleError("malformed", f"the {what}'s JWS header cannot be read: {e}") from e
     alg = header.get("alg")
     if alg in (None, "none") or text.endswith(b"."):
-        raise BundleError("unsigned", f"the bundle's JWS is not signed (alg {alg!r})")
+        raise BundleError("unsigned", f"the {what}'s JWS is not signed (alg {alg!r})")
     if alg != ALGORITHM:
-        raise BundleError("bad_signature", f"the bundle is signed with {alg!r}; only "
+        raise BundleError("bad_signature", f"the {what} is signed with {alg!r}; only "
                           f"{ALGORITHM} (Ed25519) is accepted")
     return header
 
@@ -207,16 +207,18 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any]:
     return content
 
 
-def _verified_payload(token: bytes, trusted: Sequence[Ed25519PublicKey]) -> tuple[bytes, str]:
-    """The payload of a JWS signed by one of ``trusted`` and the signing key's id."""
-    header = _header(token)
+def _verified_payload(token: bytes, trusted: Sequence[Ed25519PublicKey], what: str,
+                      limit: int) -> tuple[bytes, str]:
+    """The payload of a JWS (a ``what``, at most ``limit`` bytes) signed by one of
+    ``trusted`` and the signing key's id."""
+    header = _header(token, what, limit)
     kid = header.get("kid")
     known = {key_id(k): k for k in trusted}
     if not known:
         raise BundleError("unknown_key", "this gateway trusts no key (trust.keys is empty): "
-                          "it accepts no bundle")
+                          f"it accepts no {what}")
     if kid is not None and kid not in known:
-        raise BundleError("unknown_key", f"the bundle is signed by key {kid!r}, which this "
+        raise BundleError("unknown_key", f"the {what} is signed by key {kid!r}, which this "
                           f"gateway does not trust (trusted: {', '.join(sorted(known))})")
     candidates = [known[kid]] if kid is not None else list(known.values())
     payload: bytes | None = None
@@ -228,10 +230,10 @@ def _verified_payload(token: bytes, trusted: Sequence[Ed25519PublicKey]) -> tupl
         except jwt.InvalidSignatureError:
             continue
         except jwt.PyJWTError as e:
-            raise BundleError("malformed", f"the bundle's JWS cannot be read: {e}") from e
+            raise BundleError("malformed", f"the {what}'s JWS cannot be read: {e}") from e
     if payload is None:
         who = f"key {kid!r}" if kid is not None else "any trusted key"
-        raise BundleError("bad_signature", f"the bundle's signature does not verify with {who}: "
+        raise BundleError("bad_signature", f"the {what}'s signature does not verify with {who}: "
                           "it was altered or signed by another key")
     return payload, kid if kid is not None else key_id(key)
 
@@ -256,7 +258,7 @@ def verify(
         BundleError: with the first reason found (:data:`Reason`) and a message that
             names the field or the key.
     """
-    payload, kid = _verified_payload(token, trusted)
+    payload, kid = _verified_payload(token, trusted, "bundle", MAX_BUNDLE_BYTES)
     content = _json_object(payload, "bundle")
     version = _version(content)
     target = content.get("node")
@@ -316,14 +318,14 @@ def _device_key(v: object) -> bool:
 
 
 def _value(v: object) -> bool:
-    return isinstance(v, bool | int | float | str)
+    return isinstance(v, bool | int | str) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _values(v: object) -> bool:
     return isinstance(v, dict) and bool(v) and all(_value(x) for x in v.values())
 
 
-_VALUE = "must be a number, true/false or a string"
+_VALUE = "must be a finite number, true/false or a string"
 COMMAND_FIELDS: Final[dict[str, tuple[tuple[str, Callable[[object], bool], str], ...]]] = {
     "rollback": (("version", _optional_int, "version must be an integer"),),
     "write": (("device", _device_key, "device must be the device key, namespace/name"),
@@ -347,13 +349,14 @@ def verify_command(
     """Check a signed command that arrived on ``…/cmd/{expected}``, signed like a
     bundle; its payload: ``{"command": expected, "id": str, "node", "issued_at",
     "expires_at", …}`` with the fields of COMMANDS. Replays within ``expires_at`` are
-    the caller's to catch, by ``id``.
+    the caller's to catch, by ``id``: a command is valid for at most COMMAND_TTL
+    (``expires_at - issued_at``), and not when issued more than that ahead of ``now``.
 
     Raises:
         BundleError: as :func:`verify`, except ``replayed``; ``invalid`` for an unknown
             command, one for another topic, a missing id or a field of the wrong shape.
     """
-    payload, _kid = _verified_payload(token, trusted)
+    payload, _kid = _verified_payload(token, trusted, "command", MAX_COMMAND_BYTES)
     content = _json_object(payload, "command")
     name, cid = content.get("command"), content.get("id")
     if name not in COMMANDS:
@@ -369,6 +372,13 @@ def verify_command(
                    None)
     if problem:
         raise BundleError("invalid", f"command {cid}: {problem}")
-    if now >= _time(content, "expires_at", 0):
+    issued, expires = _time(content, "issued_at", 0), _time(content, "expires_at", 0)
+    if expires - issued > COMMAND_TTL:
+        raise BundleError("invalid", f"command {cid} is valid for {expires - issued}, more "
+                          f"than {COMMAND_TTL} (expires_at - issued_at)")
+    if issued > now + COMMAND_TTL:
+        raise BundleError("invalid", f"command {cid} is issued at {content['issued_at']}, "
+                          "in the future (is the gateway's or the sender's clock wrong?)")
+    if now >= expires:
         raise BundleError("expired", f"command {cid} expired at {content['expires_at']}")
     return content

@@ -51,6 +51,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,15 +68,16 @@ from edge.config.runtime import (
 from edge.modbus.writer import WriteError
 from edge.store.history import History
 from edge.uplink.payload import json_bytes
-from edge.uplink.topics import COMMANDS
+from edge.uplink.topics import COMMANDS, MAX_COMMAND_BYTES
 
 if TYPE_CHECKING:
     from edge.agent import Agent
 
 log = logging.getLogger(__name__)
 
-COMMAND_MEMORY_S = 600.0
-"""How long a command id is remembered: longer than a command is valid (5 min)."""
+MAX_ID = 128
+"""Longest command id echoed in the reply to a command that did not verify."""
+REFUSED_LOG_S = 10.0
 REQUEST_POLL_S = 1.0
 """How often the history is asked for rollbacks requested on the gateway."""
 MAX_PROBLEMS = 20
@@ -217,10 +219,11 @@ class ConfigSync:
         self.agent = agent
         self.agent_file = agent_file
         self.history = history
-        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self._command_ids: dict[str, float] = {}
-        """Ids of the commands carried out, with when (monotonic s), while they may
-        still be replayed."""
+        self._inbox: asyncio.Queue[bytes | tuple[str, int | None, str]] = asyncio.Queue()
+        """Bundles (their JWS), and rollback commands ``(id, version, reply topic)``."""
+        self._commands: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._refused = 0
+        self._refused_logged_at = -REFUSED_LOG_S
         self._writing: set[asyncio.Task[None]] = set()
         self._last_token = b""
         self._pending: int | None = None
@@ -239,9 +242,13 @@ class ConfigSync:
             client.subscribe(topic, qos=1)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._loop is not None and msg.payload:
-            self._loop.call_soon_threadsafe(self._inbox.put_nowait,
-                                            (msg.topic, bytes(msg.payload)))
+        if self._loop is None or not msg.payload:
+            return
+        if msg.topic == self.agent.topics.desired:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, bytes(msg.payload))
+        else:
+            self._loop.call_soon_threadsafe(self._commands.put_nowait,
+                                            (msg.topic.rpartition("/")[2], bytes(msg.payload)))
 
     # -- the loop -------------------------------------------------------------------
 
@@ -267,23 +274,44 @@ class ConfigSync:
         self.agent.uplink.client.add_connect_hook(self._subscribe)
         if self.agent.uplink.client.stats.connected:
             self._subscribe()
-        if self._start.resumed is not None:
-            await self._resume(self._start.resumed, self._start.before)
+        commands = asyncio.create_task(self._command_loop(), name="commands")
+        try:
+            if self._start.resumed is not None:
+                await self._resume(self._start.resumed, self._start.before)
+            await self._config_loop()
+        finally:
+            commands.cancel()
+        self.agent.request_restart(self._restart_for)
+
+    async def _config_loop(self) -> None:
+        """Bundles, and rollbacks asked for on the gateway or by command, one at a time,
+        until one needs the agent to restart."""
         while not self._restart_for:
             try:
-                topic, payload = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
+                item = await asyncio.wait_for(self._inbox.get(), REQUEST_POLL_S)
             except TimeoutError:
                 for target in self.history.take_requests():
                     await self.roll_back_to(target)
                     if self._restart_for:
                         break
                 continue
-            if topic != self.agent.topics.desired:
-                await self._command(topic.rpartition("/")[2], payload)
-            elif payload != self._last_token:
-                self._last_token = payload
-                await self._handle(payload)
-        self.agent.request_restart(self._restart_for)
+            if isinstance(item, bytes):
+                if item != self._last_token:
+                    self._last_token = item
+                    await self._handle(item)
+                continue
+            cid, version, reply = item
+            error = await self.roll_back_to(version)
+            committed = self.history.committed()
+            self._reply(reply, {"id": cid, "ok": not error, "error": error,
+                                "applied": committed.version if committed else 0,
+                                "restart": bool(self._restart_for)})
+
+    async def _command_loop(self) -> None:
+        """Signed commands as they come, also during a health window."""
+        while True:
+            name, token = await self._commands.get()
+            await self._command(name, token)
 
     async def _resume(self, version: int, before: Mapping[str, str]) -> None:
         """The health window of ``version``, which this process started to apply."""
@@ -295,36 +323,52 @@ class ConfigSync:
         await self._decide(version, before, new, back=None)
 
     async def _command(self, name: str, token: bytes) -> None:
-        """A signed ``cmd/{name}``: verified in the child, done, answered on
-        ``cmd/{name}/reply`` with ``{"id", "ok", "error", …}``; a write or method call
-        runs on its own, so that a slow device holds up neither bundles nor rollbacks."""
+        """A ``cmd/{name}``: verified in the child, carried out once per ``id`` (also
+        across restarts), answered on ``cmd/{name}/reply``. A write or method call runs
+        as a task of its own; a rollback goes to the configuration loop, and is refused
+        at once while a version is in its health window. A command that does not verify
+        is answered (``kind: refused`` and its ``reason``) and logged, nothing else:
+        any client of the broker can send one."""
         reply = self.agent.topics.command(name) + "/reply"
         try:
+            if len(token) > MAX_COMMAND_BYTES:
+                raise BundleRefusedError("malformed", f"the command is {len(token)} bytes, "
+                                         f"more than {MAX_COMMAND_BYTES}", None)
             cmd = await asyncio.to_thread(check_command, self.agent_file, token, name)
         except ConfigError as e:
             reason = e.reason if isinstance(e, BundleRefusedError) else "invalid"
-            self._refuse(None, reason, f"command refused: {e.problems[0].message}")
-            self._reply(reply, {"id": _claimed(token, "id"), "ok": False,
+            self._log_refused(name, e.problems[0].message)
+            cid = _claimed(token, "id")
+            self._reply(reply, {"id": cid if isinstance(cid, str) and len(cid) <= MAX_ID else None,
+                                "ok": False, "kind": "refused", "reason": reason,
                                 "error": e.problems[0].message})
             return
-        cid, now = cmd["id"], time.monotonic()
-        self._command_ids = {c: t for c, t in self._command_ids.items()
-                             if now - t < COMMAND_MEMORY_S}
-        if cid in self._command_ids:
-            self._reply(reply, {"id": cid, "ok": False,
+        cid = cmd["id"]
+        expires_ms = int(datetime.fromisoformat(cmd["expires_at"]).timestamp() * 1000)
+        if not self.history.take_command(cid, expires_ms):
+            self._reply(reply, {"id": cid, "ok": False, "kind": "refused", "reason": "replayed",
                                 "error": f"command {cid} was already carried out (a replay)"})
             return
-        self._command_ids[cid] = now
         if name == "rollback":
-            error = await self.roll_back_to(cmd.get("version"))
-            committed = self.history.committed()
-            self._reply(reply, {"id": cid, "ok": not error, "error": error,
-                                "applied": committed.version if committed else 0,
-                                "restart": bool(self._restart_for)})
+            if self._pending is not None:
+                self._reply(reply, {"id": cid, "ok": False, "kind": "refused",
+                                    "reason": "pending", "error": f"version {self._pending} is "
+                                    "in its health window; ask again when it is decided"})
+            else:
+                self._inbox.put_nowait((cid, cmd.get("version"), reply))
             return
         task = asyncio.create_task(self._write(name, cmd, reply), name=f"cmd/{name}[{cid}]")
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
+
+    def _log_refused(self, name: str, error: str) -> None:
+        """Log a refused command: at most once per REFUSED_LOG_S, with how many since."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_S:
+            log.warning("cmd/%s refused: %s (%d refused since the last report)", name,
+                        error[:200], self._refused)
+            self._refused, self._refused_logged_at = 0, now
 
     async def _write(self, name: str, cmd: Mapping[str, Any], reply: str) -> None:
         """A verified ``cmd/write`` or ``cmd/method``, answered with the read-back

@@ -10,9 +10,15 @@ desired text (its signature, remembered in the history file with the read-back, 
 operator set on the device since, and a rollback writes the old desired value back.
 The read-back becomes the twin's ``observedDesired``. One task per device writes its
 properties in manifest order; a write that failed for lack of an answer (``timeout``,
-``connection``) is tried again after 5 s, doubling to at most 5 min, until it is done
-or the configuration changes; other failures (``read_only``, ``mismatch``, an exception
-response, …) are reported once and not retried: the manifest or the device must change.
+``connection``, or the exception responses ACKNOWLEDGE and SLAVE DEVICE BUSY) is tried
+again after 5 s, doubling to at most 5 min, until it is done or the configuration
+changes, and after a restart; other failures (``read_only``, ``mismatch``, another
+exception response, …) are reported once, remembered with the signature and not
+tried again until the desired value changes (``cmd/write`` writes at once). A write
+that may have reached the device without being confirmed (failed at stage ``write``
+or ``read_back``) leaves what the device holds unknown: its ``observedDesired`` goes
+and its record is dropped, so that any later desired value, also an older one after
+a rollback, is written.
 
 Commands: ``write`` and ``method`` (verified by :mod:`edge.sync.controller`) are done at
 once, not retried (the sender sees the reply and decides).
@@ -34,11 +40,13 @@ from typing import Any
 from edge.config.model import DeviceSpec, PropertySpec, Value
 from edge.modbus.client import ConnectionPool
 from edge.modbus.writer import (
+    SHOWN_CHARS,
     WriteError,
     WriteErrorKind,
     call_method,
     desired_value,
     find_property,
+    shown,
     write_property,
 )
 from edge.store.history import History
@@ -49,7 +57,14 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
 RETRIED: tuple[WriteErrorKind, ...] = ("timeout", "connection")
-"""Failures of a desired write that are tried again: the device did not answer."""
+BUSY = (0x05, 0x06)
+"""Exception codes ACKNOWLEDGE and SLAVE DEVICE BUSY (V1.1b3 §7): try again later."""
+
+
+def retried(e: WriteError) -> bool:
+    """A failure of a desired write that is tried again: the device did not answer,
+    or said it is busy."""
+    return e.kind in RETRIED or (e.kind == "device_error" and e.exception_code in BUSY)
 
 
 def signature(device: DeviceSpec, prop: PropertySpec) -> str:
@@ -88,10 +103,11 @@ class Writes:
         todo: dict[str, list[PropertySpec]] = {}
         for (key, name), (device, prop) in wanted.items():
             known = done.get((key, name))
-            if known is not None and known[0] == signature(device, prop):
-                self._twins.observed(key, name, known[1])
-            else:
+            if known is None or known[0] != signature(device, prop):
                 todo.setdefault(key, []).append(prop)
+            elif known[1] == "written":
+                self._twins.observed(key, name, known[2])
+            # else: refused for good before, and reported then
         self._cancel()
         for key, props in todo.items():
             task = asyncio.create_task(self._write_desired(self._devices[key], props),
@@ -127,13 +143,19 @@ class Writes:
                     if str(e) != reported:  # once per distinct failure, not per retry
                         reported = str(e)
                         self._failed(e, "desired")
-                    if e.kind not in RETRIED:
+                    if e.stage in ("write", "read_back"):
+                        self._history.unknown_desired(device.key, prop.name)
+                        self._twins.observed(device.key, prop.name, None)
+                    if not retried(e):
+                        if e.stage not in ("write", "read_back"):
+                            self._history.record_desired(device.key, prop.name,
+                                                         signature(device, prop), e.kind)
                         break
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
                 self._history.record_desired(device.key, prop.name, signature(device, prop),
-                                             read_back)
+                                             "written", read_back)
                 self._twins.observed(device.key, prop.name, read_back)
                 self._written(device.key, prop.name, value, read_back, "desired")
                 break
@@ -197,5 +219,6 @@ class Writes:
 
     def _failed(self, e: WriteError, origin: str, **more: Any) -> None:
         log.error("%s (%s)", e, origin)
+        value = e.value if len(repr(e.value)) <= SHOWN_CHARS else shown(e.value)
         self._event("write_failed", origin=origin, device=e.device, property=e.property,
-                    value=e.value, kind=e.kind, stage=e.stage, error=str(e), **more)
+                    value=value, kind=e.kind, stage=e.stage, error=str(e), **more)

@@ -8,6 +8,8 @@ from typing import Final
 COMMANDS: Final = ("rollback", "write", "method")
 """The signed commands an agent takes, each on ``…/cmd/{name}`` (fields:
 :data:`edge.sync.bundle.COMMAND_FIELDS`)."""
+MAX_COMMAND_BYTES: Final = 64 << 10
+"""Largest signed command taken (a JWS in compact form)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,11 +75,15 @@ class Twins:
 
     def observed(self, key: str, prop: str, value: Any) -> None:
         """The desired value of ``key``'s ``prop`` was written and read back as
-        ``value``: its ``observedDesired`` (published at once when the twin has been)."""
+        ``value``: its ``observedDesired`` (None: unknown, none is shown); published at
+        once when the twin has been."""
         with self._lock:
             if (key, prop) not in self._cycle:
                 return  # not reported to the cloud
-            self._observed[(key, prop)] = value
+            if value is None:
+                self._observed.pop((key, prop), None)
+            else:
+                self._observed[(key, prop)] = value
             if not self._docs.get(key) or not self._client.stats.connected:
                 return
             payload = self._payload(key)

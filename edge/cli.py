@@ -49,22 +49,27 @@ def _print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
         click.echo(str(p), err=True)
 
 
-def _problems_exit(path: Path, e: ConfigError) -> SystemExit:
+def _problems_exit(path: Path, e: ConfigError, *, starting: bool) -> SystemExit:
     _print_problems(e.problems)
-    click.echo(f"{path}: {len(e.problems)} problem(s); nothing was started", err=True)
+    errors = sum(1 for p in e.problems if p.severity == "error")
+    warnings = len(e.problems) - errors
+    click.echo(f"{path}: not valid: {errors} error(s), {warnings} warning(s)"
+               + ("; nothing was started" if starting else ""), err=True)
     return SystemExit(2)
 
 
 def runtime_or_exit(
-    path: Path, *, warn: bool = True, pending: PendingConfig | None = None
+    path: Path, *, warn: bool = True, pending: PendingConfig | None = None,
+    starting: bool = False,
 ) -> RuntimeConfig:
-    """Load and validate in a child process, so the agent never holds the validators."""
+    """Load and validate in a child process, so the agent never holds the validators;
+    on problems, print them and exit 2 (``starting``: say that nothing was started)."""
     from edge.config.runtime import load_runtime_config  # noqa: PLC0415
 
     try:
         cfg = pending.result() if pending else load_runtime_config(path)
     except ConfigError as e:
-        raise _problems_exit(path, e) from None
+        raise _problems_exit(path, e, starting=starting) from None
     if warn:
         _print_problems(cfg.warnings)
     return cfg
@@ -102,7 +107,7 @@ def run(config_path: Path) -> None:
     pending = PendingConfig(config_path)
     from edge.agent import Agent  # noqa: PLC0415 (imported while the child validates)
 
-    cfg = runtime_or_exit(config_path, pending=pending)
+    cfg = runtime_or_exit(config_path, pending=pending, starting=True)
     _setup_logging(cfg.log_level)
     from edge.store.history import History, history_file  # noqa: PLC0415
     from edge.sync.controller import ConfigSync, start_up  # noqa: PLC0415

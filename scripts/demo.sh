@@ -29,7 +29,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 start_broker() {
-  "$MOSQUITTO" -c "$RUN/mosquitto.conf" >>"$RUN/mosquitto.log" 2>&1 &
+  setsid "$MOSQUITTO" -c "$RUN/mosquitto.conf" >>"$RUN/mosquitto.log" 2>&1 &
   BROKER=$!
   for _ in $(seq 50); do listening 1883 && break; sleep 0.1; done
 }
@@ -56,13 +56,17 @@ if listening 1883; then
   echo "using the MQTT broker already listening on 127.0.0.1:1883" >&2
 else
   # persistence: the console view's session (and what is queued for it) outlives a restart
-  printf 'listener 1883 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n' \
-    "$RUN" >"$RUN/mosquitto.conf"
+  # as root, mosquitto would drop to user mosquitto, who cannot write the run dir
+  USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root"
+  printf '%s\nlistener 1883 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n' \
+    "$USER_LINE" "$RUN" >"$RUN/mosquitto.conf"
   start_broker
   OWN_BROKER=1
 fi
 "$EDGE" check -c edge.yaml
-"$EDGE" simulate -c edge.yaml >"$RUN/simulate.log" 2>&1 &
+# each child in a session of its own (setsid execs in place: $! is its PID), so that
+# Ctrl-C reaches this script alone, which stops them in order
+setsid "$EDGE" simulate -c edge.yaml >"$RUN/simulate.log" 2>&1 &
 PIDS+=("$!")
 for _ in $(seq 50); do listening 5020 && listening 5021 && break; sleep 0.1; done
 if ! { listening 5020 && listening 5021; }; then
@@ -71,11 +75,11 @@ fi
 echo "agent log: $RUN/agent.log -- values as they arrive at the broker (Ctrl-C stops the demo):" >&2
 [ "$OWN_BROKER" = 1 ] && echo "broker outage: kill -USR1 $$ (the same again ends it)" >&2
 # subscribed before the agent starts, so nothing is missed; its session outlives an outage
-"$EDGE" tail -c edge.yaml --session "edge-demo-tail-$$" &
+setsid "$EDGE" tail -c edge.yaml --session "edge-demo-tail-$$" &
 TAIL=$!
 PIDS+=("$TAIL")
 sleep 1
-"$EDGE" run -c edge.yaml >"$RUN/agent.log" 2>&1 &
+setsid "$EDGE" run -c edge.yaml >"$RUN/agent.log" 2>&1 &
 PIDS+=("$!")
 trap outage USR1
 while kill -0 "$TAIL" 2>/dev/null; do

@@ -8,6 +8,7 @@ after a growing delay; it never takes the other devices or the process down.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -121,6 +122,9 @@ class Agent:
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = Writes(self.pool, self.history, self.twins, self.uplink.publish_event)
+        self.config_events: collections.Counter[str] = collections.Counter()
+        """``config_applied``, ``config_committed``, ``config_rolled_back`` and
+        ``config_refused`` events since start (:mod:`edge.sync.controller`)."""
         self.restart_for = ""
         """Why :meth:`run` returned for the process to start again ("" when it was
         stopped): a configuration that needs a new process (``edge run`` re-executes)."""
@@ -200,7 +204,9 @@ class Agent:
         the first), ``inflight``, ``published``/``acked`` since start, ``publish_rate``
         (acknowledged messages/s over the last 10 s), ``held`` (in memory, disk full).
         ``devices``: per ``ns/name`` the poller's counters and breaker
-        (:class:`~edge.modbus.poller.DeviceStats`).
+        (:class:`~edge.modbus.poller.DeviceStats`). ``config``: ``version`` (content
+        hash), ``applied`` (bundle version, 0 for the agent file alone) and ``events``
+        (config events by kind since start).
         """
         ob, fw, cl = self.outbox.stats, self.uplink.forwarder, self.uplink.client.stats
         return {
@@ -217,6 +223,8 @@ class Agent:
                 "held": fw.stats.held,
             },
             "devices": {key: dataclasses.asdict(p.stats) for key, p in self.pollers.items()},
+            "config": {"version": self.cfg.version, "applied": self.cfg.bundle_version,
+                       "events": dict(self.config_events)},
         }
 
     def device_states(self) -> dict[str, str]:

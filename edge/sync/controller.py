@@ -259,6 +259,7 @@ class ConfigSync:
             "last_error": self._last_error})
 
     def _event(self, kind: str, **fields: Any) -> None:
+        self.agent.config_events[kind] += 1
         self.agent.uplink.publish_event(kind, **fields)
 
     async def run(self) -> None:

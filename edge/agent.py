@@ -89,6 +89,8 @@ class Agent:
         """Agent tasks that failed with an unexpected error (the health window resets it)."""
         self.services: list[Callable[[], Awaitable[None]]] = []
         """More long-running tasks for :meth:`run` (e.g. the control-plane sync)."""
+        self.reading_hooks: list[Callable[[Reading], None]] = []
+        """Called with every reading, in the event loop (e.g. the web page's trends)."""
         self.topics = Topics(cfg.topic_prefix)
         st = cfg.store
         self.outbox = Outbox(st.path, max_bytes=st.max_bytes, ttl_ms=st.ttl_ms, drop=st.drop,
@@ -129,6 +131,8 @@ class Agent:
         """Why :meth:`run` returned for the process to start again ("" when it was
         stopped): a configuration that needs a new process (``edge run`` re-executes)."""
         self._stop: asyncio.Event | None = None
+        self._uplink_down_since = time.monotonic()
+        self.started_ms = now_ms()
 
     def request_restart(self, reason: str) -> None:
         """Stop cleanly, as for a signal, so that the process can start again."""
@@ -238,6 +242,8 @@ class Agent:
         self.twins.update(reading)
         if self.push:
             self.push.push(reading)
+        for hook in self.reading_hooks:
+            hook(reading)
 
     def _on_state(self, device: str, state: str, reason: str) -> None:
         log.info("device %s is %s%s", device, state, f" ({reason})" if reason else "")
@@ -285,20 +291,26 @@ class Agent:
         """Say so when the broker stays unreachable, whatever paho did or did not log
         (a listener that accepts and never answers, resets, or speaks garbage)."""
         stats = self.uplink.client.stats
-        down_since = time.monotonic()
         warned = False
         while True:
             await asyncio.sleep(UPLINK_WATCH_S)
             if stats.connected:
-                down_since, warned = time.monotonic(), False
-            elif not warned and time.monotonic() - down_since >= UPLINK_WARN_AFTER_S:
+                self._uplink_down_since, warned = time.monotonic(), False
+            elif not warned and self.uplink_down_for() >= UPLINK_WARN_AFTER_S:
                 warned = True
                 log.warning(
                     "not connected to the MQTT broker %s:%d for %.0f s%s; readings are "
                     "not being delivered", self.cfg.broker.host, self.cfg.broker.port,
-                    time.monotonic() - down_since,
+                    self.uplink_down_for(),
                     f" ({stats.last_error})" if stats.last_error else "",
                 )
+
+    def uplink_down_for(self) -> float:
+        """Seconds the uplink has not been connected, as of the last check (once a
+        second; since the start before the first connection); 0.0 when connected."""
+        if self.uplink.client.stats.connected:
+            return 0.0
+        return time.monotonic() - self._uplink_down_since
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0

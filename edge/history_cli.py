@@ -3,8 +3,6 @@ versions (:mod:`edge.store.history`), read and acted on locally."""
 
 from __future__ import annotations
 
-import difflib
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,15 +59,11 @@ def history(config_path: Path) -> None:
 @click.argument("new", type=int)
 def diff(config_path: Path, old: int, new: int) -> None:
     """A unified diff of two kept versions' content (JSON, keys sorted)."""
-    h = _history(config_path)
-    texts = []
-    for v in (old, new):
-        kept = h.get(v)
-        if kept is None:
-            raise click.ClickException(f"version {v} is not in the history")
-        texts.append(json.dumps(kept.content, indent=2, sort_keys=True).splitlines())
-    for line in difflib.unified_diff(texts[0], texts[1], f"version {old}", f"version {new}",
-                                     lineterm=""):
+    try:
+        lines = _history(config_path).diff(old, new)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    for line in lines:
         click.echo(line)
 
 

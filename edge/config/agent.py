@@ -350,10 +350,55 @@ class StoreConfig(_Section):
     synchronous: Literal["full", "normal"] = "full"
 
 
-class WebConfig(_Section):
-    """``web``: the local status page's ``host:port``."""
+_PHC_SCRYPT = re.compile(r"\$scrypt\$ln=\d+,r=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
+
+def _password_hash(value: str) -> str:
+    """A scrypt hash; the message never repeats the value (it may be a password)."""
+    if not _PHC_SCRYPT.fullmatch(value):
+        raise _error("must be a scrypt hash as `edge web passwd` prints it "
+                     "($scrypt$ln=…,r=…,p=…$salt$hash), never the password itself")
+    return value
+
+
+def _token_hash(value: str) -> str:
+    """A token's SHA-256; the message never repeats the value (it may be a token)."""
+    if not _TOKEN_HASH.fullmatch(value):
+        raise _error("must be sha256:<64 hex digits> as `edge web token` prints it, never "
+                     "the token itself")
+    return value
+
+
+class WebTls(_Section):
+    """``web.tls``: serve HTTPS with this certificate chain and key (PEM files)."""
+
+    cert: ExistingPath
+    key: ExistingPath
+
+
+class WebUser(_Section):
+    """One ``web.users`` entry: who may log in to change things."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")]
+    password_hash: Annotated[str, AfterValidator(_password_hash)]
+
+
+class WebConfig(_Section):
+    """``web``: the local status page, REST API and /metrics (:mod:`edge.web`).
+
+    ``listen`` is ``host:port``; ``enabled: false`` runs no web server. ``tls`` makes it
+    HTTPS. ``users`` may log in (scrypt hashes), ``tokens`` are the SHA-256 of API
+    bearer tokens. ``view``: who may look without logging in: ``local`` (clients on
+    loopback) or ``login`` (nobody). Changing anything always needs a login or a token.
+    """
+
+    enabled: bool = True
     listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8080"
+    tls: WebTls | None = None
+    users: list[WebUser] = []
+    tokens: list[Annotated[str, AfterValidator(_token_hash)]] = []
+    view: Literal["local", "login"] = "local"
 
 
 class TrustConfig(_Section):

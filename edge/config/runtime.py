@@ -21,11 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
 from edge.uplink.settings import BrokerSettings, ForwardSettings
+
+if TYPE_CHECKING:  # the validation libraries stay in the child
+    from edge.config.agent import WebConfig
 
 CHILD_MEMORY_LIMIT = 1 << 30  # bytes of address space for the validating child
 CHILD_TIMEOUT_S = 60.0
@@ -57,6 +60,21 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The web server (:mod:`edge.web`): ``enabled``, ``host``/``port``, ``tls`` as
+    ``(cert, key)`` paths or None, ``users`` as ``(name, scrypt PHC hash)`` pairs,
+    ``tokens`` (``sha256:<hex>`` of API bearer tokens), ``view`` ``local|login``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls: tuple[Path, Path] | None = None
+    users: tuple[tuple[str, str], ...] = ()
+    tokens: tuple[str, ...] = ()
+    view: str = "local"
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """What ``edge run`` needs, free of the validation libraries.
 
@@ -81,6 +99,7 @@ class RuntimeConfig:
     version: str
     bundle_version: int = 0
     bundle: Mapping[str, Any] | None = field(default=None, repr=False)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +214,20 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
         version=_version(path, cfg.files, content),
         bundle_version=int(content["version"]) if content is not None else 0,
         bundle=content,
+        web=_web_settings(agent.web),
+    )
+
+
+def _web_settings(web: WebConfig) -> WebSettings:
+    host, _, port = web.listen.rpartition(":")
+    return WebSettings(
+        enabled=web.enabled,
+        host=host.strip("[]"),
+        port=int(port),
+        tls=(web.tls.cert, web.tls.key) if web.tls else None,
+        users=tuple((u.name, u.password_hash) for u in web.users),
+        tokens=tuple(web.tokens),
+        view=web.view,
     )
 
 

@@ -40,6 +40,7 @@ no longer configured, or when a write may or may not have reached the device.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import sqlite3
 import time
@@ -296,6 +297,21 @@ class History:
             rows = self._db.execute("SELECT device, property FROM desired").fetchall()
             self._db.executemany("DELETE FROM desired WHERE device = ? AND property = ?",
                                  [r for r in rows if tuple(r) not in keep])
+
+    def diff(self, old: int, new: int) -> list[str]:
+        """A unified diff of two kept versions' content (JSON, keys sorted), by line.
+
+        Raises:
+            ValueError: a version is not kept.
+        """
+        texts = []
+        for v in (old, new):
+            kept = self.get(v)
+            if kept is None:
+                raise ValueError(f"version {v} is not in the history")
+            texts.append(json.dumps(kept.content, indent=2, sort_keys=True).splitlines())
+        return list(difflib.unified_diff(texts[0], texts[1], f"version {old}",
+                                         f"version {new}", lineterm=""))
 
     def previous(self) -> Version | None:
         """The newest version before the committed one that may be gone back to."""

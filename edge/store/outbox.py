@@ -200,6 +200,8 @@ class Outbox:
         self.seqs: dict[str, int] = {}
         self.end_id = 1
         """The id the next stored message gets (ids never go back in one process)."""
+        self.closed = False
+        """True once :meth:`close` was called."""
         self._db = self._open()
         self._take_reserve()
 
@@ -271,6 +273,7 @@ class Outbox:
     def close(self) -> None:
         """Close the file (the WAL is checkpointed into it)."""
         self._db.close()
+        self.closed = True
 
     # -- writing ------------------------------------------------------------------
 

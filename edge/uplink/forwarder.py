@@ -75,6 +75,8 @@ LIVE_RESERVE = 4
 reading taken while a backlog drains goes out at once instead of waiting for the
 acknowledgements of a full window of old ones."""
 DROP_REPORT_S = 5.0
+RECENT_EVENTS = 200
+"""Events kept in memory for the web page."""
 
 
 @dataclass(slots=True)
@@ -136,6 +138,11 @@ class Forwarder:
         self._in_device_order = self.settings.order == "device"
         self.stats = ForwardStats()
         self._events_topic = events_topic
+        self.recent_events: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=RECENT_EVENTS)
+        """The last events, oldest first (for the web page)."""
+        self.events_total = 0
+        """Events since start."""
         self._incoming: collections.deque[NewMessage] = collections.deque()
         self._acked_mids: collections.deque[int] = collections.deque()
         self._wake = threading.Event()
@@ -174,10 +181,13 @@ class Forwarder:
         self._wake.set()
 
     def event(self, kind: str, /, **fields: Any) -> None:
-        """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1)."""
+        """Queue ``{"ts", "type": kind, **fields}`` for ``…/events`` (QoS 1); the last
+        RECENT_EVENTS are also kept in :attr:`recent_events` (any thread)."""
         ts = now_ms()
-        self.submit(NewMessage(self._events_topic, json_bytes({"ts": ts, "type": kind, **fields}),
-                               1, ts, pinned=True))
+        body = {"ts": ts, "type": kind, **fields}
+        self.recent_events.append(body)
+        self.events_total += 1
+        self.submit(NewMessage(self._events_topic, json_bytes(body), 1, ts, pinned=True))
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Commit what was submitted, wait up to ``timeout_s`` for the acknowledgement

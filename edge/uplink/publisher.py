@@ -111,6 +111,12 @@ class Uplink:
         with self._lock:
             return dict(self._devices)
 
+    def config_state(self) -> dict[str, Any]:
+        """The ``config`` block of the retained state (``applied``, ``pending``,
+        ``last_error``; empty before the control plane reported)."""
+        with self._lock:
+            return dict(self._config)
+
     def forget_device(self, device: str) -> None:
         """A device no longer configured: it leaves the retained state (at once)."""
         with self._lock:

@@ -12,6 +12,7 @@ property read ``bad`` keeps its last good value. Twins are the current state, li
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,11 @@ class Twins:
             payload = self._payload(key)
         ns, _, name = key.partition("/")
         self._client.publish(self._topics.twin(ns, name), payload, retain=True)
+
+    def doc(self, key: str) -> dict[str, Any]:
+        """The twin of device ``key`` as published (empty before its first reading)."""
+        with self._lock:
+            return json.loads(self._payload(key)) if self._docs.get(key) else {}
 
     def _payload(self, key: str) -> bytes:
         observed = self._observed

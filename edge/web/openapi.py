@@ -1,0 +1,185 @@
+"""The OpenAPI 3.0 document of ``/api/v1`` (served at ``/api/v1/openapi.json``).
+
+Written next to the handlers of :mod:`edge.web.api` and checked against them by the
+tests (every route is described, every answer validates against its schema).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge import __version__
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_MS = {"type": "integer", "description": "ms since the Unix epoch (UTC)"}
+_VALUE = {"oneOf": [_NUM, _STR, _BOOL]}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, *,
+         more: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props,
+                              "required": required if required is not None else list(props),
+                              "additionalProperties": more}
+    return schema
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": _STR}),
+    "Overview": _obj({
+        "agent": _obj({"version": _STR, "node": _STR, "pid": _INT, "started": _MS,
+                       "uptime_s": _NUM}),
+        "config": _obj({"version": _STR, "applied": _INT}, more=True),
+        "uplink": _obj({"connected": _BOOL, "broker": _STR, "down_for_s": _NUM,
+                        "reconnects": _INT, "inflight": _INT, "published": _INT,
+                        "acked": _INT, "publish_rate": _NUM, "held": _INT}),
+        "outbox": _obj({"rows": _INT, "bytes": _INT, "oldest_age_s": _NUM,
+                        "dropped": {"type": "object", "additionalProperties": _INT}}),
+        "devices": _obj({"total": _INT, "online": _INT, "offline": _INT}),
+        "host": _obj({"cpu_percent": _NUM, "rss_bytes": _INT, "memory_percent": _NUM,
+                      "disk_free_bytes": _INT, "disk_total_bytes": _INT,
+                      "temperature_c": _nullable(_NUM)}),
+    }),
+    "Device": _obj({
+        "key": _STR, "namespace": _STR, "name": _STR, "model": _STR, "endpoint": _STR,
+        "unit_id": _INT, "state": {"type": "string", "enum": ["unknown", "online", "offline"]},
+        "last_poll": _nullable(_MS), "last_latency_ms": _nullable(_NUM), "last_error": _STR,
+        "breaker": {"type": "string", "enum": ["closed", "open", "half_open"]},
+        "readings": _INT, "requests": _INT,
+        "errors": _obj({"timeouts": _INT, "exceptions": _INT, "frame_errors": _INT,
+                        "connection_errors": _INT, "decode_errors": _INT}),
+    }),
+    "Reading": _obj({"device": _STR, "ts": _MS, "seq": _INT,
+                     "values": {"type": "object", "additionalProperties": _VALUE},
+                     "quality": {"type": "object", "additionalProperties": _STR}},
+                    ["device", "ts", "seq", "values"]),
+    "Event": _obj({"ts": _MS, "type": _STR}, more=True),
+    "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
+        "pending", "committed", "rolled_back", "superseded"]}, "reason": _STR,
+        "received": _MS, "decided": _nullable(_MS), "devices": _INT}),
+}
+_SCHEMAS["DeviceDetail"] = {"allOf": [_ref("Device"), _obj({
+    "properties": {"type": "array", "items": _obj({
+        "name": _STR, "type": _STR, "access": {"type": "string", "enum": ["ReadOnly",
+                                                                          "ReadWrite"]},
+        "unit": _nullable(_STR), "minimum": _nullable(_NUM), "maximum": _nullable(_NUM),
+        "desired": _nullable(_STR), "report_to_cloud": _BOOL, "collect_cycle_ms": _INT,
+        "table": _STR, "address": _INT})},
+    "methods": {"type": "array", "items": _obj({"name": _STR,
+                                                "properties": {"type": "array", "items": _STR}})},
+    "latest": _nullable(_ref("Reading")),
+    "twin": {"type": "object", "additionalProperties": {"type": "object"}},
+}, more=True)]}
+
+
+def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR = _answer("an error, named", _ref("Error"))
+_DEVICE_PARAMS = [
+    {"name": "namespace", "in": "path", "required": True, "schema": _STR},
+    {"name": "name", "in": "path", "required": True, "schema": _STR},
+]
+
+
+def _get(summary: str, schema: dict[str, Any], *, params: list[dict[str, Any]] | None = None,
+         errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    responses: dict[str, Any] = {"200": _answer(summary, schema)}
+    responses.update({str(code): _ERROR for code in errors})
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+def _query(name: str, description: str, minimum: int | None = None,
+           required: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": schema}
+
+
+def openapi() -> dict[str, Any]:
+    """The document (a fresh dict each call)."""
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "edge gateway agent", "version": __version__,
+                 "description": "The local REST API of one edge gateway agent. Reading is "
+                 "open to loopback clients (web.view: local); changing anything needs a "
+                 "login session with its X-CSRF-Token header, or a bearer token."},
+        "paths": {
+            "/api/v1/overview": _get("agent, configuration, uplink, outbox, devices, host",
+                                     _ref("Overview")),
+            "/api/v1/devices": _get("every configured device",
+                                    {"type": "array", "items": _ref("Device")}),
+            "/api/v1/devices/{namespace}/{name}": _get(
+                "one device: definition, latest reading, twin", _ref("DeviceDetail"),
+                params=_DEVICE_PARAMS, errors=(404,)),
+            "/api/v1/devices/{namespace}/{name}/trend": _get(
+                "per numeric property [[ts_s, value], …], oldest first, one point per 2 s, "
+                "the last 5 minutes",
+                {"type": "object", "additionalProperties": {"type": "array", "items": {
+                    "type": "array", "items": _NUM, "minItems": 2, "maxItems": 2}}},
+                params=[*_DEVICE_PARAMS, _query("since", "only points after this time "
+                                                "(seconds since the epoch)", 0)],
+                errors=(400, 404)),
+            "/api/v1/readings": _get("the latest reading of every device (null before "
+                                     "its first)", {"type": "object",
+                                                    "additionalProperties": _nullable(
+                                                        _ref("Reading"))}),
+            "/api/v1/events": _get("the last events, oldest first",
+                                   {"type": "array", "items": _ref("Event")},
+                                   params=[_query("limit", "at most this many, the newest", 1)],
+                                   errors=(400,)),
+            "/api/v1/stats": _get("Agent.stats(): outbox, uplink, devices, config",
+                                  {"type": "object"}),
+            "/api/v1/config": _get("the running configuration",
+                                   _obj({"version": _STR, "applied": _INT,
+                                         "files": {"type": "array", "items": _STR}},
+                                        ["version", "applied", "files"], more=True)),
+            "/api/v1/config/versions": _get("the kept versions, oldest first",
+                                            {"type": "array", "items": _ref("Version")}),
+            "/api/v1/config/versions/{version}": _get(
+                "one kept version with its content",
+                _obj({"version": _INT, "state": _STR, "content": {"type": "object"}}),
+                params=[{"name": "version", "in": "path", "required": True,
+                         "schema": {"type": "integer", "minimum": 0}}], errors=(400, 404)),
+            "/api/v1/config/diff": _get(
+                "a unified diff of two kept versions' content",
+                _obj({"old": _INT, "new": _INT, "lines": {"type": "array", "items": _STR}}),
+                params=[_query("old", "a kept version", 0, True),
+                        _query("new", "a kept version", 0, True)], errors=(400, 404)),
+            "/api/v1/config/rollback": {"post": {
+                "summary": "ask the running agent to roll back (as `edge rollback`)",
+                "security": [{"session": [], "csrf": []}, {"bearer": []}],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": _obj({"version": _nullable(_INT)}, [])}}},
+                "responses": {
+                    "202": _answer("asked; the agent does it within a second, or after an "
+                                   "open health window",
+                                   _obj({"requested": _nullable(_INT), "by": _nullable(_STR)})),
+                    "400": _ERROR, "401": _ERROR, "403": _ERROR, "404": _ERROR, "409": _ERROR,
+                }}},
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "session": {"type": "apiKey", "in": "cookie", "name": "edge_session"},
+                "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }

@@ -1,0 +1,240 @@
+// The edge status page: hash routes over /api/v1, live through /api/v1/stream (SSE).
+// No framework, nothing from the internet. Every text from the agent is escaped.
+"use strict";
+
+const view = document.getElementById("view");
+let stream = null;          // the EventSource of the current page
+let session = null;         // {user, csrf} once logged in
+let overview = null;        // the last overview event
+
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g,
+  (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+const when = (ms) => (ms ? new Date(ms).toLocaleString() : "–");
+const bytes = (n) => (n >= 1 << 30 ? (n / (1 << 30)).toFixed(1) + " GiB"
+  : n >= 1 << 20 ? (n / (1 << 20)).toFixed(1) + " MiB" : n >= 1024 ? (n / 1024).toFixed(1) + " KiB"
+  : n + " B");
+const age = (s) => (s >= 3600 ? (s / 3600).toFixed(1) + " h" : s >= 60 ? (s / 60).toFixed(1) + " min"
+  : s.toFixed(1) + " s");
+
+async function api(path, options = {}) {
+  const headers = {"Accept": "application/json", ...(options.headers || {})};
+  if (options.method && options.method !== "GET" && session) headers["X-CSRF-Token"] = session.csrf;
+  const r = await fetch("/api/v1/" + path, {...options, headers, credentials: "same-origin"});
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw Object.assign(new Error(body.error || r.statusText), {status: r.status});
+  return body;
+}
+
+function live(query, handlers) {
+  if (stream) stream.close();
+  stream = new EventSource("/api/v1/stream" + query);
+  for (const [name, fn] of Object.entries(handlers)) {
+    stream.addEventListener(name, (e) => fn(JSON.parse(e.data)));
+  }
+  stream.addEventListener("overview", (e) => header(JSON.parse(e.data)));
+}
+
+function header(o) {
+  overview = o;
+  document.getElementById("node").textContent = o.agent.node;
+  const link = document.getElementById("link");
+  link.textContent = o.uplink.connected ? "uplink connected" : "uplink down " + age(o.uplink.down_for_s);
+  link.className = "pill " + (o.uplink.connected ? "connected" : "disconnected");
+}
+
+function card(title, value, note = "") {
+  return `<div class="card"><small>${esc(title)}</small><b>${value}</b><small>${note}</small></div>`;
+}
+
+// -- pages ----------------------------------------------------------------------------
+
+function pageOverview() {
+  const draw = (o) => {
+    const c = o.config, h = o.host, u = o.uplink, b = o.outbox;
+    view.innerHTML = `<h2>Gateway ${esc(o.agent.node)}</h2><div class="cards">
+      ${card("Agent", "edge " + esc(o.agent.version), "up " + age(o.agent.uptime_s) + ", pid " + o.agent.pid)}
+      ${card("Configuration", "version " + esc(c.applied), esc(c.version) +
+        (c.pending ? ` · <span class="pending">pending ${esc(c.pending)}</span>` : "") +
+        (c.last_error ? `<br><span class="bad">${esc(c.last_error)}</span>` : ""))}
+      ${card("Uplink", `<span class="${u.connected ? "connected" : "disconnected"}">${u.connected
+        ? "connected" : "down"}</span>`, esc(u.broker) + " · " + u.publish_rate.toFixed(0) +
+        " msg/s · " + u.reconnects + " reconnects")}
+      ${card("Outbox", b.rows + " queued", bytes(b.bytes) + (b.rows ? " · oldest " + age(b.oldest_age_s) : ""))}
+      ${card("Devices", `${o.devices.online} / ${o.devices.total} online`,
+        o.devices.offline ? `<span class="bad">${o.devices.offline} offline</span>` : "")}
+      ${card("Agent CPU", h.cpu_percent.toFixed(1) + " %", "RSS " + bytes(h.rss_bytes))}
+      ${card("Host", h.memory_percent + " % memory used", "disk free " + bytes(h.disk_free_bytes) +
+        (h.temperature_c != null ? " · " + h.temperature_c.toFixed(1) + " °C" : ""))}
+    </div>`;
+  };
+  api("overview").then(draw).catch(failed);
+  live("", {overview: draw});
+}
+
+function pageDevices() {
+  const draw = (devices) => {
+    view.innerHTML = `<h2>Devices</h2><div class="scroll"><table><tr><th>Device</th><th>State</th>
+      <th>Endpoint</th><th>Last poll</th><th>Latency</th><th>Errors</th><th>Breaker</th></tr>
+      ${devices.map((d) => `<tr><td><a href="#/device/${esc(d.key)}">${esc(d.key)}</a><br>
+        <small class="muted">${esc(d.model)}</small></td>
+        <td class="${esc(d.state)}">${esc(d.state)}</td>
+        <td>${esc(d.endpoint)} · unit ${d.unit_id}</td><td>${when(d.last_poll)}</td>
+        <td>${d.last_latency_ms != null ? d.last_latency_ms.toFixed(1) + " ms" : "–"}</td>
+        <td>${Object.entries(d.errors).filter(([, n]) => n).map(([k, n]) => esc(k) + " " + n)
+          .join("<br>") || "0"}${d.last_error ? `<br><small class="bad">${esc(d.last_error)}</small>` : ""}</td>
+        <td>${esc(d.breaker)}</td></tr>`).join("")}</table></div>`;
+  };
+  const load = () => api("devices").then(draw).catch(failed);
+  load();
+  live("", {overview: load});
+}
+
+function chart(points) {
+  if (points.length < 2) return `<svg class="trend"></svg>`;
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const sx = (x) => ((x - x0) / (x1 - x0 || 1)) * 300;
+  const sy = (y) => 58 - ((y - y0) / (y1 - y0 || 1)) * 56;
+  return `<svg class="trend" viewBox="0 0 300 60" preserveAspectRatio="none">
+    <polyline points="${points.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ")}"/>
+    </svg><small class="muted">${y0} … ${y1} over ${age(x1 - x0)}</small>`;
+}
+
+function pageDevice(key) {
+  let device = null, trend = {};
+  const draw = () => {
+    const latest = device.latest || {values: {}, quality: {}};
+    view.innerHTML = `<h2>${esc(device.key)} <span class="${esc(device.state)}">${esc(device.state)}</span></h2>
+      <p class="muted">${esc(device.model)} · ${esc(device.endpoint)} · unit ${device.unit_id} ·
+        reading ${latest.seq ?? "–"} at <span id="ts">${when(latest.ts)}</span></p>
+      <div class="scroll"><table><tr><th>Property</th><th>Value</th><th>Twin</th><th>Trend (5 min)</th></tr>
+      ${device.properties.map((p) => {
+        const bad = (latest.quality || {})[p.name] === "bad";
+        const twin = device.twin[p.name] || {};
+        const desired = twin.observedDesired ? "observed desired " + esc(twin.observedDesired.value) : "";
+        return `<tr><td>${esc(p.name)}<br><small class="muted">${esc(p.access)} · ${esc(p.table)}
+          ${p.address}${p.desired != null ? " · desired " + esc(p.desired) : ""}</small></td>
+          <td class="value${bad ? " bad" : ""}" data-prop="${esc(p.name)}">${bad ? "bad read"
+            : esc(latest.values[p.name])} ${esc(p.unit || "")}</td>
+          <td><small>${twin.reported ? "reported " + esc(twin.reported.value) : ""}<br>${desired}</small></td>
+          <td>${trend[p.name] ? chart(trend[p.name]) : ""}</td></tr>`;
+      }).join("")}</table></div>`;
+  };
+  Promise.all([api("devices/" + key), api("devices/" + key + "/trend")]).then(([d, t]) => {
+    device = d; trend = t; draw();
+    live("?device=" + encodeURIComponent(key), {reading: (r) => {
+      device.latest = r;
+      for (const [prop, v] of Object.entries(r.values)) {
+        if (typeof v === "number" || typeof v === "boolean") {
+          const points = (trend[prop] = trend[prop] || []);
+          const ts = r.ts / 1000;
+          if (!points.length || ts - points[points.length - 1][0] >= 2) points.push([ts, Number(v)]);
+          while (points.length && points[0][0] < ts - 300) points.shift();
+        }
+      }
+      draw();
+    }});
+  }).catch(failed);
+}
+
+function loginForm(then) {
+  return `<form class="login" id="login"><input name="user" placeholder="user" autocomplete="username">
+    <input name="password" type="password" placeholder="password" autocomplete="current-password">
+    <button>Log in to change things</button><span id="loginerr" class="bad"></span></form>`;
+}
+
+function wireLogin(then) {
+  const form = document.getElementById("login");
+  if (!form) return;
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      session = await api("login", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({user: form.user.value, password: form.password.value})});
+      who();
+      then();
+    } catch (err) { document.getElementById("loginerr").textContent = err.message; }
+  });
+}
+
+function pageConfig() {
+  Promise.all([api("config"), api("config/versions")]).then(([c, versions]) => {
+    const options = versions.map((v) => `<option>${v.version}</option>`).join("");
+    view.innerHTML = `<h2>Configuration</h2><p>Running version <b>${esc(c.applied)}</b>
+      (${esc(c.version)})${c.pending ? `, <span class="pending">version ${esc(c.pending)} in its health window</span>` : ""}.
+      ${c.last_error ? `<br><span class="bad">${esc(c.last_error)}</span>` : ""}</p>
+      <div class="scroll"><table><tr><th>Version</th><th>State</th><th>Received</th><th>Decided</th>
+      <th>Devices</th><th>Why</th><th></th></tr>${versions.slice().reverse().map((v) => `<tr>
+        <td>${v.version}</td><td class="${esc(v.state)}">${esc(v.state)}</td><td>${when(v.received)}</td>
+        <td>${when(v.decided)}</td><td>${v.version === 0 ? "agent file" : v.devices}</td>
+        <td>${esc(v.reason)}</td><td>${v.state === "superseded" ? `<button data-v="${v.version}">Roll back to it</button>` : ""}</td>
+        </tr>`).join("")}</table></div>
+      ${session ? "" : loginForm()}
+      <p id="rolled"></p>
+      <h2>Diff</h2><p><select id="old">${options}</select> → <select id="new">${options}</select>
+      <button id="diff">Show</button></p><pre id="lines"></pre>`;
+    document.getElementById("new").selectedIndex = versions.length - 1;
+    wireLogin(pageConfig);
+    document.getElementById("diff").onclick = () => api(`config/diff?old=${
+      document.getElementById("old").value}&new=${document.getElementById("new").value}`)
+      .then((d) => { document.getElementById("lines").innerHTML = d.lines.map((l) =>
+        `<span class="${l[0] === "+" ? "add" : l[0] === "-" ? "del" : ""}">${esc(l)}</span>`).join("\n"); })
+      .catch(failed);
+    for (const b of view.querySelectorAll("button[data-v]")) {
+      b.onclick = () => api("config/rollback", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({version: Number(b.dataset.v)})})
+        .then(() => { document.getElementById("rolled").textContent =
+          `Asked to roll back to version ${b.dataset.v}; it happens within a second.`; })
+        .catch((err) => { document.getElementById("rolled").textContent = err.status === 401 ||
+          err.status === 403 ? "Log in first." : err.message; });
+    }
+  }).catch(failed);
+  live("", {});
+}
+
+function pageEvents() {
+  let events = [];
+  const draw = () => {
+    view.innerHTML = `<h2>Events</h2><div class="scroll"><table><tr><th>When</th><th>Type</th><th>What</th></tr>
+      ${events.slice().reverse().map((e) => {
+        const {ts, type, ...rest} = e;
+        return `<tr><td>${when(ts)}</td><td>${esc(type)}</td><td><small>${esc(JSON.stringify(rest))}</small></td></tr>`;
+      }).join("")}</table></div>`;
+  };
+  api("events").then((e) => { events = e; draw(); }).catch(failed);
+  live("", {events: (more) => { events = events.concat(more).slice(-200); draw(); }});
+}
+
+function pageNotYet(what, text) {
+  view.innerHTML = `<h2>${esc(what)}</h2><p class="notice">${esc(text)}</p>`;
+  live("", {});
+}
+
+function failed(err) {
+  view.innerHTML = `<p class="bad">${esc(err.message)}</p>`;
+}
+
+async function who() {
+  try { session = await api("session"); } catch { session = null; }
+  document.getElementById("who").textContent = session ? "logged in as " + session.user : "";
+}
+
+function route() {
+  const hash = location.hash.slice(1) || "/";
+  for (const a of document.querySelectorAll("nav a")) {
+    a.classList.toggle("on", a.getAttribute("href") === "#" + hash);
+  }
+  if (hash.startsWith("/device/")) return pageDevice(hash.slice(8));
+  const pages = {
+    "/": pageOverview, "/devices": pageDevices, "/config": pageConfig, "/events": pageEvents,
+    "/policy": () => pageNotYet("Network policy", "The eBPF network policy is not built in this " +
+      "version of edge: nothing is enforced, and nothing is shown here."),
+    "/plugins": () => pageNotYet("Plugins", "WASM plugins are not built in this version of " +
+      "edge: no plugin runs, and nothing is shown here."),
+  };
+  (pages[hash] || pageOverview)();
+}
+
+window.addEventListener("hashchange", route);
+who();
+route();

@@ -1,0 +1,144 @@
+"""The web server's REST API, live stream and health endpoints, against a running agent
+(in this process: real mosquitto, real pymodbus servers, real SQLite files), through
+aiohttp's test client over a real loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import StopLater
+from support import Image, ModbusServer, device_docs, free_port, start_broker, write_agent_file
+
+from edge.agent import Agent
+from edge.config.runtime import build_runtime_config
+from edge.web.openapi import openapi
+from edge.web.server import WebServer
+
+PROPS = [
+    {"name": "level", "type": "INT", "collectCycle": 100,
+     "visitor": {"register": "HoldingRegister", "offset": 0, "dataType": "int16"}},
+    {"name": "temperature", "type": "FLOAT", "collectCycle": 100, "accessMode": "ReadWrite",
+     "visitor": {"register": "HoldingRegister", "offset": 1, "dataType": "int16",
+                 "scale": 0.1}},
+]
+
+
+class Running:
+    def __init__(self, agent: Agent, web: WebServer, client: TestClient[Any, Any]) -> None:
+        self.agent, self.web, self.client = agent, web, client
+
+    async def get(self, path: str, status: int = 200) -> Any:
+        r = await self.client.get(path)
+        assert r.status == status, (path, r.status, await r.text())
+        return await r.json()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, stop_later: StopLater) -> AsyncIterator[Running]:
+    broker = stop_later(start_broker(tmp_path))
+    server = stop_later(ModbusServer({1: Image(hr=[7, 215])}))
+    docs = device_docs("tank", server.port, 1, PROPS) + device_docs("dead", free_port(), 1,
+                                                                    PROPS[:1])
+    cfg = build_runtime_config(write_agent_file(tmp_path, broker.port, docs))
+    agent = Agent(cfg)
+    web = WebServer(agent, agent.history, cfg.web)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    async with TestClient(TestServer(web.app(), host="127.0.0.1")) as client:
+        await asyncio.sleep(1.5)
+        yield Running(agent, web, client)
+    stop.set()
+    await task
+
+
+async def test_overview_devices_and_a_device_with_its_latest_reading_and_trend(
+    running: Running
+) -> None:
+    o = await running.get("/api/v1/overview")
+    assert o["agent"]["node"] == running.agent.cfg.node
+    assert o["uplink"]["connected"] is True
+    assert o["devices"] == {"total": 2, "online": 1, "offline": 1}
+    assert o["host"]["rss_bytes"] > 0
+    devices = {d["key"]: d for d in await running.get("/api/v1/devices")}
+    assert devices["default/tank"]["state"] == "online"
+    assert devices["default/dead"]["state"] == "offline"
+    assert devices["default/dead"]["errors"]["connection_errors"] > 0
+    tank = await running.get("/api/v1/devices/default/tank")
+    assert tank["latest"]["values"] == {"level": 7, "temperature": 21.5}
+    assert [p["name"] for p in tank["properties"]] == ["level", "temperature"]
+    assert tank["twin"]["level"]["reported"]["value"] == 7
+    trend = await running.get("/api/v1/devices/default/tank/trend")
+    assert trend["level"][0][1] == 7.0
+    missing = await running.get("/api/v1/devices/default/nope", 404)
+    assert "no device 'default/nope'" in missing["error"]
+    bad = await running.get("/api/v1/devices/default/tank/trend?since=soon", 400)
+    assert bad["error"] == "since must be an integer, got 'soon'"
+
+
+async def test_events_stats_config_and_versions(running: Running) -> None:
+    events = await running.get("/api/v1/events")
+    assert {"device_state"} <= {e["type"] for e in events}
+    assert len(await running.get("/api/v1/events?limit=1")) == 1
+    stats = await running.get("/api/v1/stats")
+    assert stats["devices"]["default/tank"]["readings"] > 0
+    cfg = await running.get("/api/v1/config")
+    assert (cfg["version"], cfg["applied"]) == (running.agent.cfg.version, 0)
+    assert await running.get("/api/v1/config/versions") == []  # no history before `edge run`
+    await running.get("/api/v1/config/versions/3", 404)
+    await running.get("/api/v1/config/diff?old=0", 400)
+
+
+async def test_the_stream_sends_the_overview_events_and_the_device_s_readings(
+    running: Running
+) -> None:
+    r = await running.client.get("/api/v1/stream?device=default/tank")
+    assert r.headers["Content-Type"] == "text/event-stream"
+    seen: dict[str, Any] = {}
+    while len(seen) < 2:
+        name = (await r.content.readline()).decode().strip()
+        data = (await r.content.readline()).decode()
+        await r.content.readline()
+        seen[name.removeprefix("event: ")] = json.loads(data.removeprefix("data: "))
+    r.close()
+    assert seen["overview"]["devices"]["total"] == 2
+    assert seen["reading"]["values"]["level"] == 7
+
+
+async def test_health_and_readiness(running: Running) -> None:
+    assert await running.get("/healthz") == {"status": "alive"}
+    assert await running.get("/readyz") == {"ready": True, "reasons": []}
+    running.agent.outbox.closed = True  # as after a failed store: not ready
+    assert (await running.get("/readyz", 503))["reasons"] == ["the store is closed"]
+    running.agent.outbox.closed = False
+
+
+async def test_the_page_and_its_assets_are_served_by_the_agent(running: Running) -> None:
+    page = await running.client.get("/")
+    text = await page.text()
+    assert page.status == 200
+    assert '<script src="/static/app.js">' in text
+    assert "http://" not in text  # nothing from the internet
+    assert "https://" not in text
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        r = await running.client.get(f"/static/{name}")
+        assert (r.status, r.content_type) == (200, kind)
+        assert "https://" not in await r.text()
+    for name in ("../server.py", ".hidden.js", "nope.js", "recent.py"):
+        assert (await running.client.get(f"/static/{name}")).status == 404
+
+
+async def test_every_route_is_in_the_openapi_document(running: Running) -> None:
+    doc = await running.get("/api/v1/openapi.json")
+    assert doc == openapi()
+    served = {info.get("formatter") or info.get("path")
+              for r in running.web.app().router.routes()
+              if (info := r.resource.get_info() if r.resource else {})}
+    api = {p for p in served if p and p.startswith("/api/v1/")} - {
+        "/api/v1/openapi.json", "/api/v1/stream"}
+    assert api == set(doc["paths"])

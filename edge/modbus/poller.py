@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 
 PROBE_INITIAL_S = 1.0
 PROBE_MAX_S = 60.0
+
+LATENCY_BOUNDS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds, inclusive like Prometheus ``le``) of the poll-cycle latency
+buckets in :attr:`DeviceStats.latency_buckets`; one more bucket holds the rest (+Inf)."""
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -89,11 +94,20 @@ class DeviceStats:
     loop's monotonic clock, seconds; 0.0 while closed).
     ``last_poll_ms`` is the wall-clock time of the last cycle (ms since the epoch),
     ``last_latency_ms`` its duration, ``last_error`` the last failure's message.
+
+    ``readings``: readings made; ``points``: the good values in them (properties read
+    and decoded). The duration of every cycle (those that made no reading too, see
+    :meth:`count_cycle`): ``latency_sum_s`` their sum in seconds, ``latency_buckets``
+    how many fell in each bucket, not cumulative: ``len(LATENCY_BOUNDS_S) + 1`` counts
+    summing to ``cycles``, element ``i`` the durations ``d`` with
+    ``LATENCY_BOUNDS_S[i-1] < d <= LATENCY_BOUNDS_S[i]`` (no lower bound for ``i = 0``),
+    the last one those above ``LATENCY_BOUNDS_S[-1]``.
     """
 
     state: str = "unknown"
     cycles: int = 0
     readings: int = 0
+    points: int = 0
     requests: int = 0
     timeouts: int = 0
     exceptions: int = 0
@@ -115,6 +129,15 @@ class DeviceStats:
     last_latency_ms: float = 0.0
     last_error: str = ""
     exception_codes: dict[int, int] = field(default_factory=dict)
+    latency_sum_s: float = 0.0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_S) + 1))
+
+    def count_cycle(self, duration_s: float) -> None:
+        """Count one poll cycle that took ``duration_s`` seconds."""
+        self.cycles += 1
+        self.last_latency_ms = duration_s * 1000.0
+        self.latency_sum_s += duration_s
+        self.latency_buckets[bisect_left(LATENCY_BOUNDS_S, duration_s)] += 1
 
 
 _FRAME_COUNTERS: Final = {
@@ -328,8 +351,7 @@ class DevicePoller:
                     self.stats.decode_errors += 1
                     self.stats.last_error = f"{name}: {e}"
                     quality[name] = "bad"
-        self.stats.cycles += 1
-        self.stats.last_latency_ms = (time.perf_counter() - started) * 1000.0
+        self.stats.count_cycle(time.perf_counter() - started)
         self.stats.last_poll_ms = time.time_ns() // 1_000_000
         if not self._account(answered, unreachable=unreachable and bool(requests)):
             return None
@@ -343,6 +365,7 @@ class DevicePoller:
         )
         self._seq += 1
         self.stats.readings += 1
+        self.stats.points += len(values)
         self._sink(reading)
         return reading
 

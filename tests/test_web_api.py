@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import StopLater
+from prometheus_client.parser import text_string_to_metric_families
 from support import Image, ModbusServer, device_docs, free_port, start_broker, write_agent_file
 
 from edge.agent import Agent
@@ -142,3 +143,13 @@ async def test_every_route_is_in_the_openapi_document(running: Running) -> None:
     api = {p for p in served if p and p.startswith("/api/v1/")} - {
         "/api/v1/openapi.json", "/api/v1/stream"}
     assert api == set(doc["paths"])
+
+
+async def test_metrics_are_served_in_the_prometheus_text_format(running: Running) -> None:
+    r = await running.client.get("/metrics")
+    assert r.status == 200
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    readings = {s.labels["device"]: s.value for s in families["edge_device_readings"].samples
+                if s.name.endswith("_total")}
+    assert readings["default/tank"] > 0

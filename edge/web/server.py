@@ -7,6 +7,7 @@ event and tried again every BIND_RETRY_S; the agent goes on polling and publishi
 
 * ``/`` and ``/static/…``: the page, every asset served from the agent (nothing from
   the internet);
+* ``/metrics``: :mod:`edge.web.metrics` (Prometheus text format);
 * ``/api/v1/…``: :mod:`edge.web.api`; ``/api/v1/openapi.json`` its OpenAPI 3 document;
 * ``/api/v1/stream``: Server-Sent Events (text/event-stream), one ``overview`` event a
   second, an ``events`` event with what happened since, and with ``?device=ns/name``
@@ -30,6 +31,7 @@ from aiohttp import web
 from edge.config.runtime import WebSettings
 from edge.store.history import History
 from edge.web.api import Api
+from edge.web.metrics import metrics_handler, registry_for
 from edge.web.openapi import openapi
 from edge.web.recent import Recent
 
@@ -63,6 +65,7 @@ class WebServer:
         self.recent = Recent()
         agent.reading_hooks.append(self.recent.add)
         self.api = Api(agent, history, self.recent)
+        self._metrics = metrics_handler(registry_for(agent))
 
     def app(self) -> web.Application:
         """The aiohttp application (also what the tests serve)."""
@@ -72,6 +75,7 @@ class WebServer:
             web.get("/static/{name}", self.static),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
+            web.get("/metrics", self._metrics),
             web.get("/api/v1/openapi.json", self.openapi),
             web.get("/api/v1/stream", self.stream),
             *self.api.routes(),

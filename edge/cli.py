@@ -19,6 +19,7 @@ from edge import __version__
 from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
 from edge.history_cli import config, rollback
+from edge.web_cli import web
 
 if TYPE_CHECKING:
     from edge.config.runtime import PendingConfig, RuntimeConfig
@@ -271,3 +272,4 @@ def tail(config_path: Path, count: int, session: str | None) -> None:
 main.add_command(cloud)
 main.add_command(config)
 main.add_command(rollback)
+main.add_command(web)

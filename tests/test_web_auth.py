@@ -1,6 +1,6 @@
-"""Authentication of the local web page and REST API (:mod:`edge.web.auth`): hashes,
-tokens, sessions, the login limiter, and the middleware and login routes in a real
-aiohttp server on 127.0.0.1."""
+"""Authentication of the local web page and REST API (:mod:`edge.web.auth`) and
+``edge web passwd|token``: hashes, tokens, sessions, the login limiter, and the
+middleware and login routes in a real aiohttp server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
 
 import edge.web.auth as auth_module
+from edge.cli import main
 from edge.web.auth import (
     USER,
     LoginLimiter,
@@ -30,6 +33,7 @@ from edge.web.auth import (
     token_matches,
     verify_password,
 )
+from edge.web_cli import web as web_group
 
 PASSWORD = "correct horse battery staple"  # noqa: S105 (a test's)
 WRONG = "Tr0ub4dor&3 guess"
@@ -604,3 +608,43 @@ async def test_no_secret_appears_in_logs_or_answers(
         assert secret not in caplog.text
         assert all(secret not in b for b in bodies)
 
+
+# The CLI
+
+
+def test_passwd_prints_a_users_entry_to_paste() -> None:
+    password = "a long enough passphrase"  # noqa: S105 (a test's)
+    result = CliRunner().invoke(
+        web_group, ["passwd", "--user", "op: erator"],
+        input=f"short\n{password}\n{password}x\n{password}\n{password}\n")
+    assert result.exit_code == 0, result.output
+    assert "Error: at least 8 characters, please" in result.output
+    assert "Error: The two entered values do not match." in result.output
+    assert password not in result.output
+    lines = result.output.splitlines()
+    paste = lines[lines.index("Paste under web.users in the agent file:") + 1]
+    entry = yaml.safe_load(paste)
+    assert entry == [{"name": "op: erator", "password_hash": entry[0]["password_hash"]}]
+    assert entry[0]["password_hash"].startswith("$scrypt$ln=15,r=8,p=3$")
+    assert verify_password(password, entry[0]["password_hash"])
+    assert not verify_password(password + "x", entry[0]["password_hash"])
+
+
+def test_passwd_with_no_input_fails() -> None:
+    result = CliRunner().invoke(web_group, ["passwd"], input="")
+    assert result.exit_code != 0
+    assert "Paste" not in result.output
+
+
+def test_token_prints_the_token_once_and_its_entry() -> None:
+    result = CliRunner().invoke(main, ["web", "token"])
+    assert result.exit_code == 0, result.output
+    tokens = re.findall(r"edge_[A-Za-z0-9_-]{43}", result.output)
+    assert len(tokens) == 1
+    lines = result.output.splitlines()
+    entry = yaml.safe_load(lines[lines.index("Paste under web.tokens in the agent file:") + 1])
+    assert len(entry) == 1
+    assert check_token_hash(entry[0]) is None
+    assert token_matches(tokens[0], entry)
+    again = CliRunner().invoke(main, ["web", "token"])
+    assert tokens[0] not in again.output

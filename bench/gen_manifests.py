@@ -121,9 +121,11 @@ def manifests(
 
 def agent_file(
     *, node: str, broker_port: int, qos: int, log_level: str, store_path: str = "./edge.db",
-    order: str = "device",
+    order: str = "device", web_port: int = 0,
 ) -> str:
-    """``edge.yaml`` (DESIGN.md §3); the store lives in the run directory."""
+    """``edge.yaml`` (DESIGN.md §3); the store lives in the run directory; the web page
+    on ``127.0.0.1:web_port`` (0: no web server)."""
+    web = {"listen": f"127.0.0.1:{web_port}"} if web_port else {"enabled": False}
     uplink = {"host": "127.0.0.1", "port": broker_port, "qos": qos, "order": order}
     return (
         "\n".join(
@@ -133,6 +135,7 @@ def agent_file(
                 "devices: [./manifests]",
                 f"uplink: {_flow(uplink)}",
                 f"store: {_flow({'path': store_path})}",
+                f"web: {_flow(web)}",
                 f"log: {_flow({'level': log_level})}",
             ]
         )
@@ -160,6 +163,8 @@ def main() -> int:
     p.add_argument("--store-path", default="./edge.db", help="store.path of the agent file")
     p.add_argument("--uplink-order", choices=("device", "live"), default="device",
                    help="uplink.order of the agent file")
+    p.add_argument("--web-port", type=int, default=0,
+                   help="the web page's port on 127.0.0.1 (0: no web server)")
     a = p.parse_args()
 
     devices, tag_count, poll_ms = SCENARIOS.get(a.scenario or "", (None, None, None))
@@ -180,6 +185,7 @@ def main() -> int:
             log_level=a.log_level,
             store_path=a.store_path,
             order=a.uplink_order,
+            web_port=a.web_port,
         ),
         encoding="utf-8",
     )

@@ -98,10 +98,11 @@ take() {  # COUNT START -> first free base port outside what this run already to
 BROKER_PORT="$(take 1 "$BROKER_PORT0")"; AVOID+=(--avoid "$BROKER_PORT-$BROKER_PORT")
 SIM_BASE_PORT="$(take "$NSIM" "$SIM_BASE_PORT0")"
 AVOID+=(--avoid "$SIM_BASE_PORT-$((SIM_BASE_PORT + NSIM - 1))")
+WEB_PORT="$(take 1 18080)"; AVOID+=(--avoid "$WEB_PORT-$WEB_PORT")  # the agent's web page
 
 # --- edge
 python3 "$HERE/gen_manifests.py" --out "$RUN" --scenario "$SCEN" --sim-mode "$SIM_MODE" \
-  --sim-base-port "$SIM_BASE_PORT" --broker-port "$BROKER_PORT" >/dev/null
+  --sim-base-port "$SIM_BASE_PORT" --broker-port "$BROKER_PORT" --web-port "$WEB_PORT" >/dev/null
 if ! "$EDGE_BIN" check -c "$RUN/edge.yaml" >"$RUN/check.out" 2>&1; then
   echo "edge check failed on the generated config:" >&2; cat "$RUN/check.out" >&2; exit 1
 fi

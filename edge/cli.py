@@ -118,6 +118,10 @@ def run(config_path: Path) -> None:
     agent = Agent(start.cfg, history)
     sync = ConfigSync(agent, config_path, history, start)
     agent.services.append(sync.run)
+    if start.cfg.web.enabled:
+        from edge.web.server import WebServer  # noqa: PLC0415 (aiohttp only when it serves)
+
+        agent.services.append(WebServer(agent, history, start.cfg.web).run)
     _run_until_signal(agent.run)
     if agent.restart_for:  # the same command line again, in this process (same PID)
         history.close()

@@ -263,6 +263,7 @@ def write_agent_file(workdir: Path, broker_port: int, manifests: list[dict[str, 
         "devices": ["./manifests.yaml"],
         "uplink": {"host": "127.0.0.1", "port": broker_port, "qos": 1, **(uplink or {})},
         "store": {"path": "./edge.db", **(store or {})},
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": "debug"},
     }
     path = workdir / "edge.yaml"
@@ -474,6 +475,7 @@ class Gateway:
             "uplink": {"host": "127.0.0.1", "port": broker.port},
             "store": {"path": "./edge.db"}, "trust": {"keys": ["./cloud.pub"]},
             "sync": {"health_window": health_window}, "modbus": {"probe_initial_ms": 5000},
+            "web": {"listen": f"127.0.0.1:{free_port()}"},
         }))
 
     def start(self) -> AgentProcess:

@@ -1288,7 +1288,8 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
          ["web.listen: must be host:port, e.g. 127.0.0.1:8080 or [::1]:8080 (got 'localhost')"]),
         ("node: gw\nweb: {users: [{name: admin, password_hash: hunter2}]}\n",
          ["web.users[0].password_hash: must be a scrypt hash as `edge web passwd` prints it "
-          "($scrypt$ln=…,r=…,p=…$salt$hash), never the password itself"]),
+          "($scrypt$ln=…,r=…,p=…$salt$hash), never the password itself: not a PHC string (it "
+          "starts $scrypt$)"]),
         ("node: gw\nweb: {tokens: [edge_abc]}\n",
          ["web.tokens[0]: must be sha256:<64 hex digits> as `edge web token` prints it, never "
           "the token itself"]),

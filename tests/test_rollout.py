@@ -47,7 +47,7 @@ def fleet(tmp_path: Path, stop_later: StopLater, server: ModbusServer) -> tuple[
             "node": node, "devices": ["./manifests.yaml"],
             "uplink": {"host": "127.0.0.1", "port": broker.port},
             "store": {"path": "./edge.db"}, "trust": {"keys": [str(tmp_path / "cloud.pub")]},
-            "sync": {"health_window": 2},
+            "sync": {"health_window": 2}, "web": {"listen": f"127.0.0.1:{free_port()}"},
         }))
         stop_later(start_edge(["run", "-c", str(home / "edge.yaml")], home))
     for node in NODES:  # every agent is up and reports its config

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import shutil
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -115,7 +117,9 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
             text = re.sub(rf"\bport: \"?{old}\"?", f"port: {new}", text)
         f.write_text(text)
     cfg = work / "edge.yaml"
-    cfg.write_text(cfg.read_text().replace("port: 1883", f"port: {broker.port}"))
+    web = free_port()
+    cfg.write_text(cfg.read_text().replace("port: 1883", f"port: {broker.port}")
+                   .replace("127.0.0.1:8080", f"127.0.0.1:{web}"))
     check = edge_cli("check", "-c", str(cfg))
     assert check.returncode == 0, check.stderr
     assert "3 device(s)" in check.stdout
@@ -133,6 +137,12 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
                          and "voltage-l1" in m.json()["values"])[0].json()["values"]
     assert 220 <= meter["voltage-l1"] <= 240
     assert 49.8 <= meter["frequency"] <= 50.2
+    # and `edge run` serves the status page, its API and the health endpoints
+    wait_port(web)
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/overview", timeout=5) as r:
+        assert json.load(r)["devices"]["total"] == 3
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/", timeout=5) as r:
+        assert b"/static/app.js" in r.read()
     assert agent.stop() == 0, agent.output()
     assert sim.stop() == 0, sim.output()
 

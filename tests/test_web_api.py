@@ -5,6 +5,7 @@ aiohttp's test client over a real loopback socket."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from support import Image, ModbusServer, device_docs, free_port, start_broker, w
 
 from edge.agent import Agent
 from edge.config.runtime import build_runtime_config
+from edge.web.auth import hash_password, new_token
 from edge.web.openapi import openapi
 from edge.web.server import WebServer
 
@@ -28,6 +30,10 @@ PROPS = [
      "visitor": {"register": "HoldingRegister", "offset": 1, "dataType": "int16",
                  "scale": 0.1}},
 ]
+
+
+PASSWORD_HASH = hash_password("correct horse")
+TOKEN, TOKEN_HASH = new_token()
 
 
 class Running:
@@ -47,6 +53,8 @@ async def running(tmp_path: Path, stop_later: StopLater) -> AsyncIterator[Runnin
     docs = device_docs("tank", server.port, 1, PROPS) + device_docs("dead", free_port(), 1,
                                                                     PROPS[:1])
     cfg = build_runtime_config(write_agent_file(tmp_path, broker.port, docs))
+    cfg = dataclasses.replace(cfg, web=dataclasses.replace(
+        cfg.web, users=(("admin", PASSWORD_HASH),), tokens=(TOKEN_HASH,)))
     agent = Agent(cfg)
     web = WebServer(agent, agent.history, cfg.web)
     stop = asyncio.Event()
@@ -153,3 +161,40 @@ async def test_metrics_are_served_in_the_prometheus_text_format(running: Running
     readings = {s.labels["device"]: s.value for s in families["edge_device_readings"].samples
                 if s.name.endswith("_total")}
     assert readings["default/tank"] > 0
+
+
+async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a_token(
+    running: Running
+) -> None:
+    history = running.agent.history
+    history.commit_baseline({"version": 0})
+    history.add_pending(5, {"version": 5})
+    history.commit(5)
+    client = running.client
+    assert (await client.post("/api/v1/config/rollback", json={})).status == 401
+    login = await client.post("/api/v1/login", json={"user": "admin",
+                                                     "password": "correct horse"})
+    assert login.status == 200
+    csrf = (await login.json())["csrf"]
+    no_csrf = await client.post("/api/v1/config/rollback", json={})
+    assert no_csrf.status == 403
+    done = await client.post("/api/v1/config/rollback", json={},
+                             headers={"X-CSRF-Token": csrf})
+    assert (done.status, await done.json()) == (202, {"requested": None, "by": "admin"})
+    assert history.take_requests() == [None]  # what the running agent takes within 1 s
+    bad = await client.post("/api/v1/config/rollback", json={"version": 9},
+                            headers={"X-CSRF-Token": csrf})
+    assert (bad.status, (await bad.json())["error"]) == (404, "version 9 is not in the history")
+    client.session.cookie_jar.clear()
+    by_token = await client.post("/api/v1/config/rollback", json={"version": 0},
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    assert by_token.status == 202
+    wrong = await client.post("/api/v1/config/rollback", json={},
+                              headers={"Authorization": "Bearer edge_wrong"})
+    assert wrong.status == 401
+    # the versions and their diff, as the config page shows them
+    versions = await running.get("/api/v1/config/versions")
+    assert [(v["version"], v["state"]) for v in versions] == [(0, "superseded"),
+                                                              (5, "committed")]
+    diff = await running.get("/api/v1/config/diff?old=0&new=5")
+    assert '-  "version": 0' in diff["lines"]

@@ -350,21 +350,23 @@ class StoreConfig(_Section):
     synchronous: Literal["full", "normal"] = "full"
 
 
-_PHC_SCRYPT = re.compile(r"\$scrypt\$ln=\d+,r=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
-_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
-
-
 def _password_hash(value: str) -> str:
-    """A scrypt hash; the message never repeats the value (it may be a password)."""
-    if not _PHC_SCRYPT.fullmatch(value):
-        raise _error("must be a scrypt hash as `edge web passwd` prints it "
-                     "($scrypt$ln=…,r=…,p=…$salt$hash), never the password itself")
+    """A scrypt PHC string as :func:`edge.web.auth.hash_password` makes it; the message
+    never repeats the value (it may be a password)."""
+    from edge.web.auth import check_password_hash  # noqa: PLC0415 (aiohttp: only if used)
+
+    problem = check_password_hash(value)
+    if problem:
+        raise _error(f"must be a scrypt hash as `edge web passwd` prints it "
+                     f"($scrypt$ln=…,r=…,p=…$salt$hash), never the password itself: {problem}")
     return value
 
 
 def _token_hash(value: str) -> str:
-    """A token's SHA-256; the message never repeats the value (it may be a token)."""
-    if not _TOKEN_HASH.fullmatch(value):
+    """A token's stored form; the message never repeats the value (it may be a token)."""
+    from edge.web.auth import check_token_hash  # noqa: PLC0415 (aiohttp: only if used)
+
+    if check_token_hash(value):
         raise _error("must be sha256:<64 hex digits> as `edge web token` prints it, never "
                      "the token itself")
     return value

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
@@ -71,7 +71,7 @@ class WebSettings:
     tls: tuple[Path, Path] | None = None
     users: tuple[tuple[str, str], ...] = ()
     tokens: tuple[str, ...] = ()
-    view: str = "local"
+    view: Literal["local", "login"] = "local"
 
 
 @dataclass(frozen=True, slots=True)

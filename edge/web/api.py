@@ -31,6 +31,7 @@ from aiohttp import web
 from edge import __version__
 from edge.config.model import DeviceSpec, SerialEndpoint
 from edge.store.history import History
+from edge.web.auth import USER
 from edge.web.recent import Recent
 
 if TYPE_CHECKING:
@@ -236,4 +237,4 @@ class Api:
         elif self.history.previous() is None:
             raise _error(409, "there is no earlier version to roll back to")
         self.history.request_rollback(version)
-        return _json({"requested": version, "by": request.get("user")}, status=202)
+        return _json({"requested": version, "by": request.get(USER)}, status=202)

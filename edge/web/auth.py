@@ -63,9 +63,11 @@ CSRF_HEADER: Final = "X-CSRF-Token"
 LOGIN_PATH: Final = "/api/v1/login"
 LOGOUT_PATH: Final = "/api/v1/logout"
 SESSION_PATH: Final = "/api/v1/session"
-OPEN_PATHS: Final = ("GET /healthz", "GET /readyz", f"POST {LOGIN_PATH}", "GET /static/")
+OPEN_PATHS: Final = ("GET /", "GET /healthz", "GET /readyz", f"POST {LOGIN_PATH}",
+                     "GET /static/")
 """Paths open without a login, each ``[METHOD ]PATH``: without a method any method,
-``GET`` also allows ``HEAD``; a path ending in ``/`` stands for every path under it."""
+``GET`` also allows ``HEAD``; a path ending in ``/`` stands for every path under it
+(but ``/`` alone is the root page only)."""
 SAFE_METHODS: Final = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
 MAX_USER_CHARS: Final = 256
 MAX_PASSWORD_CHARS: Final = 1024
@@ -414,7 +416,7 @@ class _OpenPath(NamedTuple):
         if method:
             methods = frozenset({method, hdrs.METH_HEAD} if method == hdrs.METH_GET
                                 else {method})
-        return cls(methods, path, path.endswith("/"))
+        return cls(methods, path, path.endswith("/") and path != "/")
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:

@@ -64,6 +64,7 @@ _SCHEMAS: dict[str, Any] = {
                      "quality": {"type": "object", "additionalProperties": _STR}},
                     ["device", "ts", "seq", "values"]),
     "Event": _obj({"ts": _MS, "type": _STR}, more=True),
+    "Session": _obj({"user": _STR, "csrf": _STR}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
         "pending", "committed", "rolled_back", "superseded"]}, "reason": _STR,
         "received": _MS, "decided": _nullable(_MS), "devices": _INT}),
@@ -162,6 +163,20 @@ def openapi() -> dict[str, Any]:
                 _obj({"old": _INT, "new": _INT, "lines": {"type": "array", "items": _STR}}),
                 params=[_query("old", "a kept version", 0, True),
                         _query("new", "a kept version", 0, True)], errors=(400, 404)),
+            "/api/v1/login": {"post": {
+                "summary": "log in: a session cookie (HttpOnly, SameSite=Strict) and the "
+                           "CSRF token to send as X-CSRF-Token with every change",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _obj({"user": _STR, "password": _STR})}}},
+                "responses": {"200": _answer("logged in", _ref("Session")), "400": _ERROR,
+                              "401": _ERROR, "415": _ERROR, "429": _ERROR}}},
+            "/api/v1/logout": {"post": {
+                "summary": "log out (the session ends, its cookie is expired)",
+                "security": [{"session": [], "csrf": []}],
+                "responses": {"204": {"description": "logged out"}, "401": _ERROR,
+                              "403": _ERROR}}},
+            "/api/v1/session": _get("who is logged in, and the session's CSRF token",
+                                    _ref("Session"), errors=(401,)),
             "/api/v1/config/rollback": {"post": {
                 "summary": "ask the running agent to roll back (as `edge rollback`)",
                 "security": [{"session": [], "csrf": []}, {"bearer": []}],

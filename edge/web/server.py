@@ -31,6 +31,7 @@ from aiohttp import web
 from edge.config.runtime import WebSettings
 from edge.store.history import History
 from edge.web.api import Api
+from edge.web.auth import WebAuth
 from edge.web.metrics import metrics_handler, registry_for
 from edge.web.openapi import openapi
 from edge.web.recent import Recent
@@ -65,11 +66,14 @@ class WebServer:
         self.recent = Recent()
         agent.reading_hooks.append(self.recent.add)
         self.api = Api(agent, history, self.recent)
+        self.auth = WebAuth(dict(settings.users), settings.tokens, view=settings.view,
+                            secure_cookie=settings.tls is not None)
         self._metrics = metrics_handler(registry_for(agent))
 
     def app(self) -> web.Application:
         """The aiohttp application (also what the tests serve)."""
-        app = web.Application(client_max_size=64 << 10)
+        app = web.Application(middlewares=[self.auth.middleware], client_max_size=64 << 10)
+        app.add_routes(self.auth.routes())
         app.add_routes([
             web.get("/", self.index),
             web.get("/static/{name}", self.static),

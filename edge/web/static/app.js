@@ -137,7 +137,7 @@ function pageDevice(key) {
   }).catch(failed);
 }
 
-function loginForm(then) {
+function loginForm() {
   return `<form class="login" id="login"><input name="user" placeholder="user" autocomplete="username">
     <input name="password" type="password" placeholder="password" autocomplete="current-password">
     <button>Log in to change things</button><span id="loginerr" class="bad"></span></form>`;
@@ -211,6 +211,11 @@ function pageNotYet(what, text) {
 }
 
 function failed(err) {
+  if (err.status === 401) {  // viewing needs a login from here (web.view, or not loopback)
+    view.innerHTML = `<h2>Log in</h2>${loginForm()}`;
+    wireLogin(route);
+    return;
+  }
   view.innerHTML = `<p class="bad">${esc(err.message)}</p>`;
 }
 
@@ -237,4 +242,5 @@ function route() {
 
 window.addEventListener("hashchange", route);
 who();
+api("overview").then(header).catch(() => {});
 route();

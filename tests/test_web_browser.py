@@ -1,0 +1,117 @@
+"""The status page in a real headless Chromium (Debian's, driven by Playwright) against
+a running agent (`edge run`) polling simulated devices (`edge simulate`) and a real
+mosquitto. Screenshots of every page go to EDGE_TEST_ARTIFACTS (default
+``test-artifacts/`` in the checkout) for a person to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import StopLater
+from support import (
+    device_docs,
+    free_port,
+    start_broker,
+    start_edge,
+    wait_port,
+    write_agent_file,
+)
+
+from edge.web.auth import hash_password
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (.ci/apt-packages)")
+ARTIFACTS = Path(os.environ.get("EDGE_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parent.parent / "test-artifacts"))
+PROPS = [
+    {"name": "level", "type": "FLOAT", "collectCycle": 200, "minimum": 0, "maximum": 1000,
+     "visitor": {"register": "HoldingRegister", "offset": 0, "limit": 2,
+                 "dataType": "float32"}},
+    {"name": "pump", "type": "BOOLEAN", "collectCycle": 200, "accessMode": "ReadWrite",
+     "visitor": {"register": "CoilRegister", "offset": 0}},
+]
+
+
+@pytest.fixture
+def page_url(tmp_path: Path, stop_later: StopLater) -> str:
+    broker = stop_later(start_broker(tmp_path))
+    modbus, web = free_port(), free_port()
+    path = write_agent_file(tmp_path, broker.port,
+                            device_docs("tank-1", modbus, 1, PROPS, namespace="plant"))
+    agent: dict[str, Any] = yaml.safe_load(path.read_text())
+    agent["web"] = {"listen": f"127.0.0.1:{web}",
+                    "users": [{"name": "admin", "password_hash": hash_password("s3cret pw")}]}
+    path.write_text(yaml.safe_dump(agent))
+    stop_later(start_edge(["simulate", "-c", str(path), "--period", "20"], tmp_path,
+                          name="simulate"))
+    wait_port(modbus)
+    stop_later(start_edge(["run", "-c", str(path)], tmp_path))
+    wait_port(web)
+    return f"http://127.0.0.1:{web}/"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_the_pages_show_live_values_without_a_reload_and_a_login_works(
+    page_url: str, browser: Any
+) -> None:
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(page_url)
+    page.wait_for_selector("text=1 / 1 online", timeout=15_000)
+    shot(page, "overview")
+    page.evaluate("window.notReloaded = true")
+    page.click("text=Devices")
+    page.wait_for_selector("a[href='#/device/plant/tank-1']")
+    shot(page, "devices")
+    page.click("a[href='#/device/plant/tank-1']")
+    cell = "td.value[data-prop='level']"
+    page.wait_for_selector(cell)
+    first = page.inner_text(cell)
+    page.wait_for_function(f"document.querySelector(\"{cell}\").innerText !== {first!r}",
+                           timeout=10_000)  # the SSE stream brought a new reading
+    assert page.evaluate("window.notReloaded") is True
+    page.wait_for_selector("svg.trend polyline", timeout=10_000)
+    shot(page, "device")
+    page.click("text=Events")
+    page.wait_for_selector("td:has-text('device_state')")
+    shot(page, "events")
+    page.click("text=Policy")
+    page.wait_for_selector("text=not built in this version")
+    page.click("text=Config")
+    page.fill("input[name=user]", "admin")
+    page.fill("input[name=password]", "wrong")
+    page.click("text=Log in to change things")
+    page.wait_for_selector("#loginerr:has-text('wrong user name or password')", timeout=10_000)
+    page.fill("input[name=password]", "s3cret pw")
+    page.click("text=Log in to change things")
+    page.wait_for_selector("text=logged in as admin", timeout=10_000)
+    shot(page, "config")
+    assert "s3cret" not in page.content()
+
+
+def test_the_page_fits_a_phone(page_url: str, browser: Any) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(page_url + "#/device/plant/tank-1")
+    page.wait_for_selector("td.value[data-prop='level']", timeout=15_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # no sideways scrolling of the page itself (tables scroll inside)
+    shot(page, "phone-device")

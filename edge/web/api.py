@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from edge.agent import Agent
 
 EVENTS_MAX = 200
+INT64_MAX = 2**63 - 1
+"""The largest integer parameter taken (SQLite's INTEGER)."""
 THERMAL = Path("/sys/class/thermal")
 
 
@@ -62,6 +64,8 @@ def _int_param(request: web.Request, name: str, default: int | None = None,
         raise _error(400, f"{name} must be an integer, got {text[:40]!r}") from None
     if low is not None and value < low:
         raise _error(400, f"{name} must be at least {low}, got {value}")
+    if abs(value) > INT64_MAX:
+        raise _error(400, f"{name} must be at most {INT64_MAX}")
     return value
 
 
@@ -202,8 +206,9 @@ class Api:
 
     async def version(self, request: web.Request) -> web.Response:
         text = request.match_info["version"]
-        if not text.isdigit():
-            raise _error(400, f"version must be an integer, got {text[:40]!r}")
+        if not text.isdigit() or int(text) > INT64_MAX:
+            raise _error(400, f"version must be an integer from 0 to {INT64_MAX}, "
+                              f"got {text[:40]!r}")
         kept = self.history.get(int(text))
         if kept is None:
             raise _error(404, f"version {text} is not in the history")
@@ -225,9 +230,15 @@ class Api:
             body = await request.json() if request.can_read_body else {}
         except ValueError:
             raise _error(400, "the body must be JSON: {\"version\": N} or {}") from None
-        version = body.get("version") if isinstance(body, dict) else None
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise _error(400, "version must be an integer or null")
+        if not isinstance(body, dict):
+            raise _error(400, "the body must be a JSON object: {\"version\": N} or {}")
+        unknown = sorted(set(body) - {"version"})
+        if unknown:
+            raise _error(400, f"unknown key {unknown[0][:40]!r}; accepted: version")
+        version = body.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or not 0 <= version <= INT64_MAX):
+            raise _error(400, f"version must be an integer from 0 to {INT64_MAX}, or null")
         if version is not None:
             kept = self.history.get(version)
             if kept is None:

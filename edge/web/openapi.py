@@ -11,6 +11,7 @@ from typing import Any
 from edge import __version__
 
 _INT = {"type": "integer"}
+_VERSION = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -106,7 +107,7 @@ def _get(summary: str, schema: dict[str, Any], *, params: list[dict[str, Any]] |
 
 def _query(name: str, description: str, minimum: int | None = None,
            required: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "integer"}
+    schema: dict[str, Any] = {"type": "integer", "maximum": 2**63 - 1}
     if minimum is not None:
         schema["minimum"] = minimum
     return {"name": name, "in": "query", "required": required, "description": description,
@@ -157,7 +158,7 @@ def openapi() -> dict[str, Any]:
                 "one kept version with its content",
                 _obj({"version": _INT, "state": _STR, "content": {"type": "object"}}),
                 params=[{"name": "version", "in": "path", "required": True,
-                         "schema": {"type": "integer", "minimum": 0}}], errors=(400, 404)),
+                         "schema": _VERSION}], errors=(400, 404)),
             "/api/v1/config/diff": _get(
                 "a unified diff of two kept versions' content",
                 _obj({"old": _INT, "new": _INT, "lines": {"type": "array", "items": _STR}}),
@@ -172,7 +173,7 @@ def openapi() -> dict[str, Any]:
                               "401": _ERROR, "415": _ERROR, "429": _ERROR}}},
             "/api/v1/logout": {"post": {
                 "summary": "log out (the session ends, its cookie is expired)",
-                "security": [{"session": [], "csrf": []}],
+                "security": [{"session": [], "csrf": []}, {"bearer": []}],
                 "responses": {"204": {"description": "logged out"}, "401": _ERROR,
                               "403": _ERROR}}},
             "/api/v1/session": _get("who is logged in, and the session's CSRF token",
@@ -181,7 +182,7 @@ def openapi() -> dict[str, Any]:
                 "summary": "ask the running agent to roll back (as `edge rollback`)",
                 "security": [{"session": [], "csrf": []}, {"bearer": []}],
                 "requestBody": {"required": False, "content": {"application/json": {
-                    "schema": _obj({"version": _nullable(_INT)}, [])}}},
+                    "schema": _obj({"version": _nullable(_VERSION)}, [])}}},
                 "responses": {
                     "202": _answer("asked; the agent does it within a second, or after an "
                                    "open health window",

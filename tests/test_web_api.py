@@ -186,9 +186,12 @@ async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a
                             headers={"X-CSRF-Token": csrf})
     assert (bad.status, (await bad.json())["error"]) == (404, "version 9 is not in the history")
     client.session.cookie_jar.clear()
-    by_token = await client.post("/api/v1/config/rollback", json={"version": 0},
+    by_token = await client.post("/api/v1/config/rollback", json={"version": 5},
                                  headers={"Authorization": f"Bearer {TOKEN}"})
     assert by_token.status == 202
+    same = await client.post("/api/v1/config/rollback", json={"version": 0},
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (same.status, (await same.json())["error"]) == (409, "version 0 is the running one")
     wrong = await client.post("/api/v1/config/rollback", json={},
                               headers={"Authorization": "Bearer edge_wrong"})
     assert wrong.status == 401
@@ -198,3 +201,29 @@ async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a
                                                               (5, "committed")]
     diff = await running.get("/api/v1/config/diff?old=0&new=5")
     assert '-  "version": 0' in diff["lines"]
+
+
+async def test_a_foreign_host_name_is_refused_and_answers_carry_the_security_headers(
+    running: Running
+) -> None:
+    rebound = await running.client.get("/api/v1/config", headers={"Host": "evil.example"})
+    assert rebound.status == 421  # DNS rebinding through the operator's browser
+    ok = await running.client.get("/api/v1/config", headers={"Host": "localhost:8080"})
+    assert ok.status == 200
+    assert ok.headers["X-Frame-Options"] == "DENY"
+    assert "default-src 'self'" in ok.headers["Content-Security-Policy"]
+
+
+async def test_a_live_stream_ends_with_its_login(running: Running) -> None:
+    running.web.auth.view = "login"  # nobody may look without logging in
+    client = running.client
+    login = await client.post("/api/v1/login", json={"user": "admin",
+                                                     "password": "correct horse"})
+    csrf = (await login.json())["csrf"]
+    r = await client.get("/api/v1/stream")
+    assert r.status == 200
+    await r.content.readline()
+    out = await client.post("/api/v1/logout", headers={"X-CSRF-Token": csrf})
+    assert out.status == 204
+    rest = await asyncio.wait_for(r.content.read(), timeout=5)  # the server ends it
+    assert rest.count(b"event: overview") <= 2

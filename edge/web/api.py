@@ -20,6 +20,7 @@ or after an open health window).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from edge.web.recent import Recent
 
 if TYPE_CHECKING:
     from edge.agent import Agent
+
+log = logging.getLogger(__name__)
 
 EVENTS_MAX = 200
 INT64_MAX = 2**63 - 1
@@ -206,7 +209,7 @@ class Api:
 
     async def version(self, request: web.Request) -> web.Response:
         text = request.match_info["version"]
-        if not text.isdigit() or int(text) > INT64_MAX:
+        if not (text.isascii() and text.isdigit()) or int(text) > INT64_MAX:
             raise _error(400, f"version must be an integer from 0 to {INT64_MAX}, "
                               f"got {text[:40]!r}")
         kept = self.history.get(int(text))
@@ -247,5 +250,10 @@ class Api:
                 raise _error(409, f"version {version} was rolled back ({kept.reason})")
         elif self.history.previous() is None:
             raise _error(409, "there is no earlier version to roll back to")
+        if version is not None and version == self.agent.cfg.bundle_version:
+            raise _error(409, f"version {version} is the running one")
+        log.warning("rollback to %s asked for by %s through the web API",
+                    "the version before" if version is None else f"version {version}",
+                    request.get(USER))
         self.history.request_rollback(version)
         return _json({"requested": version, "by": request.get(USER)}, status=202)

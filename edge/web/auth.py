@@ -317,6 +317,12 @@ class Sessions:
         s.last_used = now
         return s
 
+    def alive(self, session_id: str) -> bool:
+        """Whether the session ``session_id`` is live, without marking it as used (a
+        live stream must not keep a session from going idle)."""
+        s = self._sessions.get(session_id)
+        return s is not None and not self._expired(s, self._clock())
+
     def drop(self, session_id: str) -> None:
         """End the session ``session_id``, if there is one."""
         self._sessions.pop(session_id, None)
@@ -483,6 +489,17 @@ class WebAuth:
     def may_view(self, address: str | None) -> bool:
         """Whether a client at ``address`` may view without logging in."""
         return self.view == "local" and is_loopback(address)
+
+    def still_allowed(self, request: web.Request) -> bool:
+        """Whether a long request (a live stream) that was let in may go on: its bearer
+        token, its session (live, not marked as used), or a loopback client's view."""
+        authorization = request.headers.get(hdrs.AUTHORIZATION)
+        if authorization is not None:
+            return self._bearer_user(authorization) is not None
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id and self.sessions.alive(session_id):
+            return True
+        return self.may_view(peer_address(request))
 
     def _is_open(self, request: web.Request) -> bool:
         path = request.rel_url.path_safe  # what the router matches

@@ -70,7 +70,7 @@ _SCHEMAS: dict[str, Any] = {
         "pending", "committed", "rolled_back", "superseded"]}, "reason": _STR,
         "received": _MS, "decided": _nullable(_MS), "devices": _INT}),
 }
-_SCHEMAS["DeviceDetail"] = {"allOf": [_ref("Device"), _obj({
+_SCHEMAS["DeviceDetail"] = _obj({**_SCHEMAS["Device"]["properties"],
     "properties": {"type": "array", "items": _obj({
         "name": _STR, "type": _STR, "access": {"type": "string", "enum": ["ReadOnly",
                                                                           "ReadWrite"]},
@@ -80,8 +80,8 @@ _SCHEMAS["DeviceDetail"] = {"allOf": [_ref("Device"), _obj({
     "methods": {"type": "array", "items": _obj({"name": _STR,
                                                 "properties": {"type": "array", "items": _STR}})},
     "latest": _nullable(_ref("Reading")),
-    "twin": {"type": "object", "additionalProperties": {"type": "object"}},
-}, more=True)]}
+    "twin": {"type": "object", "additionalProperties": {"type": "object"}}
+})
 
 
 def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +98,7 @@ _DEVICE_PARAMS = [
 def _get(summary: str, schema: dict[str, Any], *, params: list[dict[str, Any]] | None = None,
          errors: tuple[int, ...] = ()) -> dict[str, Any]:
     responses: dict[str, Any] = {"200": _answer(summary, schema)}
-    responses.update({str(code): _ERROR for code in errors})
+    responses.update({str(code): _ERROR for code in (*errors, 401)})
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
         op["parameters"] = params

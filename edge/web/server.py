@@ -20,13 +20,15 @@ event and tried again every BIND_RETRY_S; the agent goes on polling and publishi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from edge.config.runtime import WebSettings
 from edge.store.history import History
@@ -37,6 +39,8 @@ from edge.web.openapi import openapi
 from edge.web.recent import Recent
 
 if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler
+
     from edge.agent import Agent
 
 log = logging.getLogger(__name__)
@@ -44,17 +48,42 @@ log = logging.getLogger(__name__)
 BIND_RETRY_S = 30.0
 UPLINK_GRACE_S = 30.0
 STREAM_PERIOD_S = 1.0
+MAX_STREAMS = 16
+"""Live streams open at once, at most (each is a browser tab)."""
+KEEPALIVE_S = 15.0
+"""An idle connection is closed after this (aiohttp's default is an hour)."""
+SHUTDOWN_S = 1.0
+"""How long a stop waits for requests under way (live streams are cut)."""
+BACKLOG = 64
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 STATIC = resources.files("edge.web") / "static"
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
                  ".svg": "image/svg+xml"}
 
 
 def _ssl_context(settings: WebSettings) -> ssl.SSLContext | None:
+    """The TLS context of ``web.tls``; a key that wants a passphrase fails at once
+    (ssl.SSLError) instead of prompting on the agent's terminal."""
     if settings.tls is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(*settings.tls)
+    ctx.load_cert_chain(*settings.tls, password=lambda: b"")
     return ctx
+
+
+def _own_host(host: str, listen_host: str) -> bool:
+    """Whether ``host`` (a Host header's name, no port) names this gateway."""
+    if host in ("localhost", listen_host.lower()):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class WebServer:
@@ -69,10 +98,13 @@ class WebServer:
         self.auth = WebAuth(dict(settings.users), settings.tokens, view=settings.view,
                             secure_cookie=settings.tls is not None)
         self._metrics = metrics_handler(registry_for(agent))
+        self.overview: dict[str, Any] | None = None
+        self._streams = 0
 
     def app(self) -> web.Application:
         """The aiohttp application (also what the tests serve)."""
-        app = web.Application(middlewares=[self.auth.middleware], client_max_size=64 << 10)
+        app = web.Application(middlewares=[self._guard, self.auth.middleware],
+                              client_max_size=64 << 10)
         app.add_routes(self.auth.routes())
         app.add_routes([
             web.get("/", self.index),
@@ -87,30 +119,61 @@ class WebServer:
         return app
 
     async def run(self) -> None:
-        """Serve until cancelled; a port that cannot be bound is tried again later."""
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        """Serve until cancelled; a port that cannot be bound, or a certificate that
+        cannot be loaded, is reported and tried again later."""
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=KEEPALIVE_S, shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         scheme = "https" if self.settings.tls else "http"
+        ticker = asyncio.create_task(self._tick(), name="web-overview")
         try:
             while True:
-                site = web.TCPSite(runner, self.settings.host, self.settings.port,
-                                   ssl_context=_ssl_context(self.settings))
                 try:
+                    site = web.TCPSite(runner, self.settings.host, self.settings.port,
+                                       ssl_context=_ssl_context(self.settings),
+                                       backlog=BACKLOG)
                     await site.start()
-                except OSError as e:
-                    log.error("the web page cannot listen on %s:%d: %s; trying again in "
-                              "%.0f s", self.settings.host, self.settings.port, e.strerror,
-                              BIND_RETRY_S)
-                    self.agent.uplink.publish_event("web_error", error=str(e))
+                except (OSError, ssl.SSLError) as e:
+                    what = ("cannot load web.tls (is the key protected by a passphrase?)"
+                            if isinstance(e, ssl.SSLError) else
+                            f"cannot listen on {self.settings.host}:{self.settings.port}")
+                    log.error("the web page %s: %s; trying again in %.0f s", what,
+                              getattr(e, "strerror", None) or e, BIND_RETRY_S)
+                    self.agent.uplink.publish_event("web_error", error=f"{what}: {e}")
                     await asyncio.sleep(BIND_RETRY_S)
                     continue
                 log.info("web page on %s://%s:%d/", scheme, self.settings.host,
                          self.settings.port)
                 await asyncio.Event().wait()
         finally:
+            ticker.cancel()
             await runner.cleanup()
 
+    async def _tick(self) -> None:
+        """The overview, once a second for every live stream (one computation, however
+        many streams; the CPU figure is the agent's over that second)."""
+        while True:
+            self.overview = self.api.overview_body()
+            await asyncio.sleep(STREAM_PERIOD_S)
+
     # -- handlers -------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a Host that is not this gateway's (DNS rebinding: a web site that
+        resolves its own name to 127.0.0.1 must not read the page through the
+        operator's browser): an IP address, ``localhost``, or the ``web.listen``
+        host. Every answer gets the security headers."""
+        try:
+            host = urlsplit("//" + (request.host or "")).hostname or ""
+        except ValueError:
+            host = ""
+        if not _own_host(host, self.settings.host):
+            return web.json_response({"error": f"Host {host[:60]!r} is not this gateway"},
+                                     status=421)
+        resp = await handler(request)
+        resp.headers.update(SECURITY_HEADERS)
+        return resp
 
     async def index(self, request: web.Request) -> web.Response:
         return await self._asset("index.html")
@@ -150,25 +213,38 @@ class WebServer:
         return web.json_response(openapi())
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
+        if self._streams >= MAX_STREAMS:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"{MAX_STREAMS} live streams are open already"}),
+                content_type="application/json", headers={"Retry-After": "10"})
         key = request.query.get("device")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        seen_events = self._event_count()
-        last_seq = None
-        while True:
-            await self._send(resp, "overview", self.api.overview_body())
-            events = list(self.agent.uplink.forwarder.recent_events)
-            count = self._event_count()
-            if count > seen_events:
-                await self._send(resp, "events", events[-min(count - seen_events, len(events)):])
-                seen_events = count
-            if key is not None:
-                latest = self.recent.latest(key)
-                if latest is not None and latest["seq"] != last_seq:
-                    last_seq = latest["seq"]
-                    await self._send(resp, "reading", latest)
-            await asyncio.sleep(STREAM_PERIOD_S)
+        self._streams += 1
+        try:
+            await resp.prepare(request)
+            seen_events = self._event_count()
+            last_seq = None
+            # ends when the client goes, or its login does (logout, expiry)
+            while self.auth.still_allowed(request):
+                await self._send(resp, "overview", self.overview or self.api.overview_body())
+                count = self._event_count()
+                if count > seen_events:
+                    events = list(self.agent.uplink.forwarder.recent_events)
+                    await self._send(resp, "events",
+                                     events[-min(count - seen_events, len(events)):])
+                    seen_events = count
+                if key is not None:
+                    latest = self.recent.latest(key)
+                    if latest is not None and latest["seq"] != last_seq:
+                        last_seq = latest["seq"]
+                        await self._send(resp, "reading", latest)
+                await asyncio.sleep(STREAM_PERIOD_S)
+        except (ConnectionError, ClientConnectionResetError):
+            pass  # the page went away
+        finally:
+            self._streams -= 1
+        return resp
 
     def _event_count(self) -> int:
         return self.agent.uplink.forwarder.events_total

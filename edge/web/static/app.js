@@ -221,7 +221,15 @@ function failed(err) {
 
 async function who() {
   try { session = await api("session"); } catch { session = null; }
-  document.getElementById("who").textContent = session ? "logged in as " + session.user : "";
+  const el = document.getElementById("who");
+  el.textContent = session ? "logged in as " + session.user + " " : "";
+  if (session) {
+    const out = document.createElement("button");
+    out.textContent = "Log out";
+    out.onclick = () => api("logout", {method: "POST"}).catch(() => {}).then(() => {
+      session = null; who(); route(); });
+    el.appendChild(out);
+  }
 }
 
 function route() {

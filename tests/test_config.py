@@ -34,6 +34,7 @@ from edge.config.model import (
     ValueType,
     Visitor,
 )
+from edge.web.auth import hash_password
 
 CASES = Path(__file__).parent / "cases"
 V1BETA1_DEMO = CASES / "sample_v1beta1_temperature_demo" / "manifests"
@@ -1293,6 +1294,11 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: gw\nweb: {tokens: [edge_abc]}\n",
          ["web.tokens[0]: must be sha256:<64 hex digits> as `edge web token` prints it, never "
           "the token itself"]),
+        ("node: gw\nweb: {listen: 'gw_01:8080'}\n",
+         ["web.listen: must be host:port with an IP address or host name: the host 'gw_01' is "
+          "neither an IPv4/IPv6 address nor a host name (RFC 1123: dot-separated labels of "
+          "1..63 letters, digits and '-', not starting or ending with '-') (got "
+          "'gw_01:8080')"]),
         ("node: gw\nweb: {view: all}\n",
          ["web.view: Input should be 'local' or 'login' (got 'all')"]),
         ("node: gw\npolicy: {mode: block}\n",
@@ -1712,3 +1718,10 @@ def test_kubernetes_object_name_errors(tmp_path: Path, metadata: Doc, expected: 
     device = device_doc()
     device["metadata"] = metadata
     assert one_error(tmp_path, model_doc(), device).startswith(expected)
+
+
+def test_a_web_user_listed_twice_is_an_error(tmp_path: Path) -> None:
+    h = hash_password("pw", ln=4)
+    text = yaml.safe_dump({"node": "gw", "web": {"users": [
+        {"name": "admin", "password_hash": h}, {"name": "admin", "password_hash": h}]}})
+    assert agent_problems(tmp_path, text) == ["web.users: user 'admin' is listed more than once"]

@@ -229,6 +229,9 @@ def _listen_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError("must be host:port, e.g. 127.0.0.1:8080 or [::1]:8080")
+    problem = host_error("the host", host.strip("[]"))
+    if problem:
+        raise ValueError(f"must be host:port with an IP address or host name: {problem}")
     return value
 
 
@@ -386,6 +389,14 @@ class WebUser(_Section):
     password_hash: Annotated[str, AfterValidator(_password_hash)]
 
 
+def _unique_users(users: list[WebUser]) -> list[WebUser]:
+    names = [u.name for u in users]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise _error(f"user {twice[0]!r} is listed more than once")  # no hashes echoed
+    return users
+
+
 class WebConfig(_Section):
     """``web``: the local status page, REST API and /metrics (:mod:`edge.web`).
 
@@ -398,7 +409,7 @@ class WebConfig(_Section):
     enabled: bool = True
     listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8080"
     tls: WebTls | None = None
-    users: list[WebUser] = []
+    users: Annotated[list[WebUser], AfterValidator(_unique_users)] = []
     tokens: list[Annotated[str, AfterValidator(_token_hash)]] = []
     view: Literal["local", "login"] = "local"
 

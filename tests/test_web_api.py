@@ -227,3 +227,13 @@ async def test_a_live_stream_ends_with_its_login(running: Running) -> None:
     assert out.status == 204
     rest = await asyncio.wait_for(r.content.read(), timeout=5)  # the server ends it
     assert rest.count(b"event: overview") <= 2
+
+
+async def test_what_the_page_keeps_of_a_removed_device_goes(running: Running) -> None:
+    assert running.web.recent.latest("default/tank") is not None
+    kept = [d for d in running.agent.cfg.devices if d.key != "default/tank"]
+    await running.agent.apply_devices(dataclasses.replace(running.agent.cfg,
+                                                          devices=tuple(kept)))
+    await asyncio.sleep(2.5)  # the web server's once-a-second tick
+    assert running.web.recent.latest("default/tank") is None
+    assert running.web.recent.trend("default/tank") == {}

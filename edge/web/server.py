@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -105,6 +106,7 @@ class WebServer:
         """The aiohttp application (also what the tests serve)."""
         app = web.Application(middlewares=[self._guard, self.auth.middleware],
                               client_max_size=64 << 10)
+        app.cleanup_ctx.append(self._ticking)
         app.add_routes(self.auth.routes())
         app.add_routes([
             web.get("/", self.index),
@@ -125,7 +127,6 @@ class WebServer:
                                keepalive_timeout=KEEPALIVE_S, shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         scheme = "https" if self.settings.tls else "http"
-        ticker = asyncio.create_task(self._tick(), name="web-overview")
         try:
             while True:
                 try:
@@ -146,14 +147,22 @@ class WebServer:
                          self.settings.port)
                 await asyncio.Event().wait()
         finally:
-            ticker.cancel()
             await runner.cleanup()
+
+    async def _ticking(self, app: web.Application) -> AsyncIterator[None]:
+        """The app's cleanup context: :meth:`_tick` runs while the app serves."""
+        ticker = asyncio.create_task(self._tick(), name="web-overview")
+        yield
+        ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)
 
     async def _tick(self) -> None:
         """The overview, once a second for every live stream (one computation, however
-        many streams; the CPU figure is the agent's over that second)."""
+        many streams; the CPU figure is the agent's over that second); what is kept of
+        devices no longer configured is dropped."""
         while True:
             self.overview = self.api.overview_body()
+            self.recent.forget({d.key for d in self.agent.cfg.devices})  # after a new config
             await asyncio.sleep(STREAM_PERIOD_S)
 
     # -- handlers -------------------------------------------------------------------

@@ -27,14 +27,10 @@ class _Trend:
     ts: array[float] = field(default_factory=lambda: array("d", [math.nan] * TREND_POINTS))
     values: array[float] = field(default_factory=lambda: array("d", [0.0] * TREND_POINTS))
     next: int = 0
-    last_ts: float = -math.inf
 
     def add(self, ts_s: float, value: float) -> None:
-        if ts_s - self.last_ts < TREND_STEP_S:
-            return
         self.ts[self.next], self.values[self.next] = ts_s, value
         self.next = (self.next + 1) % TREND_POINTS
-        self.last_ts = ts_s
 
     def points(self, since_s: float) -> list[list[float]]:
         order = [*range(self.next, TREND_POINTS), *range(self.next)]
@@ -48,14 +44,18 @@ class Recent:
     def __init__(self) -> None:
         self._latest: dict[str, Reading] = {}
         self._trends: dict[str, dict[str, _Trend]] = {}
+        self._trend_ts: dict[str, float] = {}
 
     def add(self, reading: Reading) -> None:
-        """Take one reading (a hook of the agent; cheap: a dict store, and a ring write
-        per numeric property at most every TREND_STEP_S)."""
+        """Take one reading (a hook of the agent, on the poll path: a dict store, and at
+        most every TREND_STEP_S per device a ring write per numeric property)."""
         key = f"{reading.namespace}/{reading.device}"
         self._latest[key] = reading
-        trends = self._trends.setdefault(key, {})
         ts_s = reading.ts_ms / 1000
+        if ts_s - self._trend_ts.get(key, -math.inf) < TREND_STEP_S:
+            return
+        self._trend_ts[key] = ts_s
+        trends = self._trends.setdefault(key, {})
         for prop, value in reading.values.items():
             if isinstance(value, int | float):  # bool too: 0/1
                 trend = trends.get(prop)
@@ -69,6 +69,7 @@ class Recent:
             del self._latest[key]
         for key in [k for k in self._trends if k not in keep]:
             del self._trends[key]
+            self._trend_ts.pop(key, None)
 
     def latest(self, key: str) -> dict[str, Any] | None:
         """The latest reading of ``key`` as published (``device, ts, seq, values,

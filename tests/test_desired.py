@@ -72,6 +72,18 @@ def written(sub: Subscriber) -> list[tuple[str, str]]:
     return [(e["origin"], e["property"]) for e in events(sub, PREFIX, "written")]
 
 
+def pump_gateway(tmp_path: Path, stop_later: StopLater) -> tuple[Any, Any, Gateway, Any, Any]:
+    """The pump (no desired values) on a pymodbus server, its gateway running and
+    publishing: ``(server, broker, gateway, subscriber on PREFIX/#, agent)``."""
+    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
+    broker = stop_later(start_broker(tmp_path))
+    gw = Gateway(tmp_path, broker, pump_docs(server.port, {}), node=NODE)
+    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
+    agent = stop_later(gw.start())
+    sub.wait_for(lambda m: m.topic == f"{PREFIX}/telemetry/default/pump")
+    return server, broker, gw, sub, agent
+
+
 def test_desired_values_are_written_once_read_back_and_reported(
     tmp_path: Path, stop_later: StopLater
 ) -> None:
@@ -124,12 +136,7 @@ def test_desired_values_are_written_once_read_back_and_reported(
 def test_cmd_write_and_method_are_signed_checked_and_answered(
     tmp_path: Path, stop_later: StopLater
 ) -> None:
-    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
-    broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, pump_docs(server.port, {}), node=NODE)
-    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
-    agent = stop_later(gw.start())
-    sub.wait_for(lambda m: m.topic == f"{PREFIX}/telemetry/default/pump")
+    server, broker, gw, sub, agent = pump_gateway(tmp_path, stop_later)
     where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--timeout", "15"]
 
     def cloud(*args: str, key: Path = gw.key_file) -> Any:
@@ -212,12 +219,7 @@ def test_a_new_desired_value_for_an_offline_device_is_committed_and_written_when
 def test_commands_are_answered_during_a_health_window_and_never_carried_out_twice(
     tmp_path: Path, stop_later: StopLater
 ) -> None:
-    server = stop_later(ModbusServer({1: Image(co=[False], hr=[0] * 8)}))
-    broker = stop_later(start_broker(tmp_path))
-    gw = Gateway(tmp_path, broker, pump_docs(server.port, {}), node=NODE)
-    sub = stop_later(Subscriber(broker.port, f"{PREFIX}/#"))
-    agent = stop_later(gw.start())
-    sub.wait_for(lambda m: m.topic == f"{PREFIX}/telemetry/default/pump")
+    server, broker, gw, sub, agent = pump_gateway(tmp_path, stop_later)
     where = ["--node", NODE, "--broker", f"127.0.0.1:{broker.port}", "--key",
              str(gw.key_file), "--timeout", "10"]
 

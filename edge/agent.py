@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import __version__
 from edge.config.model import DeviceSpec
@@ -29,17 +29,23 @@ from edge.uplink.payload import now_ms
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
 from edge.uplink.twins import Twins
+from edge.wasm.spec import PluginSpec
+
+if TYPE_CHECKING:  # wasmtime is imported only when a plugin is configured
+    from edge.wasm.host import Plugins
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceChanges:
-    """What :meth:`Agent.apply_devices` did, by device key."""
+    """What :meth:`Agent.apply_devices` did, by device key, and the plugins it
+    loaded anew (new or changed, by name)."""
 
     added: tuple[str, ...]
     changed: tuple[str, ...]
     removed: tuple[str, ...]
+    plugins: tuple[str, ...] = ()
 
 
 def _as_polled(d: DeviceSpec) -> DeviceSpec:
@@ -55,7 +61,7 @@ def same_device(a: DeviceSpec, b: DeviceSpec) -> bool:
 
 
 HOT = ("devices", "log_level", "health_window_s", "warnings", "files", "version",
-       "bundle_version", "bundle")
+       "bundle_version", "bundle", "plugins", "plugin_dir")
 """RuntimeConfig fields a running agent takes over without a restart."""
 
 
@@ -123,6 +129,9 @@ class Agent:
             for d in cfg.devices
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.plugins: Plugins | None = None
+        """The WASM plugin host, from the first configured plugin on."""
+        self._configure_plugins(cfg)
         self.writes = Writes(self.pool, self.history, self.twins, self.uplink.publish_event)
         self.config_events: collections.Counter[str] = collections.Counter()
         """``config_applied``, ``config_committed``, ``config_rolled_back`` and
@@ -140,6 +149,30 @@ class Agent:
         self.restart_for = reason
         if self._stop is not None:
             self._stop.set()
+
+    def _configure_plugins(self, cfg: RuntimeConfig) -> tuple[str, ...]:
+        """Load ``cfg``'s plugins (:mod:`edge.wasm`); the names loaded anew."""
+        if self.plugins is None:
+            if not cfg.plugins:
+                return ()
+            from edge.wasm.host import Plugins  # noqa: PLC0415 (wasmtime costs ~10 MB)
+            from edge.wasm.instance import Runtime  # noqa: PLC0415
+            from edge.wasm.kv import KvStore  # noqa: PLC0415
+
+            self.plugins = Plugins(Runtime(cfg.plugin_cache),
+                                   KvStore(self.cfg.store.path.parent / "plugins.db"),
+                                   self.uplink.publish_event)
+        before = {n: p.spec for n, p in self.plugins.plugins.items()}
+        self.plugins.configure(cfg.plugins)
+        return tuple(s.name for s in cfg.plugins if before.get(s.name) != s)
+
+    def apply_plugins(self, plugins: tuple[PluginSpec, ...]) -> tuple[str, ...]:
+        """Run ``plugins`` from the next batch on (from the plugin directory's hot
+        reload, :mod:`edge.wasm.watch`); the names loaded anew."""
+        cfg = dataclasses.replace(self.cfg, plugins=plugins)
+        loaded = self._configure_plugins(cfg)
+        self.cfg = cfg
+        return loaded
 
     def _poller(self, d: DeviceSpec, first_seq: int) -> DevicePoller:
         m = self.cfg.modbus
@@ -174,6 +207,7 @@ class Agent:
             changed=tuple(k for k in new if k in old and not same_device(old[k], new[k])),
         )
         sinks_changed = _push_sinks(self.cfg.devices) != _push_sinks(cfg.devices)
+        changes = dataclasses.replace(changes, plugins=self._configure_plugins(cfg))
         self.cfg = cfg
         self.twins.configure(cfg.devices)
         self.writes.configure(cfg.devices)
@@ -210,7 +244,8 @@ class Agent:
         ``devices``: per ``ns/name`` the poller's counters and breaker
         (:class:`~edge.modbus.poller.DeviceStats`). ``config``: ``version`` (content
         hash), ``applied`` (bundle version, 0 for the agent file alone) and ``events``
-        (config events by kind since start).
+        (config events by kind since start). ``plugins``: per plugin name its counters
+        (:meth:`edge.wasm.host.Plugins.stats`), empty without plugins.
         """
         ob, fw, cl = self.outbox.stats, self.uplink.forwarder, self.uplink.client.stats
         return {
@@ -229,6 +264,7 @@ class Agent:
             "devices": {key: dataclasses.asdict(p.stats) for key, p in self.pollers.items()},
             "config": {"version": self.cfg.version, "applied": self.cfg.bundle_version,
                        "events": dict(self.config_events)},
+            "plugins": self.plugins.stats() if self.plugins is not None else {},
         }
 
     def device_states(self) -> dict[str, str]:
@@ -238,7 +274,11 @@ class Agent:
         return {key: known.get(key, "unknown") for key in self.pollers}
 
     def _on_reading(self, reading: Reading) -> None:
-        self.uplink.publish_reading(reading)
+        if self.plugins is None:
+            self.uplink.publish_reading(reading)
+        else:
+            for out in self.plugins.process(reading):
+                self.uplink.publish_reading(out)
         self.twins.update(reading)
         if self.push:
             self.push.push(reading)
@@ -285,6 +325,8 @@ class Agent:
             self.uplink.cancel_pending()
             await asyncio.to_thread(self.uplink.stop)
             self.push.stop()
+            if self.plugins is not None:
+                self.plugins.close()
             log.info("agent stopped")
 
     async def _watch_uplink(self) -> None:

@@ -19,6 +19,7 @@ from edge import __version__
 from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
 from edge.history_cli import config, rollback
+from edge.plugin_cli import plugin
 from edge.web_cli import web
 
 if TYPE_CHECKING:
@@ -118,6 +119,9 @@ def run(config_path: Path) -> None:
     agent = Agent(start.cfg, history)
     sync = ConfigSync(agent, config_path, history, start)
     agent.services.append(sync.run)
+    from edge.wasm.watch import PluginWatch  # noqa: PLC0415
+
+    agent.services.append(PluginWatch(agent, config_path).run)
     if start.cfg.web.enabled:
         from edge.web.server import WebServer  # noqa: PLC0415 (aiohttp only when it serves)
 
@@ -140,6 +144,7 @@ def check(config_path: Path) -> None:
     click.echo(
         f"{config_path}: OK: node {cfg.node}, {len(cfg.files)} manifest file(s), "
         f"{len(cfg.devices)} device(s), {props} properties, {requests} read request(s) per round"
+        + (f", {len(cfg.plugins)} plugin(s)" if cfg.plugins else "")
         + (f", {len(cfg.warnings)} warning(s)" if cfg.warnings else "")
     )
 
@@ -277,3 +282,4 @@ main.add_command(cloud)
 main.add_command(config)
 main.add_command(rollback)
 main.add_command(web)
+main.add_command(plugin)

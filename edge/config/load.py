@@ -18,6 +18,7 @@ from edge.config.errors import ConfigError, Problem
 from edge.config.kubeedge import Manifests, read_manifests, resolve_documents
 from edge.config.kubeedge_docs import GROUP
 from edge.config.model import DeviceSpec
+from edge.config.plugins import load_bundle_plugins, load_plugin_dir
 from edge.config.sources import (
     MANIFEST_SUFFIXES,
     Document,
@@ -26,22 +27,25 @@ from edge.config.sources import (
     or_list,
     read_yaml_file,
 )
+from edge.wasm.spec import PluginSpec
 
 LOCAL_ONLY = ("node", "devices", "trust")
 """Agent-file keys a bundle's ``agent`` may not set: the gateway's identity, where its
 local manifests are, and whom it trusts stay with whoever installed it."""
 LOCAL_ONLY_STORE = ("path",)
-NOT_SUPPORTED_YET = ("policies", "plugins")
+NOT_SUPPORTED_YET = ("policies",)
 
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A valid agent file, its devices, the warnings found, and the manifest files read."""
+    """A valid agent file, its devices, the warnings found, the manifest files read,
+    and its plugins in the order they run."""
 
     agent: AgentFile
     devices: tuple[DeviceSpec, ...]
     warnings: tuple[Problem, ...]
     files: tuple[str, ...]
+    plugins: tuple[PluginSpec, ...] = ()
 
 
 def _manifest_hint(data: object, base_dir: Path) -> tuple[list[Path], str | None]:
@@ -117,11 +121,12 @@ def load_config(path: str | Path) -> LoadedConfig:
     else:
         paths, node = _manifest_hint(data, path.parent)
     manifests = read_manifests(paths, node=node, report=report)
+    plugins = load_plugin_dir(agent, path, report) if agent is not None else ()
     if agent is None or report.has_errors:
         raise ConfigError(report.problems)
     if not manifests.devices:
         report.warning(Where(str(path)), "devices", _why_no_device(agent, manifests))
-    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files)
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins)
 
 
 def load_manifests(
@@ -211,10 +216,11 @@ def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedCon
         for i, obj in enumerate(bundle.get(name) or [], start=1)
     ]
     manifests = resolve_documents(documents, node=agent.node if agent else None, report=report)
+    plugins = load_bundle_plugins(bundle.get("plugins"), agent, label, report) if agent else ()
     if agent is None or report.has_errors:
         raise ConfigError(report.problems)
     if not manifests.devices:
         report.warning(Where(label), "devices", "no device will be polled: " + (
             f"of the bundle's {manifests.found} Device(s) none can be polled here (see the "
             "warnings)" if manifests.found else "the bundle holds no Device"))
-    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files)
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins)

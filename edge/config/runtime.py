@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
 from edge.uplink.settings import BrokerSettings, ForwardSettings
+from edge.wasm.spec import PluginSpec
 
 if TYPE_CHECKING:  # the validation libraries stay in the child
     from edge.config.agent import WebConfig
@@ -81,7 +82,10 @@ class RuntimeConfig:
     ``version`` is a content hash of the agent file and every manifest it loaded
     (``sha256:`` + 12 hex digits); ``broker`` carries the uplink password read from
     ``password_file`` (kept in memory only). ``bundle_version`` is the desired bundle
-    applied on top of the agent file (0: none) and ``bundle`` its content.
+    applied on top of the agent file (0: none) and ``bundle`` its content. ``plugins``
+    run in that order (:mod:`edge.wasm`), their compiled modules cached in
+    ``plugin_cache``; ``plugin_dir`` is where their manifests are watched (None when
+    they come from the bundle).
     """
 
     node: str
@@ -100,6 +104,9 @@ class RuntimeConfig:
     bundle_version: int = 0
     bundle: Mapping[str, Any] | None = field(default=None, repr=False)
     web: WebSettings = field(default_factory=WebSettings)
+    plugins: tuple[PluginSpec, ...] = ()
+    plugin_cache: Path | None = None
+    plugin_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +132,13 @@ class BundleRefusedError(ConfigError):
 
 
 def _version(agent_file: Path, files: tuple[str, ...],
-             bundle: Mapping[str, Any] | None = None) -> str:
+             bundle: Mapping[str, Any] | None = None,
+             plugins: tuple[PluginSpec, ...] = ()) -> str:
     h = hashlib.sha256()
     for name in (str(agent_file), *sorted(files)):
         h.update(Path(name).read_bytes())
+    if plugins:
+        h.update(repr(plugins).encode())
     if bundle is not None:
         h.update(json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()[:12]
@@ -161,6 +171,7 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
         ConfigError: every problem of the agent file and the manifests or bundle.
     """
     from edge.config.load import load_bundle_config, load_config  # noqa: PLC0415 (child only)
+    from edge.config.plugins import plugin_cache_dir  # noqa: PLC0415
 
     content = _verified_content(path, source) if source is not None else None
     cfg = load_config(path) if content is None else load_bundle_config(path, content)
@@ -211,10 +222,13 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
         devices=cfg.devices,
         warnings=cfg.warnings,
         files=cfg.files,
-        version=_version(path, cfg.files, content),
+        version=_version(path, cfg.files, content, cfg.plugins),
         bundle_version=int(content["version"]) if content is not None else 0,
         bundle=content,
         web=_web_settings(agent.web),
+        plugins=cfg.plugins,
+        plugin_cache=plugin_cache_dir(agent.store.path),
+        plugin_dir=agent.plugins.dir if content is None else None,
     )
 
 

@@ -12,7 +12,8 @@ watched for the new configuration's ``sync.health_window`` seconds:
 
 * the uplink must be connected at the end of the window;
 * no device may be offline at the end that was online before (or is new);
-* no agent task may have failed during the window.
+* no agent task may have failed during the window;
+* no plugin it loaded anew may have failed to load, or be quarantined at the end.
 
 Then the version is committed (it runs after a restart too), or the agent goes back to
 the last committed version and records why (hot, or by another restart when the
@@ -321,7 +322,8 @@ class ConfigSync:
         self._report_state()
         log.info("configuration version %d started by a restart; health window %g s",
                  version, self.agent.cfg.health_window_s)
-        await self._decide(version, before, new, back=None)
+        await self._decide(version, before, new, back=None,
+                           plugins=tuple(s.name for s in self.agent.cfg.plugins))
 
     async def _command(self, name: str, token: bytes) -> None:
         """A ``cmd/{name}``: verified in the child, carried out once per ``id`` (also
@@ -499,8 +501,10 @@ class ConfigSync:
                     version, ", ".join(fixed))
         self._restart_for = f"configuration version {version} changes {', '.join(fixed)}"
 
-    def _healthy(self, before: Mapping[str, str], changed: set[str]) -> str:
-        """Why the configuration just applied is not healthy ("" when it is)."""
+    def _healthy(self, before: Mapping[str, str], changed: set[str],
+                 plugins: tuple[str, ...]) -> str:
+        """Why the configuration just applied is not healthy ("" when it is); ``plugins``
+        were loaded anew by it."""
         agent = self.agent
         if not agent.uplink.client.stats.connected:
             return "the uplink is not connected at the end of the health window"
@@ -511,6 +515,9 @@ class ConfigSync:
                       if st != "online" and (before.get(k) == "online" or k in changed))
         if down:
             return f"device(s) {', '.join(down)} not online after the change"
+        trouble = agent.plugins.trouble(plugins) if agent.plugins is not None else []
+        if trouble:
+            return f"plugin(s) failing after the change: {'; '.join(trouble)}"
         return ""
 
     async def _apply(self, running: RuntimeConfig, new: RuntimeConfig) -> None:
@@ -526,14 +533,15 @@ class ConfigSync:
                     changed=list(changes.changed), removed=list(changes.removed))
         log.info("configuration version %d applied; health window %g s", version,
                  new.health_window_s)
-        await self._decide(version, before, {*changes.added, *changes.changed}, back=running)
+        await self._decide(version, before, {*changes.added, *changes.changed}, back=running,
+                           plugins=changes.plugins)
 
     async def _decide(self, version: int, before: Mapping[str, str], changed: set[str], *,
-                      back: RuntimeConfig | None) -> None:
+                      back: RuntimeConfig | None, plugins: tuple[str, ...]) -> None:
         """Wait out the health window of the applied ``version``, then commit it or roll
         it back: hot to ``back``, or (None) by a restart onto the committed version."""
         await asyncio.sleep(self.agent.cfg.health_window_s)
-        why = self._healthy(before, changed)
+        why = self._healthy(before, changed, plugins)
         self._pending = None
         if not why:
             self.history.commit(version)

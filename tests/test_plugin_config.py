@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from support import edge_cli
+from wasm_modules import ECHO, LOGS, NO_PROCESS, WASI, wasm, write_plugin
 
 from edge.config.errors import ConfigError
 from edge.config.load import load_bundle_config, load_config
 from edge.sync.bundle import new_key_pair
-from tests.support import edge_cli
-from tests.wasm_modules import ECHO, LOGS, NO_PROCESS, WASI, wasm, write_plugin
 
 
 def agent_file(tmp_path: Path, **extra: Any) -> Path:

@@ -13,13 +13,7 @@ from typing import Any
 
 import pytest
 import wasmtime
-
-from edge.reading import Reading
-from edge.wasm.call import RawFunc
-from edge.wasm.host import Plugins, decode, encode
-from edge.wasm.instance import PluginError, Runtime
-from edge.wasm.kv import KvStore
-from tests.wasm_modules import (
+from wasm_modules import (
     BOMB,
     COUNTS,
     ECHO,
@@ -33,6 +27,12 @@ from tests.wasm_modules import (
     spec,
     wasm,
 )
+
+from edge.reading import Reading
+from edge.wasm.call import RawFunc
+from edge.wasm.host import Plugins, decode, encode
+from edge.wasm.instance import PluginError, Runtime
+from edge.wasm.kv import KvStore
 
 Events = list[tuple[str, dict[str, Any]]]
 

@@ -31,7 +31,7 @@ from edge.wasm.spec import PluginSpec
 if TYPE_CHECKING:  # the validation libraries stay in the child
     from edge.config.agent import WebConfig
 
-CHILD_MEMORY_LIMIT = 1 << 30  # bytes of address space for the validating child
+CHILD_MEMORY_LIMIT = 1 << 30  # bytes of address space the validating child may add
 CHILD_TIMEOUT_S = 60.0
 
 
@@ -263,7 +263,12 @@ def _child(target: Callable[[], object], out: int, memory_limit: int) -> None:
     return (the exit status says whether it got that far)."""
     status = 0
     try:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        # on top of what the agent had mapped (a WASM plugin's store reserves GiBs of
+        # address space it never touches)
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read().split()[0]) * resource.getpagesize()
+        limit = mapped + memory_limit
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         try:
             outcome = target()
         except MemoryError:
@@ -279,8 +284,8 @@ def _child(target: Callable[[], object], out: int, memory_limit: int) -> None:
 
 
 class ChildCall:
-    """``target()`` running in a forked child with ``memory_limit`` bytes of address
-    space and ``timeout_s`` seconds; :meth:`outcome` waits for its return value, which
+    """``target()`` running in a forked child that may map ``memory_limit`` bytes of
+    address space beyond what it inherited, for ``timeout_s`` seconds; :meth:`outcome` waits for its return value, which
     must pickle. Whatever ``target`` imports stays in the child.
 
     Start it early: the caller can import and prepare meanwhile (two cores on a
@@ -382,8 +387,8 @@ def load_runtime_config(
     """Validate ``path`` (with ``source`` applied on top) in a forked child and return
     what the agent needs.
 
-    The child may use ``memory_limit`` bytes of address space and ``timeout_s``
-    seconds.
+    The child may map ``memory_limit`` bytes of address space beyond what it inherits,
+    and take ``timeout_s`` seconds.
 
     Raises:
         ConfigError: as :meth:`PendingConfig.result`. Nothing is started.

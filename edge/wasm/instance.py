@@ -106,6 +106,9 @@ class Runtime:
     def __init__(self, cache_dir: Path | None = None) -> None:
         cfg = wasmtime.Config()
         cfg.epoch_interruption = True
+        # no compiler thread pool: plugins are small, and the config child (forked from
+        # the agent, where such a pool's threads would not exist) must compile too
+        cfg.parallel_compilation = False
         self.engine = wasmtime.Engine(cfg)
         self.cache_dir = cache_dir
         self._stop = threading.Event()

@@ -72,3 +72,9 @@ def test_initial_memory_fits_the_manifests_limit(name: str) -> None:
     assert isinstance(memory, wasmtime.MemoryType)
     # room for a batch of a few hundred KiB on top of static data and the stack
     assert memory.limits.min + 4 <= manifest["limits"]["memory_pages"]
+
+
+def test_guide_shows_the_minimal_example_as_it_is() -> None:
+    guide = (PLUGINS_DIR / "README.md").read_text()
+    source = (PLUGINS_DIR / "example" / "minimal.c").read_text()
+    assert f"```c\n{source}```" in guide

@@ -285,8 +285,8 @@ def _child(target: Callable[[], object], out: int, memory_limit: int) -> None:
 
 class ChildCall:
     """``target()`` running in a forked child that may map ``memory_limit`` bytes of
-    address space beyond what it inherited, for ``timeout_s`` seconds; :meth:`outcome` waits for its return value, which
-    must pickle. Whatever ``target`` imports stays in the child.
+    address space beyond what it inherited, for ``timeout_s`` seconds; :meth:`outcome`
+    waits for its return value, which must pickle. Whatever ``target`` imports stays in the child.
 
     Start it early: the caller can import and prepare meanwhile (two cores on a
     typical gateway).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from support import Image, ModbusServer, device_docs, free_port, start_broker, w
 
 from edge.agent import Agent
 from edge.config.runtime import build_runtime_config
+from edge.reading import Reading
 from edge.web.auth import hash_password, new_token
 from edge.web.openapi import openapi
+from edge.web.recent import TREND_STEP_MS, Recent
 from edge.web.server import WebServer
 
 PROPS = [
@@ -82,8 +85,14 @@ async def test_overview_devices_and_a_device_with_its_latest_reading_and_trend(
     assert tank["latest"]["values"] == {"level": 7, "temperature": 21.5}
     assert [p["name"] for p in tank["properties"]] == ["level", "temperature"]
     assert tank["twin"]["level"]["reported"]["value"] == 7
+    assert set(tank["latest"]["times"]) == {"level", "temperature"}
     trend = await running.get("/api/v1/devices/default/tank/trend")
-    assert trend["level"][0][1] == 7.0
+    ts, value = trend["level"][0]
+    assert value == 7.0
+    assert isinstance(ts, int)
+    assert abs(ts - time.time() * 1000) < 60_000  # ms since the epoch, as everywhere
+    later = await running.get(f"/api/v1/devices/default/tank/trend?since={ts}")
+    assert later["level"] == [p for p in trend["level"] if p[0] > ts]
     missing = await running.get("/api/v1/devices/default/nope", 404)
     assert "no device 'default/nope'" in missing["error"]
     bad = await running.get("/api/v1/devices/default/tank/trend?since=soon", 400)
@@ -237,3 +246,59 @@ async def test_what_the_page_keeps_of_a_removed_device_goes(running: Running) ->
     await asyncio.sleep(2.5)  # the web server's once-a-second tick
     assert running.web.recent.latest("default/tank") is None
     assert running.web.recent.trend("default/tank") == {}
+
+
+def test_the_latest_values_of_a_device_with_several_collect_cycles_are_merged() -> None:
+    """A fast group (100 ms) and a slow one (1 s; a text and a number): the latest value
+    of every property, each with its own time, and one trend point per property every
+    2 s, whatever the other group does."""
+    recent = Recent()
+    seq = 0
+
+    def read(ts: int, values: dict[str, Any], quality: dict[str, str] | None = None) -> None:
+        nonlocal seq
+        seq += 1
+        recent.add(Reading("plant", "boiler", ts, seq, values, quality or {}))
+
+    start = 1_700_000_000_000
+    for i in range(100):  # 10 s
+        ts = start + 100 * i
+        read(ts, {"flow": 20.0 + i, "pump": True})
+        if i % 10 == 3:
+            read(ts + 1, {"serial": "SN-1", "hours": 1000 + i})
+    latest = recent.latest("plant/boiler")
+    assert latest is not None
+    assert latest["values"] == {"flow": 119.0, "pump": True, "serial": "SN-1", "hours": 1093}
+    assert latest["times"] == {"flow": start + 9900, "pump": start + 9900,
+                               "serial": start + 9301, "hours": start + 9301}
+    assert (latest["ts"], latest["seq"]) == (start + 9900, seq)
+    assert "quality" not in latest
+    trend = recent.trend("plant/boiler")
+    assert set(trend) == {"flow", "pump", "hours"}
+    for prop in ("flow", "hours"):
+        steps = {b[0] - a[0] for a, b in zip(trend[prop], trend[prop][1:], strict=False)}
+        assert steps == {TREND_STEP_MS}, (prop, trend[prop])
+    assert [p[0] for p in trend["flow"]] == [start + 2000 * k for k in range(5)]
+    assert recent.trend("plant/boiler", since_ms=start + 6000) == {
+        "flow": [[start + 8000, 100.0]], "pump": [[start + 8000, 1.0]],
+        "hours": [[start + 6301, 1063.0], [start + 8301, 1083.0]]}
+    # a failed read of one property: bad, without its old value, until read again
+    read(start + 10_000, {"pump": False}, {"flow": "bad"})
+    latest = recent.latest("plant/boiler")
+    assert latest is not None
+    assert latest["quality"] == {"flow": "bad"}
+    assert "flow" not in latest["values"]
+    assert latest["values"]["pump"] is False
+    read(start + 10_100, {"flow": 5.0, "pump": False})
+    latest = recent.latest("plant/boiler")
+    assert latest is not None
+    assert "quality" not in latest
+    assert latest["values"]["flow"] == 5.0
+    # a new definition without "hours" and "serial": they go
+    recent.forget({"plant/boiler": frozenset({"flow", "pump"})})
+    latest = recent.latest("plant/boiler")
+    assert latest is not None
+    assert set(latest["values"]) == {"flow", "pump"}
+    assert set(recent.trend("plant/boiler")) == {"flow", "pump"}
+    recent.forget(set())
+    assert recent.latest("plant/boiler") is None

@@ -8,7 +8,7 @@ returns a secret: users' password hashes, tokens and the uplink password never l
 the agent.
 
 Read: ``overview``, ``devices``, ``devices/{namespace}/{name}`` (definition, latest
-reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` seconds),
+reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` ms),
 ``readings`` (the latest of every device), ``events`` (``?limit=``, newest last),
 ``stats`` (:meth:`edge.agent.Agent.stats`), ``config`` and ``config/versions``,
 ``config/versions/{version}``, ``config/diff?old=&new=``. Change (login or token,
@@ -183,7 +183,7 @@ class Api:
     async def trend(self, request: web.Request) -> web.Response:
         d = self._find(request)
         since = _int_param(request, "since", 0, low=0) or 0
-        return _json(self.recent.trend(d.key, float(since)))
+        return _json(self.recent.trend(d.key, since))
 
     async def readings(self, request: web.Request) -> web.Response:
         return _json({d.key: self.recent.latest(d.key) for d in self.agent.cfg.devices})

@@ -60,10 +60,15 @@ _SCHEMAS: dict[str, Any] = {
         "errors": _obj({"timeouts": _INT, "exceptions": _INT, "frame_errors": _INT,
                         "connection_errors": _INT, "decode_errors": _INT}),
     }),
-    "Reading": _obj({"device": _STR, "ts": _MS, "seq": _INT,
-                     "values": {"type": "object", "additionalProperties": _VALUE},
-                     "quality": {"type": "object", "additionalProperties": _STR}},
-                    ["device", "ts", "seq", "values"]),
+    "Reading": {**_obj({"device": _STR, "ts": _MS, "seq": _INT,
+                        "values": {"type": "object", "additionalProperties": _VALUE},
+                        "times": {"type": "object", "additionalProperties": _MS},
+                        "quality": {"type": "object", "additionalProperties": _STR}},
+                       ["device", "ts", "seq", "values", "times"]),
+                "description": "the latest value of every property, merged from the "
+                "device's latest readings (one per collectCycle): ts and seq of the newest "
+                "reading, times the ms of each property's own read, quality bad where a "
+                "property's latest read failed (it is then absent from values)"},
     "Event": _obj({"ts": _MS, "type": _STR}, more=True),
     "Session": _obj({"user": _STR, "csrf": _STR}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
@@ -131,12 +136,12 @@ def openapi() -> dict[str, Any]:
                 "one device: definition, latest reading, twin", _ref("DeviceDetail"),
                 params=_DEVICE_PARAMS, errors=(404,)),
             "/api/v1/devices/{namespace}/{name}/trend": _get(
-                "per numeric property [[ts_s, value], …], oldest first, one point per 2 s, "
-                "the last 5 minutes",
+                "per numeric property [[ts, value], …] (ts in ms since the Unix epoch), "
+                "oldest first, one point per 2 s, the last 5 minutes",
                 {"type": "object", "additionalProperties": {"type": "array", "items": {
                     "type": "array", "items": _NUM, "minItems": 2, "maxItems": 2}}},
                 params=[*_DEVICE_PARAMS, _query("since", "only points after this time "
-                                                "(seconds since the epoch)", 0)],
+                                                "(ms since the epoch)", 0)],
                 errors=(400, 404)),
             "/api/v1/readings": _get("the latest reading of every device (null before "
                                      "its first)", {"type": "object",

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientConnectionResetError, web
 
-from edge.config.runtime import WebSettings
+from edge.config.runtime import RuntimeConfig, WebSettings
 from edge.store.history import History
 from edge.web.api import Api
 from edge.web.auth import WebAuth
@@ -160,9 +160,14 @@ class WebServer:
         """The overview, once a second for every live stream (one computation, however
         many streams; the CPU figure is the agent's over that second); what is kept of
         devices no longer configured is dropped."""
+        cfg: RuntimeConfig | None = None
+        keep: dict[str, frozenset[str]] = {}
         while True:
             self.overview = self.api.overview_body()
-            self.recent.forget({d.key for d in self.agent.cfg.devices})  # after a new config
+            if self.agent.cfg is not cfg:  # a new configuration
+                cfg = self.agent.cfg
+                keep = {d.key: frozenset(p.name for p in d.properties) for d in cfg.devices}
+            self.recent.forget(keep)  # also readings a stopping poller made since
             await asyncio.sleep(STREAM_PERIOD_S)
 
     # -- handlers -------------------------------------------------------------------
@@ -244,9 +249,10 @@ class WebServer:
                                      events[-min(count - seen_events, len(events)):])
                     seen_events = count
                 if key is not None:
-                    latest = self.recent.latest(key)
-                    if latest is not None and latest["seq"] != last_seq:
-                        last_seq = latest["seq"]
+                    seq = self.recent.seq(key)
+                    latest = self.recent.latest(key) if seq != last_seq else None
+                    if latest is not None:
+                        last_seq = seq
                         await self._send(resp, "reading", latest)
                 await asyncio.sleep(STREAM_PERIOD_S)
         except (ConnectionError, ClientConnectionResetError):

@@ -97,7 +97,7 @@ function chart(points) {
   const sy = (y) => 58 - ((y - y0) / (y1 - y0 || 1)) * 56;
   return `<svg class="trend" viewBox="0 0 300 60" preserveAspectRatio="none">
     <polyline points="${points.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ")}"/>
-    </svg><small class="muted">${y0} … ${y1} over ${age(x1 - x0)}</small>`;
+    </svg><small class="muted">${y0} … ${y1} over ${age((x1 - x0) / 1000)}</small>`;
 }
 
 function pageDevice(key) {
@@ -125,11 +125,11 @@ function pageDevice(key) {
     live("?device=" + encodeURIComponent(key), {reading: (r) => {
       device.latest = r;
       for (const [prop, v] of Object.entries(r.values)) {
-        if (typeof v === "number" || typeof v === "boolean") {
+        if (typeof v === "number" || typeof v === "boolean") {  // times and trends in ms
           const points = (trend[prop] = trend[prop] || []);
-          const ts = r.ts / 1000;
-          if (!points.length || ts - points[points.length - 1][0] >= 2) points.push([ts, Number(v)]);
-          while (points.length && points[0][0] < ts - 300) points.shift();
+          const ts = (r.times || {})[prop] ?? r.ts;
+          if (!points.length || ts - points[points.length - 1][0] >= 2000) points.push([ts, Number(v)]);
+          while (points.length && points[0][0] < ts - 300000) points.shift();
         }
       }
       draw();

@@ -497,6 +497,9 @@ async def test_a_bearer_token_changes_state_without_session_or_csrf(
                                          "user": f"token {stored[7:15]}"}
     response = await client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
     assert response.status == 200
+    response = await client.get("/api/v1/session", headers={"Authorization": f"Bearer {token}"})
+    assert (response.status, await response.json()) == (
+        200, {"user": f"token {stored[7:15]}", "via": "token", "csrf": None})
     for wrong in (f"Bearer {token[:-1]}", f"Bearer {new_token()[0]}", f"Basic {token}",
                   "Bearer ", token):
         response = await client.post(ROLLBACK, headers={"Authorization": wrong})
@@ -599,7 +602,10 @@ async def test_no_secret_appears_in_logs_or_answers(
     await post("/api/v1/login", json={"user": "admin", "password": PASSWORD})  # 429
     assert '"error": "too many failed logins' in bodies[-1]
 
-    assert "failed login from 127.0.0.1 (a user name of 6 characters)" in caplog.text
+    assert "failed login from 127.0.0.1 for a user who exists (a wrong password)" \
+        in caplog.text
+    assert "failed login from 127.0.0.1 for an unknown user" in caplog.text
+    assert "nobody" not in caplog.text  # a name may be a password in the wrong field
     assert "logins from 127.0.0.1 refused for 300 s" in caplog.text
     assert "admin logged in from 127.0.0.1" in caplog.text
     salt = admin_hash.split("$")[3]

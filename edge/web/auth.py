@@ -18,7 +18,8 @@ logs everyone out. Logins are rate-limited per client address and over all clien
 (:class:`LoginLimiter`). No secret (password, password hash, token, session id, CSRF
 token) is written to a log or put in an error message; the CSRF token is only sent to
 the holder of its session, in the answers of ``POST /api/v1/login`` and
-``GET /api/v1/session``.
+``GET /api/v1/session``. A failed login is logged with the client's address and
+whether the user exists, never the name (it may be a password typed in the wrong field).
 """
 
 from __future__ import annotations
@@ -591,8 +592,10 @@ class WebAuth:
             ok = await self._password_ok(user, password)
             if not ok:
                 self.limiter.failed(client)
-                log.warning("failed login from %s (a user name of %d characters)",
-                            client, len(user))
+                # never the name itself: it may be a password typed in the wrong field
+                log.warning("failed login from %s for %s", client,
+                            "a user who exists (a wrong password)" if user in self._users
+                            else "an unknown user")
                 if wait := self.limiter.retry_after(client):
                     log.warning("logins from %s refused for %d s: too many failures",
                                 client, wait)
@@ -603,7 +606,7 @@ class WebAuth:
             self.sessions.drop(old)
         session = self.sessions.create(user)
         log.info("%s logged in from %s", user, client)
-        response = web.json_response({"user": user, "csrf": session.csrf})
+        response = web.json_response({"user": user, "via": "session", "csrf": session.csrf})
         response.set_cookie(SESSION_COOKIE, session.id, path="/", httponly=True,
                             samesite="Strict", secure=self.secure_cookie)
         return response
@@ -621,12 +624,17 @@ class WebAuth:
         return response
 
     async def session(self, request: web.Request) -> web.Response:
-        """``GET /api/v1/session``: 200 ``{"user", "csrf"}`` of the request's session (for
-        a page loaded later), else 401."""
+        """``GET /api/v1/session``: who the request is: 200 ``{"user", "via": "session",
+        "csrf"}`` of its session (for a page loaded later), or ``{"user": "token <8 hex
+        digits>", "via": "token", "csrf": null}`` for a valid bearer token (a wrong one
+        is refused by :attr:`middleware`); 401 when it is neither."""
+        if request.headers.get(hdrs.AUTHORIZATION) is not None and request.get(USER):
+            return web.json_response({"user": request[USER], "via": "token", "csrf": None})
         session = self._session(request)
         if session is None:
             return _error(401, "not logged in")
-        return web.json_response({"user": session.user, "csrf": session.csrf})
+        return web.json_response({"user": session.user, "via": "session",
+                                  "csrf": session.csrf})
 
     def routes(self) -> list[web.RouteDef]:
         """:meth:`login`, :meth:`logout` and :meth:`session` at their paths, for

@@ -70,7 +70,8 @@ _SCHEMAS: dict[str, Any] = {
                 "reading, times the ms of each property's own read, quality bad where a "
                 "property's latest read failed (it is then absent from values)"},
     "Event": _obj({"ts": _MS, "type": _STR}, more=True),
-    "Session": _obj({"user": _STR, "csrf": _STR}),
+    "Session": _obj({"user": _STR, "via": {"type": "string", "enum": ["session", "token"]},
+                     "csrf": _nullable(_STR)}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
         "pending", "committed", "rolled_back", "superseded"]}, "reason": _STR,
         "received": _MS, "decided": _nullable(_MS), "devices": _INT}),
@@ -181,7 +182,9 @@ def openapi() -> dict[str, Any]:
                 "security": [{"session": [], "csrf": []}, {"bearer": []}],
                 "responses": {"204": {"description": "logged out"}, "401": _ERROR,
                               "403": _ERROR}}},
-            "/api/v1/session": _get("who is logged in, and the session's CSRF token",
+            "/api/v1/session": _get("who the request is: the logged-in user and the "
+                                    "session's CSRF token, or the bearer token "
+                                    "(\"token <8 hex digits>\", csrf null)",
                                     _ref("Session"), errors=(401,)),
             "/api/v1/config/rollback": {"post": {
                 "summary": "ask the running agent to roll back (as `edge rollback`)",

@@ -302,3 +302,19 @@ def test_the_latest_values_of_a_device_with_several_collect_cycles_are_merged() 
     assert set(recent.trend("plant/boiler")) == {"flow", "pump"}
     recent.forget(set())
     assert recent.latest("plant/boiler") is None
+
+
+async def test_an_unknown_api_path_or_method_is_answered_in_json(running: Running) -> None:
+    for path in ("/api/v1/nope", "/api/v1/devices/default", "/api/nope"):
+        r = await running.client.get(path)
+        assert (r.status, r.content_type) == (404, "application/json"), path
+        assert (await r.json())["error"].startswith(f"no such path {path}")
+        assert r.headers["X-Frame-Options"] == "DENY"
+    r = await running.client.put("/api/v1/devices",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (r.status, r.content_type, r.headers["Allow"]) == (405, "application/json",
+                                                              "GET,HEAD")
+    assert (await r.json()) == {
+        "error": "PUT is not allowed on /api/v1/devices; allowed: GET, HEAD"}
+    r = await running.client.get("/nope")  # not the API: aiohttp's own answer
+    assert (r.status, r.content_type) == (404, "text/plain")

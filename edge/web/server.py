@@ -9,6 +9,7 @@ event and tried again every BIND_RETRY_S; the agent goes on polling and publishi
   the internet);
 * ``/metrics``: :mod:`edge.web.metrics` (Prometheus text format);
 * ``/api/v1/…``: :mod:`edge.web.api`; ``/api/v1/openapi.json`` its OpenAPI 3 document;
+  an unknown path or method under ``/api/`` is answered in JSON too (``{"error"}``);
 * ``/api/v1/stream``: Server-Sent Events (text/event-stream), one ``overview`` event a
   second, an ``events`` event with what happened since, and with ``?device=ns/name``
   a ``reading`` event when that device has a new reading (at most one a second);
@@ -85,6 +86,24 @@ def _own_host(host: str, listen_host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _api_error(request: web.Request, e: web.HTTPException) -> web.Response | None:
+    """The JSON ``{"error"}`` answer for aiohttp's own plain-text refusal ``e`` of a
+    path under ``/api/`` (no such path, a method it does not take), like every other
+    answer of the API; None when ``e`` is already JSON or the path is not the API's."""
+    if not request.path.startswith("/api/") or e.content_type == "application/json":
+        return None
+    path = request.path[:80]
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        message = (f"{request.method[:10]} is not allowed on {path}; allowed: "
+                   f"{', '.join(sorted(e.allowed_methods))}")
+    elif isinstance(e, web.HTTPNotFound):
+        message = f"no such path {path} (the API is described at /api/v1/openapi.json)"
+    else:
+        message = e.reason
+    headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+    return web.json_response({"error": message}, status=e.status, headers=headers)
 
 
 class WebServer:
@@ -185,7 +204,15 @@ class WebServer:
         if not _own_host(host, self.settings.host):
             return web.json_response({"error": f"Host {host[:60]!r} is not this gateway"},
                                      status=421)
-        resp = await handler(request)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = _api_error(request, e) or e
+            if resp is e:
+                e.headers.update(SECURITY_HEADERS)
+                raise
         resp.headers.update(SECURITY_HEADERS)
         return resp
 

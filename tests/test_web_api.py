@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -173,10 +174,19 @@ async def test_metrics_are_served_in_the_prometheus_text_format(running: Running
 
 
 async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a_token(
-    running: Running
+    running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, "edge.web.api")
     history = running.agent.history
     history.commit_baseline({"version": 0})
+    # version 0 is the agent file: nothing of it is kept but the number, and says so
+    only = await running.get("/api/v1/config/versions")
+    assert [(v["version"], v["state"], v["devices"]) for v in only] == [(0, "committed", 2)]
+    zero = await running.get("/api/v1/config/versions/0")
+    assert zero["content"] == {"version": 0}
+    assert zero["devices"] == 2  # it runs: the agent file's devices
+    assert "agent file" in zero["note"]
+    assert (await running.get("/api/v1/config/diff?old=0&new=0"))["lines"] == []
     history.add_pending(5, {"version": 5})
     history.commit(5)
     client = running.client
@@ -194,6 +204,8 @@ async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a
     bad = await client.post("/api/v1/config/rollback", json={"version": 9},
                             headers={"X-CSRF-Token": csrf})
     assert (bad.status, (await bad.json())["error"]) == (404, "version 9 is not in the history")
+    assert ("rollback to version 9 asked for by admin through the web API refused (404): "
+            "version 9 is not in the history") in caplog.text
     client.session.cookie_jar.clear()
     by_token = await client.post("/api/v1/config/rollback", json={"version": 5},
                                  headers={"Authorization": f"Bearer {TOKEN}"})
@@ -201,6 +213,8 @@ async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a
     same = await client.post("/api/v1/config/rollback", json={"version": 0},
                              headers={"Authorization": f"Bearer {TOKEN}"})
     assert (same.status, (await same.json())["error"]) == (409, "version 0 is the running one")
+    assert "refused (409): version 0 is the running one" in caplog.text
+    assert f"asked for by token {TOKEN_HASH[7:15]}" in caplog.text
     wrong = await client.post("/api/v1/config/rollback", json={},
                               headers={"Authorization": "Bearer edge_wrong"})
     assert wrong.status == 401
@@ -208,6 +222,7 @@ async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a
     versions = await running.get("/api/v1/config/versions")
     assert [(v["version"], v["state"]) for v in versions] == [(0, "superseded"),
                                                               (5, "committed")]
+    assert [v["devices"] for v in versions] == [2, 0]  # the agent here still runs 0
     diff = await running.get("/api/v1/config/diff?old=0&new=5")
     assert '-  "version": 0' in diff["lines"]
 

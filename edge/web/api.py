@@ -11,7 +11,9 @@ Read: ``overview``, ``devices``, ``devices/{namespace}/{name}`` (definition, lat
 reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` ms),
 ``readings`` (the latest of every device), ``events`` (``?limit=``, newest last),
 ``stats`` (:meth:`edge.agent.Agent.stats`), ``config`` and ``config/versions``,
-``config/versions/{version}``, ``config/diff?old=&new=``. Change (login or token,
+``config/versions/{version}``, ``config/diff?old=&new=``. Version 0 is the agent
+file alone: its content is not kept (``{"version": 0}``), and its ``devices`` is the
+running configuration's while it runs, else null. Change (login or token,
 :mod:`edge.web.auth`): ``POST config/rollback`` ``{"version": int | null}`` asks the
 running agent to roll back, as ``edge rollback`` does (202; it happens within a second,
 or after an open health window).
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,8 @@ EVENTS_MAX = 200
 INT64_MAX = 2**63 - 1
 """The largest integer parameter taken (SQLite's INTEGER)."""
 THERMAL = Path("/sys/class/thermal")
+VERSION_0_NOTE = ("version 0 is the agent file alone: its content is not kept (content is "
+                  "only the version number); going back to it reads the file as it is then")
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -201,10 +206,18 @@ class Api:
         return _json({"version": cfg.version, "applied": cfg.bundle_version,
                       "files": list(cfg.files), **self.agent.uplink.config_state()})
 
+    def _devices_of(self, version: int, content: Mapping[str, Any]) -> int | None:
+        """How many devices ``version`` has: a bundle's, or for version 0 (the agent
+        file, whose content is not kept) the running configuration's when it is the
+        one running, else None (it is known when the file is read again)."""
+        if version != 0:
+            return len(content.get("devices", []))
+        return len(self.agent.cfg.devices) if self.agent.cfg.bundle_version == 0 else None
+
     async def versions(self, request: web.Request) -> web.Response:
         return _json([{"version": v.version, "state": v.state, "reason": v.reason,
                        "received": v.received_ms, "decided": v.decided_ms,
-                       "devices": len(v.content.get("devices", []))}
+                       "devices": self._devices_of(v.version, v.content)}
                       for v in self.history.versions()])
 
     async def version(self, request: web.Request) -> web.Response:
@@ -215,7 +228,9 @@ class Api:
         kept = self.history.get(int(text))
         if kept is None:
             raise _error(404, f"version {text} is not in the history")
-        return _json({"version": kept.version, "state": kept.state, "content": kept.content})
+        return _json({"version": kept.version, "state": kept.state, "content": kept.content,
+                      "devices": self._devices_of(kept.version, kept.content),
+                      "note": VERSION_0_NOTE if kept.version == 0 else None})
 
     async def diff(self, request: web.Request) -> web.Response:
         old, new = _int_param(request, "old"), _int_param(request, "new")
@@ -242,18 +257,29 @@ class Api:
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)
                                     or not 0 <= version <= INT64_MAX):
             raise _error(400, f"version must be an integer from 0 to {INT64_MAX}, or null")
-        if version is not None:
-            kept = self.history.get(version)
-            if kept is None:
-                raise _error(404, f"version {version} is not in the history")
-            if kept.state == "rolled_back":
-                raise _error(409, f"version {version} was rolled back ({kept.reason})")
-        elif self.history.previous() is None:
-            raise _error(409, "there is no earlier version to roll back to")
-        if version is not None and version == self.agent.cfg.bundle_version:
-            raise _error(409, f"version {version} is the running one")
-        log.warning("rollback to %s asked for by %s through the web API",
-                    "the version before" if version is None else f"version {version}",
+        target = "the version before" if version is None else f"version {version}"
+        refusal = self._rollback_refusal(version)
+        if refusal is not None:
+            status, why = refusal
+            log.warning("rollback to %s asked for by %s through the web API refused (%d): %s",
+                        target, request.get(USER), status, why)
+            raise _error(status, why)
+        log.warning("rollback to %s asked for by %s through the web API", target,
                     request.get(USER))
         self.history.request_rollback(version)
         return _json({"requested": version, "by": request.get(USER)}, status=202)
+
+    def _rollback_refusal(self, version: int | None) -> tuple[int, str] | None:
+        """Why a rollback to ``version`` (None: the one before) cannot be asked for:
+        404 or 409 and the reason; None when it can."""
+        if version is not None:
+            kept = self.history.get(version)
+            if kept is None:
+                return 404, f"version {version} is not in the history"
+            if kept.state == "rolled_back":
+                return 409, f"version {version} was rolled back ({kept.reason})"
+        elif self.history.previous() is None:
+            return 409, "there is no earlier version to roll back to"
+        if version is not None and version == self.agent.cfg.bundle_version:
+            return 409, f"version {version} is the running one"
+        return None

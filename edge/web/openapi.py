@@ -17,6 +17,9 @@ _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _MS = {"type": "integer", "description": "ms since the Unix epoch (UTC)"}
 _VALUE = {"oneOf": [_NUM, _STR, _BOOL]}
+_DEVICES = {"type": "integer", "nullable": True, "description": "how many devices the "
+            "version has; version 0 (the agent file, whose content is not kept): the running "
+            "configuration's while it runs, else null"}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +77,7 @@ _SCHEMAS: dict[str, Any] = {
                      "csrf": _nullable(_STR)}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
         "pending", "committed", "rolled_back", "superseded"]}, "reason": _STR,
-        "received": _MS, "decided": _nullable(_MS), "devices": _INT}),
+        "received": _MS, "decided": _nullable(_MS), "devices": _DEVICES}),
 }
 _SCHEMAS["DeviceDetail"] = _obj({**_SCHEMAS["Device"]["properties"],
     "properties": {"type": "array", "items": _obj({
@@ -161,8 +164,10 @@ def openapi() -> dict[str, Any]:
             "/api/v1/config/versions": _get("the kept versions, oldest first",
                                             {"type": "array", "items": _ref("Version")}),
             "/api/v1/config/versions/{version}": _get(
-                "one kept version with its content",
-                _obj({"version": _INT, "state": _STR, "content": {"type": "object"}}),
+                "one kept version with its content (version 0, the agent file alone: "
+                "content is only {\"version\": 0}, and note says so)",
+                _obj({"version": _INT, "state": _STR, "content": {"type": "object"},
+                      "devices": _DEVICES, "note": _nullable(_STR)}),
                 params=[{"name": "version", "in": "path", "required": True,
                          "schema": _VERSION}], errors=(400, 404)),
             "/api/v1/config/diff": _get(

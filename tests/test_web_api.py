@@ -144,7 +144,9 @@ async def test_the_page_and_its_assets_are_served_by_the_agent(running: Running)
     assert '<script src="/static/app.js">' in text
     assert "http://" not in text  # nothing from the internet
     assert "https://" not in text
-    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+    assert '<link rel="icon" href="/static/favicon.svg"' in text  # no /favicon.ico 404
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css"),
+                       ("favicon.svg", "image/svg+xml")):
         r = await running.client.get(f"/static/{name}")
         assert (r.status, r.content_type) == (200, kind)
         assert "https://" not in await r.text()

@@ -76,6 +76,8 @@ def test_the_pages_show_live_values_without_a_reload_and_a_login_works(
     page_url: str, browser: Any
 ) -> None:
     page = browser.new_page(viewport={"width": 1100, "height": 800})
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
     page.goto(page_url)
     page.wait_for_selector("text=1 / 1 online", timeout=15_000)
     shot(page, "overview")
@@ -109,6 +111,54 @@ def test_the_pages_show_live_values_without_a_reload_and_a_login_works(
     page.wait_for_selector("text=logged in as admin", timeout=10_000)
     shot(page, "config")
     assert "s3cret" not in page.content()
+    assert missing == []  # not even /favicon.ico
+
+
+def test_a_failed_navigation_unknown_pages_the_header_login_and_a_lone_version(
+    page_url: str, browser: Any
+) -> None:
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(page_url)
+    # the temperature card is there, with or without a temperature
+    temperature = page.wait_for_selector(".card:has-text('Temperature')", timeout=15_000)
+    if not Path("/sys/class/thermal/thermal_zone0/temp").exists():
+        assert "not available on this machine" in temperature.inner_text()
+    # a device, then one that is not there: its error stays, the first is not redrawn
+    page.goto(page_url + "#/device/plant/tank-1")
+    page.wait_for_selector("td.value[data-prop='level']", timeout=15_000)
+    page.goto(page_url + "#/device/default/nope")
+    page.wait_for_selector("text=no device 'default/nope' on this gateway")
+    page.wait_for_timeout(3000)  # three stream periods
+    assert page.query_selector("td.value") is None
+    assert "no device 'default/nope' on this gateway" in page.inner_text("#view")
+    # #devices is #/devices; an unknown page says so, with the pages
+    page.goto(page_url + "#devices")
+    page.wait_for_selector("a[href='#/device/plant/tank-1']")
+    assert page.inner_text("nav a.on") == "Devices"
+    page.goto(page_url + "#/nonsense")
+    page.wait_for_selector("text=No such page")
+    assert page.query_selector("#view a[href='#/config']") is not None
+    assert page.query_selector("nav a.on") is None
+    shot(page, "no-such-page")
+    # the header's Log in, from any page; Log out
+    page.goto(page_url + "#/events")
+    page.wait_for_selector("td:has-text('device_state')")
+    page.click("#loginlink:has-text('Log in')")
+    page.fill("input[name=user]", "admin")
+    page.fill("input[name=password]", "s3cret pw")
+    page.click("form#login button")
+    page.wait_for_selector("text=logged in as admin", timeout=10_000)
+    page.wait_for_selector("td:has-text('device_state')")  # back on the page it was on
+    # only version 0 (the agent file): nothing to roll back to, and a diff of nothing
+    page.click("text=Config")
+    page.wait_for_selector("text=Nothing to roll back to (only one version).")
+    assert page.query_selector("button[data-v]") is None
+    assert "agent file (1)" in page.inner_text("table")
+    page.click("#diff")
+    page.wait_for_selector("#lines:has-text('no differences (the same version)')")
+    shot(page, "config-only-version-0")
+    page.click("#loginlink:has-text('Log out')")
+    page.wait_for_selector("#loginlink:has-text('Log in')")
 
 
 def test_the_page_fits_a_phone(page_url: str, browser: Any) -> None:

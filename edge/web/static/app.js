@@ -6,6 +6,7 @@ const view = document.getElementById("view");
 let stream = null;          // the EventSource of the current page
 let session = null;         // {user, csrf} once logged in
 let overview = null;        // the last overview event
+let shown = 0;              // counts the pages shown: what an earlier one asked for is ignored
 
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g,
   (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -25,11 +26,25 @@ async function api(path, options = {}) {
   return body;
 }
 
+// fn, run only while the page that made it is still the one shown (a late answer or a
+// stream event of the page before must not draw over the current one)
+function fresh(fn) {
+  const mine = shown;
+  return (...args) => (mine === shown ? fn(...args) : undefined);
+}
+
+// a new page: the previous one's stream is closed, its callbacks are ignored from now on
+function newPage() {
+  shown += 1;
+  if (stream) { stream.close(); stream = null; }
+}
+
 function live(query, handlers) {
   if (stream) stream.close();
   stream = new EventSource("/api/v1/stream" + query);
   for (const [name, fn] of Object.entries(handlers)) {
-    stream.addEventListener(name, (e) => fn(JSON.parse(e.data)));
+    const handler = fresh(fn);
+    stream.addEventListener(name, (e) => handler(JSON.parse(e.data)));
   }
   stream.addEventListener("overview", (e) => header(JSON.parse(e.data)));
 }
@@ -63,11 +78,12 @@ function pageOverview() {
       ${card("Devices", `${o.devices.online} / ${o.devices.total} online`,
         o.devices.offline ? `<span class="bad">${o.devices.offline} offline</span>` : "")}
       ${card("Agent CPU", h.cpu_percent.toFixed(1) + " %", "RSS " + bytes(h.rss_bytes))}
-      ${card("Host", h.memory_percent + " % memory used", "disk free " + bytes(h.disk_free_bytes) +
-        (h.temperature_c != null ? " · " + h.temperature_c.toFixed(1) + " °C" : ""))}
+      ${card("Host", h.memory_percent + " % memory used", "disk free " + bytes(h.disk_free_bytes))}
+      ${h.temperature_c != null ? card("Temperature", h.temperature_c.toFixed(1) + " °C", "SoC (thermal zone 0)")
+        : card("Temperature", "–", "not available on this machine")}
     </div>`;
   };
-  api("overview").then(draw).catch(failed);
+  api("overview").then(fresh(draw)).catch(fresh(failed));
   live("", {overview: draw});
 }
 
@@ -84,7 +100,7 @@ function pageDevices() {
           .join("<br>") || "0"}${d.last_error ? `<br><small class="bad">${esc(d.last_error)}</small>` : ""}</td>
         <td>${esc(d.breaker)}</td></tr>`).join("")}</table></div>`;
   };
-  const load = () => api("devices").then(draw).catch(failed);
+  const load = fresh(() => api("devices").then(fresh(draw)).catch(fresh(failed)));
   load();
   live("", {overview: load});
 }
@@ -120,7 +136,7 @@ function pageDevice(key) {
           <td>${trend[p.name] ? chart(trend[p.name]) : ""}</td></tr>`;
       }).join("")}</table></div>`;
   };
-  Promise.all([api("devices/" + key), api("devices/" + key + "/trend")]).then(([d, t]) => {
+  Promise.all([api("devices/" + key), api("devices/" + key + "/trend")]).then(fresh(([d, t]) => {
     device = d; trend = t; draw();
     live("?device=" + encodeURIComponent(key), {reading: (r) => {
       device.latest = r;
@@ -134,7 +150,7 @@ function pageDevice(key) {
       }
       draw();
     }});
-  }).catch(failed);
+  })).catch(fresh(failed));
 }
 
 function loginForm() {
@@ -158,17 +174,23 @@ function wireLogin(then) {
 }
 
 function pageConfig() {
-  Promise.all([api("config"), api("config/versions")]).then(([c, versions]) => {
+  Promise.all([api("config"), api("config/versions")]).then(fresh(([c, versions]) => {
     const options = versions.map((v) => `<option>${v.version}</option>`).join("");
+    const backTo = versions.filter((v) => v.state === "superseded").length;
+    const nothing = versions.length === 0 ? "No versions are kept yet."
+      : backTo ? "" : "Nothing to roll back to" + (versions.length === 1 ? " (only one version)."
+        : " (no earlier version that was not rolled back).");
     view.innerHTML = `<h2>Configuration</h2><p>Running version <b>${esc(c.applied)}</b>
       (${esc(c.version)})${c.pending ? `, <span class="pending">version ${esc(c.pending)} in its health window</span>` : ""}.
       ${c.last_error ? `<br><span class="bad">${esc(c.last_error)}</span>` : ""}</p>
       <div class="scroll"><table><tr><th>Version</th><th>State</th><th>Received</th><th>Decided</th>
       <th>Devices</th><th>Why</th><th></th></tr>${versions.slice().reverse().map((v) => `<tr>
         <td>${v.version}</td><td class="${esc(v.state)}">${esc(v.state)}</td><td>${when(v.received)}</td>
-        <td>${when(v.decided)}</td><td>${v.version === 0 ? "agent file" : v.devices}</td>
+        <td>${when(v.decided)}</td><td>${v.version === 0 ? "agent file" +
+          (v.devices != null ? ` (${v.devices})` : "") : v.devices}</td>
         <td>${esc(v.reason)}</td><td>${v.state === "superseded" ? `<button data-v="${v.version}">Roll back to it</button>` : ""}</td>
         </tr>`).join("")}</table></div>
+      ${nothing ? `<p class="notice" id="nothing">${esc(nothing)}</p>` : ""}
       ${session ? "" : loginForm()}
       <p id="rolled"></p>
       <h2>Diff</h2><p><select id="old">${options}</select> → <select id="new">${options}</select>
@@ -177,9 +199,11 @@ function pageConfig() {
     wireLogin(pageConfig);
     document.getElementById("diff").onclick = () => api(`config/diff?old=${
       document.getElementById("old").value}&new=${document.getElementById("new").value}`)
-      .then((d) => { document.getElementById("lines").innerHTML = d.lines.map((l) =>
-        `<span class="${l[0] === "+" ? "add" : l[0] === "-" ? "del" : ""}">${esc(l)}</span>`).join("\n"); })
-      .catch(failed);
+      .then(fresh((d) => { document.getElementById("lines").innerHTML = d.lines.length
+        ? d.lines.map((l) => `<span class="${l[0] === "+" ? "add" : l[0] === "-" ? "del" : ""}">${
+          esc(l)}</span>`).join("\n")
+        : `<span class="muted">no differences${d.old === d.new ? " (the same version)" : ""}</span>`; }))
+      .catch(fresh(failed));
     for (const b of view.querySelectorAll("button[data-v]")) {
       b.onclick = () => api("config/rollback", {method: "POST", headers: {"Content-Type": "application/json"},
         body: JSON.stringify({version: Number(b.dataset.v)})})
@@ -188,7 +212,7 @@ function pageConfig() {
         .catch((err) => { document.getElementById("rolled").textContent = err.status === 401 ||
           err.status === 403 ? "Log in first." : err.message; });
     }
-  }).catch(failed);
+  })).catch(fresh(failed));
   live("", {});
 }
 
@@ -201,7 +225,7 @@ function pageEvents() {
         return `<tr><td>${when(ts)}</td><td>${esc(type)}</td><td><small>${esc(JSON.stringify(rest))}</small></td></tr>`;
       }).join("")}</table></div>`;
   };
-  api("events").then((e) => { events = e; draw(); }).catch(failed);
+  api("events").then(fresh((e) => { events = e; draw(); })).catch(fresh(failed));
   live("", {events: (more) => { events = events.concat(more).slice(-200); draw(); }});
 }
 
@@ -210,34 +234,63 @@ function pageNotYet(what, text) {
   live("", {});
 }
 
+function pageMissing(hash) {
+  view.innerHTML = `<h2>No such page</h2><p class="notice">There is no page <code>#${esc(hash)}</code>
+    here. The pages are: ${[...document.querySelectorAll("nav a")].map((a) =>
+      `<a href="${esc(a.getAttribute("href"))}">${esc(a.textContent)}</a>`).join(" · ")}.</p>`;
+  live("", {});
+}
+
+// the login form in place of the page (the header's "Log in", or a page that needs it);
+// a login shows the page again
+function pageLogin() {
+  newPage();
+  view.innerHTML = `<h2>Log in</h2>${loginForm()}`;
+  wireLogin(route);
+  live("", {});
+}
+
 function failed(err) {
   if (err.status === 401) {  // viewing needs a login from here (web.view, or not loopback)
-    view.innerHTML = `<h2>Log in</h2>${loginForm()}`;
-    wireLogin(route);
+    pageLogin();
     return;
   }
+  if (stream) { stream.close(); stream = null; }  // nothing of this page is live
   view.innerHTML = `<p class="bad">${esc(err.message)}</p>`;
+  live("", {});  // the header goes on
 }
 
 async function who() {
   try { session = await api("session"); } catch { session = null; }
   const el = document.getElementById("who");
   el.textContent = session ? "logged in as " + session.user + " " : "";
+  const button = document.createElement("button");
+  button.id = "loginlink";
   if (session) {
-    const out = document.createElement("button");
-    out.textContent = "Log out";
-    out.onclick = () => api("logout", {method: "POST"}).catch(() => {}).then(() => {
+    button.textContent = "Log out";
+    button.onclick = () => api("logout", {method: "POST"}).catch(() => {}).then(() => {
       session = null; who(); route(); });
-    el.appendChild(out);
+  } else {
+    button.textContent = "Log in";
+    button.onclick = pageLogin;
   }
+  el.appendChild(button);
 }
 
 function route() {
-  const hash = location.hash.slice(1) || "/";
+  newPage();
+  let hash = location.hash.slice(1) || "/";
+  if (!hash.startsWith("/")) {  // #devices is #/devices
+    hash = "/" + hash;
+    history.replaceState(null, "", "#" + hash);
+  }
   for (const a of document.querySelectorAll("nav a")) {
     a.classList.toggle("on", a.getAttribute("href") === "#" + hash);
   }
-  if (hash.startsWith("/device/")) return pageDevice(hash.slice(8));
+  if (hash.startsWith("/device/")) {
+    const key = hash.slice(8);
+    return /^[^/]+\/[^/]+$/.test(key) ? pageDevice(key) : pageMissing(hash);
+  }
   const pages = {
     "/": pageOverview, "/devices": pageDevices, "/config": pageConfig, "/events": pageEvents,
     "/policy": () => pageNotYet("Network policy", "The eBPF network policy is not built in this " +
@@ -245,7 +298,7 @@ function route() {
     "/plugins": () => pageNotYet("Plugins", "WASM plugins are not built in this version of " +
       "edge: no plugin runs, and nothing is shown here."),
   };
-  (pages[hash] || pageOverview)();
+  (pages[hash] || (() => pageMissing(hash)))();
 }
 
 window.addEventListener("hashchange", route);

@@ -141,8 +141,9 @@ def test_every_stats_field_lands_in_its_own_metric() -> None:
     assert value(v, "edge_outbox_bytes") == 300
     assert value(v, "edge_outbox_oldest_age_seconds") == 1.5
     dropped = {r: value(v, "edge_outbox_dropped_total", reason=r)
-               for r in ("max_bytes", "ttl", "disk_full", "something_new")}
-    assert dropped == {"max_bytes": 0, "ttl": 2, "disk_full": 0, "something_new": 1}
+               for r in ("max_bytes", "ttl", "disk_full", "corrupt", "something_new")}
+    assert dropped == {"max_bytes": 0, "ttl": 2, "disk_full": 0, "corrupt": 0,
+                       "something_new": 1}
 
     assert value(v, "edge_mqtt_connected") == 0
     assert value(v, "edge_mqtt_reconnects_total") == 2

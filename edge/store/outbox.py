@@ -137,7 +137,8 @@ class OutboxStats:
 
     ``rows``/``bytes`` are the depth now; ``oldest_ts`` is ms since the Unix epoch of
     the oldest stored message (0 when empty); ``dropped`` counts messages by reason
-    (``max_bytes``, ``ttl``, ``disk_full``); ``corrupt_files`` lists files moved aside.
+    (``max_bytes``, ``ttl``, ``disk_full``, and ``corrupt`` for those lost with a damaged
+    file, counted by the forwarder); ``corrupt_files`` lists files moved aside.
     """
 
     rows: int = 0

@@ -69,7 +69,7 @@ ERROR_KINDS: Final = (
 )
 """``kind`` label of ``edge_modbus_errors_total`` and the DeviceStats counter behind it."""
 
-DROP_REASONS: Final = ("max_bytes", "ttl", "disk_full")
+DROP_REASONS: Final = ("max_bytes", "ttl", "disk_full", "corrupt")
 """Why the outbox drops messages (:class:`~edge.store.outbox.OutboxStats`)."""
 
 CONFIG_EVENTS: Final = ("config_applied", "config_committed", "config_rolled_back",
@@ -144,7 +144,8 @@ def _outbox(ob: Stats) -> Iterator[Metric]:
         "outbox (0 when empty)", value=ob["oldest_age_s"])
     dropped = CounterMetricFamily(
         "edge_outbox_dropped", "Messages the outbox dropped, by reason (max_bytes: over its "
-        "size bound; ttl: older than its TTL; disk_full)", labels=["reason"])
+        "size bound; ttl: older than its TTL; disk_full; corrupt: lost with a damaged store "
+        "file)", labels=["reason"])
     for reason, n in _counts(DROP_REASONS, ob["dropped"]):
         dropped.add_metric([reason], n)
     yield dropped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -292,12 +293,12 @@ def test_the_latest_values_of_a_device_with_several_collect_cycles_are_merged() 
     assert "quality" not in latest
     trend = recent.trend("plant/boiler")
     assert set(trend) == {"flow", "pump", "hours"}
-    for prop in ("flow", "hours"):
-        steps = {b[0] - a[0] for a, b in zip(trend[prop], trend[prop][1:], strict=False)}
-        assert steps == {TREND_STEP_MS}, (prop, trend[prop])
-    assert [p[0] for p in trend["flow"]] == [start + 2000 * k for k in range(5)]
+    # on a fixed 2 s schedule, each point from the first reading at most 250 ms early
+    assert [p[0] - start for p in trend["flow"]] == [0, 1800, 3800, 5800, 7800, 9800]
+    assert [p[0] - start for p in trend["hours"]] == [301, 2301, 4301, 6301, 8301]
     assert recent.trend("plant/boiler", since_ms=start + 6000) == {
-        "flow": [[start + 8000, 100.0]], "pump": [[start + 8000, 1.0]],
+        "flow": [[start + 7800, 98.0], [start + 9800, 118.0]],
+        "pump": [[start + 7800, 1.0], [start + 9800, 1.0]],
         "hours": [[start + 6301, 1063.0], [start + 8301, 1083.0]]}
     # a failed read of one property: bad, without its old value, until read again
     read(start + 10_000, {"pump": False}, {"flow": "bad"})
@@ -319,6 +320,24 @@ def test_the_latest_values_of_a_device_with_several_collect_cycles_are_merged() 
     assert set(recent.trend("plant/boiler")) == {"flow", "pump"}
     recent.forget(set())
     assert recent.latest("plant/boiler") is None
+
+
+def test_a_trend_has_a_point_every_2_s_of_readings_every_second_that_jitter() -> None:
+    recent = Recent()
+    start = 1_700_000_000_000
+    for k in range(60):
+        jitter = (-3, 0, 2, -1)[k % 4]  # ms, as asyncio's timers are
+        recent.add(Reading("default", "meter", start + 1000 * k + jitter, k, {"v": 230.0}))
+    ts = [p[0] for p in recent.trend("default/meter")["v"]]
+    gaps = {b - a for a, b in itertools.pairwise(ts)}
+    assert len(ts) == 30
+    assert all(abs(gap - TREND_STEP_MS) <= 5 for gap in gaps), sorted(gaps)
+    # after a pause (the device was offline) the schedule starts again
+    recent.add(Reading("default", "meter", start + 100_000, 60, {"v": 231.0}))
+    recent.add(Reading("default", "meter", start + 101_000, 61, {"v": 231.0}))
+    recent.add(Reading("default", "meter", start + 102_000, 62, {"v": 232.0}))
+    assert recent.trend("default/meter", since_ms=start + 99_000)["v"] == [
+        [start + 100_000, 231.0], [start + 102_000, 232.0]]
 
 
 async def test_an_unknown_api_path_or_method_is_answered_in_json(running: Running) -> None:

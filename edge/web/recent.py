@@ -23,8 +23,24 @@ from typing import Any
 from edge.reading import Reading
 
 TREND_STEP_MS = 2000
+TREND_SLACK_MS = 250
+"""A point is due every TREND_STEP_MS, on a fixed schedule, and taken from the first
+reading at most this much before it is due: readings every 1 s that come a few ms
+early are not skipped (which would make gaps of 3 s), and faster ones give exactly one
+point per TREND_STEP_MS on average."""
 TREND_POINTS = 150
 _NEVER = -(2**62)
+
+
+def _due(due: int, ts_ms: int) -> int | None:
+    """When the point after one taken at ``ts_ms`` is due, if a point is taken at all
+    (None: not yet due). The schedule goes on from ``due`` (no drift), or starts again
+    from ``ts_ms`` after a pause longer than a step (or when the clock went back)."""
+    if ts_ms < due - TREND_SLACK_MS and ts_ms >= due - 2 * TREND_STEP_MS:
+        return None
+    if 0 <= ts_ms - due + TREND_SLACK_MS <= TREND_STEP_MS:
+        return due + TREND_STEP_MS
+    return ts_ms + TREND_STEP_MS
 
 
 @dataclass(slots=True)
@@ -34,15 +50,16 @@ class _Trend:
     ts: array[int] = field(default_factory=lambda: array("q", bytes(8 * TREND_POINTS)))
     values: array[float] = field(default_factory=lambda: array("d", bytes(8 * TREND_POINTS)))
     next: int = 0
-    last: int = _NEVER
+    due: int = _NEVER
 
     def add(self, ts_ms: int, value: float) -> None:
-        """Add a point unless the last is less than TREND_STEP_MS older."""
-        if ts_ms - self.last < TREND_STEP_MS:
+        """Add a point when one is due (:func:`_due`)."""
+        due = _due(self.due, ts_ms)
+        if due is None:
             return
         self.ts[self.next], self.values[self.next] = ts_ms, value
         self.next = (self.next + 1) % TREND_POINTS
-        self.last = ts_ms
+        self.due = due
 
     def points(self, since_ms: int) -> list[list[float]]:
         order = [*range(self.next, TREND_POINTS), *range(self.next)]
@@ -54,11 +71,11 @@ class _Trend:
 class _Device:
     """What is kept of one device: the latest reading of each group of properties
     (keyed by its first property; a reading with a bad first property makes a group
-    of its own, which the merge puts in order by ``seq``), when each group last gave
-    the trends points, and the trends."""
+    of its own, which the merge puts in order by ``seq``), when each group's next trend
+    points are due, and the trends."""
 
     groups: dict[str, Reading] = field(default_factory=dict)
-    sampled: dict[str, int] = field(default_factory=dict)
+    due: dict[str, int] = field(default_factory=dict)
     trends: dict[str, _Trend] = field(default_factory=dict)
     properties: frozenset[str] | None = None  # None: any (until forget() says)
 
@@ -70,8 +87,8 @@ class Recent:
         self._devices: dict[str, _Device] = {}
 
     def add(self, reading: Reading) -> None:
-        """Take one reading (a hook of the agent, on the poll path: a dict store, and at
-        most every TREND_STEP_MS per group of properties a ring write per numeric
+        """Take one reading (a hook of the agent, on the poll path: a dict store, and
+        once every TREND_STEP_MS per group of properties a ring write per numeric
         property; one point per property per TREND_STEP_MS whatever the groups)."""
         key = f"{reading.namespace}/{reading.device}"
         device = self._devices.get(key)
@@ -81,9 +98,10 @@ class Recent:
         group = next(iter(values), None) or next(iter(reading.quality), "")
         device.groups[group] = reading
         ts = reading.ts_ms
-        if ts - device.sampled.get(group, _NEVER) < TREND_STEP_MS:
+        due = _due(device.due.get(group, _NEVER), ts)
+        if due is None:
             return
-        device.sampled[group] = ts
+        device.due[group] = due
         trends = device.trends
         for prop, value in values.items():
             if isinstance(value, int | float):  # bool too: 0/1
@@ -109,7 +127,7 @@ class Recent:
                 del device.trends[prop]
             for group in [g for g in device.groups if g not in device.properties]:
                 del device.groups[group]
-                device.sampled.pop(group, None)
+                device.due.pop(group, None)
 
     def latest(self, key: str) -> dict[str, Any] | None:
         """The latest value of every property of ``key``, merged from its latest

@@ -40,6 +40,7 @@ from edge.modbus.client import ConnectionPool
 from edge.modbus.codec import decoder_for
 from edge.modbus.planner import plan_device
 from edge.modbus.simulator import run_simulator, simulated_value
+from edge.modbus.writer import desired_value
 
 EXAMPLES = REPO / "examples"
 
@@ -73,6 +74,14 @@ async def read_all(devices: tuple[DeviceSpec, ...]) -> dict[str, dict[str, objec
     return got
 
 
+def held(p: PropertySpec) -> object:
+    """What the simulator serves for a property with a desired value: that value, read
+    back as the agent decodes it (a coil of the demo's INT property reads as 1)."""
+    value = desired_value(p)
+    return int(value) if p.visitor.table is Table.COIL and p.value_type is ValueType.INT \
+        else value
+
+
 @pytest.mark.parametrize("t", [1_700_000_000.0, 1_700_000_017.5])
 async def test_simulator_serves_exactly_the_simulated_values(t: float) -> None:
     devices = moved(load_config(EXAMPLES / "edge.yaml").devices)
@@ -86,9 +95,13 @@ async def test_simulator_serves_exactly_the_simulated_values(t: float) -> None:
         stop.set()
         await server
     expected = {
-        d.key: {p.name: simulated_value(p, d.name, t, 60) for p in d.properties} for d in devices
+        d.key: {p.name: held(p) if p.desired is not None else simulated_value(p, d.name, t, 60)
+                for p in d.properties} for d in devices
     }
     assert got == expected
+    # the demo's desired values are held from the start (boiler setpoint, the sensor's switch)
+    assert got["plant/boiler-1"]["setpoint"] == 55.0
+    assert got["default/temperature-1"]["temperature-switch"] == 1
 
 
 def test_simulated_values_change_over_time_and_stay_in_range() -> None:
@@ -203,6 +216,43 @@ async def test_written_values_stick() -> None:
         for _ in range(3):
             assert await conn.read(9, Table.COIL, 17, 24, timeout=2) == [True] + [False] * 22 + [
                 False]
+    finally:
+        await pool.close()
+        stop.set()
+        await server
+
+
+async def test_a_written_register_stops_being_animated_and_a_desired_value_is_held() -> None:
+    """The demo's boiler: its setpoint (desired 55) is 55 from the start, whatever the
+    time, as a device set to it before (the agent does not write it again after its own
+    restart); a write changes it for good; a register written alone inside a 32-bit
+    property (run-hours) keeps its value too."""
+    boiler = next(d for d in load_config(EXAMPLES / "edge.yaml").devices
+                  if d.key == "plant/boiler-1")
+    port = free_port()
+    boiler = dataclasses.replace(boiler, endpoint=TcpEndpoint("127.0.0.1", port))
+    now = [1_700_000_000.0]
+    stop = asyncio.Event()
+    server = asyncio.create_task(run_simulator([boiler], stop, period_s=60,
+                                               clock=lambda: now[0]))
+    pool = ConnectionPool()
+    try:
+        await asyncio.to_thread(wait_port, port)
+        conn = pool.get(boiler.endpoint)
+        seen = set()
+        for _ in range(6):  # across a period: flow-temperature sweeps, setpoint does not
+            regs = await conn.read(2, Table.HOLDING_REGISTER, 0, 4, timeout=2)
+            seen.add(regs[0])
+            assert regs[1] == 550
+            now[0] += 10
+        assert len(seen) > 1
+        await conn.write_registers(2, 1, [612], timeout=2)
+        await conn.write_registers(2, 3, [1234], timeout=2)  # one register of run-hours
+        for _ in range(6):
+            regs = await conn.read(2, Table.HOLDING_REGISTER, 0, 4, timeout=2)
+            assert (regs[1], regs[3]) == (612, 1234)
+            assert await conn.read(2, Table.HOLDING_REGISTER, 1, 1, timeout=2) == [612]
+            now[0] += 10
     finally:
         await pool.close()
         stop.set()

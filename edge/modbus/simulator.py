@@ -7,8 +7,12 @@ the wall clock: numbers follow a sine between the property's minimum and maximum
 (or a small default range) with a period of ``period_s``, booleans and coils toggle
 every period, strings carry the device name and the cycle number. Everything is
 written with the agent's own codec (:func:`edge.modbus.codec.encode`), so a decoded
-value is exactly the simulated one. Registers a client writes (FC 5/6/15/16) keep
-the written value from then on.
+value is exactly the simulated one. Registers and coils a client writes (FC
+5/6/15/16/22) keep the written value from then on, and a property overlapping them is
+no longer animated. A ReadWrite property with a ``desired`` value in its manifest
+starts at that value and keeps it, as a device that was set to it before (a real one
+keeps its setpoint across a restart; the agent does not write the same desired value
+again after its own restart, see :mod:`edge.sync.writes`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge.config.model import (
+    AccessMode,
     DeviceSpec,
     Framing,
     PropertySpec,
@@ -38,7 +43,8 @@ from edge.config.model import (
     TcpEndpoint,
     Value,
 )
-from edge.modbus.codec import bit_mask, encode
+from edge.modbus.codec import CodecError, bit_mask, encode
+from edge.modbus.writer import desired_value, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,27 @@ class SimulatedUnit:
         for p in device.properties:
             self.by_table[p.visitor.table].append(_Served(device.name, p))
         self.written: dict[Table, dict[int, int | bool]] = defaultdict(dict)
+        for p in device.properties:
+            self._hold_desired(p)
+
+    def _hold_desired(self, prop: PropertySpec) -> None:
+        """Start ``prop`` at its manifest's desired value, as if it had been written,
+        when it is ReadWrite, writable as a whole (coils, holding registers; not a bit
+        of a register) and the value may be written."""
+        v = prop.visitor
+        if (prop.desired is None or prop.access_mode is not AccessMode.READ_WRITE
+                or v.table not in (Table.COIL, Table.HOLDING_REGISTER)
+                or v.raw_type is RawType.BIT):
+            return
+        value = desired_value(prop)
+        if write_problem(prop, value) is not None:
+            return
+        try:
+            words = encode(v, value)
+        except (CodecError, ValueError):
+            return
+        self.written[v.table].update(
+            enumerate((bool(w) if v.table.is_bit else int(w) for w in words), start=v.offset))
 
     def sim_device(self) -> SimDevice:
         """A pymodbus SimDevice with four distinct tables, each up to its last used address.
@@ -166,8 +193,10 @@ class SimulatedUnit:
         written = self.written[table]
         for served in self.by_table.get(table, ()):
             v = served.prop.visitor
-            if v.end <= address or v.offset >= end or v.offset in written:
+            if v.end <= address or v.offset >= end:
                 continue
+            if written and any(a in written for a in range(v.offset, v.end)):
+                continue  # a client wrote (part of) it: no longer animated
             value = simulated_value(served.prop, served.device, t, self.period_s)
             i = v.offset - base
             if v.raw_type is RawType.BIT:  # share the register with its other bits
@@ -176,6 +205,9 @@ class SimulatedUnit:
                 continue
             for k, w in enumerate(encode(v, value)):
                 current[i + k] = int(w)
+        for a, w in written.items():  # what was written (or held as desired) as it is
+            if address <= a < end:
+                current[a - base] = int(w)
 
     def fill_bits(self, table: Table, current: list[int], base: int, address: int,
                   registers: int) -> None:

@@ -114,6 +114,10 @@ def test_every_stats_field_lands_in_its_own_metric() -> None:
                    "acked": 8},
         "config": {"version": "abc123", "applied": 7,
                    "events": {"config_rolled_back": 2, "config_applied": 3}},
+        "plugins": {"units": {"calls": 10, "errors": 1, "traps": 2, "timeouts": 3,
+                              "passed": 4, "dropped": 5, "state": "quarantined",
+                              "time_s": 0.25, "p50_us": 20.0, "p99_us": 90.0},
+                    "missing": {"state": "not loaded", "load_error": "no such file"}},
     }
     registry = CollectorRegistry()
     registry.register(AgentCollector(lambda: stats))
@@ -158,6 +162,20 @@ def test_every_stats_field_lands_in_its_own_metric() -> None:
     assert events == {"config_applied": 3, "config_committed": 0, "config_rolled_back": 2,
                       "config_refused": 0}
     assert value(v, "edge_config_rollbacks_total") == 2
+
+    assert value(v, "edge_plugin_calls_total", plugin="units") == 10
+    failures = {k: value(v, "edge_plugin_failures_total", plugin="units", kind=k)
+                for k in ("error", "trap", "timeout")}
+    assert failures == {"error": 1, "trap": 2, "timeout": 3}
+    assert value(v, "edge_plugin_fallbacks_total", plugin="units", outcome="passed") == 4
+    assert value(v, "edge_plugin_fallbacks_total", plugin="units", outcome="dropped") == 5
+    assert value(v, "edge_plugin_quarantined", plugin="units") == 1
+    assert value(v, "edge_plugin_call_seconds", plugin="units", quantile="0.5") == 20e-6
+    assert value(v, "edge_plugin_call_seconds", plugin="units", quantile="0.99") == 90e-6
+    assert value(v, "edge_plugin_call_seconds_count", plugin="units") == 10
+    assert value(v, "edge_plugin_call_seconds_sum", plugin="units") == 0.25
+    assert not any(k[0].startswith("edge_plugin") and ("plugin", "missing") in k[1]
+                   for k in v)  # never loaded: nothing counted
     assert value(v, "edge_agent_info", version=__version__) == 1
 
 

@@ -3,6 +3,11 @@ them, answer known batches with exactly the expected JSON."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +110,23 @@ def test_a_bad_config_is_refused_by_init(tmp_path: Path, runtime: Runtime, name:
     assert e.value.kind == "refused"
     assert any(logged in r.getMessage() for r in caplog.records
                if r.name == f"edge.plugin.{name}")
+
+
+def test_numbers_are_read_and_written_exactly(tmp_path: Path, runtime: Runtime) -> None:
+    """The shared C code's number parsing (Clinger's fast path, else strtod) and
+    printing round-trip every double as Python reads it: y = x through derive."""
+    spec = dataclasses.replace(shipped(tmp_path, "derive"),
+                               config='{"outputs":[{"name":"y","expr":"x"}]}')
+    p = instance(runtime, spec)
+    rng = random.Random(7)
+    texts = ["0", "-0", "1", "-1", "0.1", "1e-7", "1E+22", "9007199254740993",
+             "9007199254740992", "123456789012345678", "4.9e-324", "1.7976931348623157e308",
+             "229.8000030517578", "2.2250738585072014e-308", "0.30000000000000004", "1e23"]
+    texts += [repr(rng.uniform(-1e6, 1e6)) for _ in range(300)]
+    texts += [repr(struct.unpack(">d", rng.randbytes(8))[0]) for _ in range(300)]
+    texts += [f"{rng.randint(-10**9, 10**9)}.{rng.randint(0, 999):03d}" for _ in range(300)]
+    texts += [f"{rng.randint(1, 99999)}e{rng.randint(-30, 30)}" for _ in range(300)]
+    texts = [t for t in texts if math.isfinite(float(t))]
+    for seq, text in enumerate(texts, start=1):
+        answer = json.loads(p.process(batch(seq, 1, f'{{"x":{text}}}')))
+        assert answer[0]["values"]["y"] == float(text), text

@@ -258,7 +258,7 @@ def test_the_compiled_module_is_cached_and_a_damaged_cache_is_recompiled(
     runtime.compile(s.wasm.read_bytes(), s.sha256)
     cached = runtime.cache_file(s.sha256)
     assert cached is not None
-    assert cached.name == f"{s.sha256}-wasmtime50.0.1-epoch1.cwasm"
+    assert cached.name == f"{s.sha256}-wasmtime50.0.1-epoch2.cwasm"
     assert cached.is_file()
     cached.write_bytes(b"garbage")
     module = runtime.compile(s.wasm.read_bytes(), s.sha256)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import StopLater
 from prometheus_client.parser import text_string_to_metric_families
 from support import Image, ModbusServer, device_docs, free_port, start_broker, write_agent_file
+from wasm_modules import ECHO, TRAP, write_plugin
 
 from edge.agent import Agent
 from edge.config.runtime import build_runtime_config
@@ -354,3 +355,40 @@ async def test_an_unknown_api_path_or_method_is_answered_in_json(running: Runnin
         "error": "PUT is not allowed on /api/v1/devices; allowed: GET, HEAD"}
     r = await running.client.get("/nope")  # not the API: aiohttp's own answer
     assert (r.status, r.content_type) == (404, "text/plain")
+
+
+@pytest.fixture
+def plugins(tmp_path: Path) -> None:
+    """Two plugins in the agent's plugins.dir, for a ``running`` agent requested after
+    this fixture: an echo, then one that always traps (its batches pass on)."""
+    write_plugin(tmp_path / "plugins", "echo", ECHO, file="10-echo.yaml",
+                 devices=["default/tank"])
+    write_plugin(tmp_path / "plugins", "broken", TRAP, file="20-broken.yaml",
+                 quarantine={"failures": 1000, "window": 60})
+
+
+async def test_plugins_and_their_metrics(plugins: None, running: Running) -> None:
+    listed = await running.get("/api/v1/plugins")
+    assert [p["name"] for p in listed] == ["echo", "broken"]
+    echo, broken = listed
+    assert (echo["state"], echo["devices"], echo["errors"]) == ("running", ["default/tank"], 0)
+    assert echo["calls"] > 0
+    assert broken["traps"] == broken["calls"] == broken["passed"] > 0
+    assert broken["last_error"].startswith("trap: trapped: wasm `unreachable`")
+    tank = await running.get("/api/v1/devices/default/tank")
+    assert tank["latest"]["values"] == {"level": 7, "temperature": 21.5}
+    r = await running.client.get("/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(await r.text()) for s in f.samples}
+    assert samples[("edge_plugin_calls_total", (("plugin", "echo"),))] > 0
+    assert samples[("edge_plugin_failures_total", (("kind", "trap"), ("plugin", "broken")))] > 0
+    assert samples[("edge_plugin_fallbacks_total", (("outcome", "passed"),
+                                                    ("plugin", "broken")))] > 0
+    assert samples[("edge_plugin_quarantined", (("plugin", "broken"),))] == 0
+    assert samples[("edge_plugin_call_seconds_count", (("plugin", "echo"),))] > 0
+    assert 0 < samples[("edge_plugin_call_seconds", (("plugin", "echo"), ("quantile", "0.5")))] \
+        < 0.02
+
+
+async def test_no_plugins_is_an_empty_list(running: Running) -> None:
+    assert await running.get("/api/v1/plugins") == []

@@ -26,6 +26,7 @@ from support import (
 
 from edge.web.auth import hash_password
 
+SHIPPED = Path(__file__).resolve().parent.parent / "plugins"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -51,6 +52,12 @@ def page_url(tmp_path: Path, stop_later: StopLater) -> str:
     agent["web"] = {"listen": f"127.0.0.1:{web}",
                     "users": [{"name": "admin", "password_hash": hash_password("s3cret pw")}]}
     path.write_text(yaml.safe_dump(agent))
+    plugins = tmp_path / "plugins"  # the shipped derive, on the agent's plugins.dir
+    plugins.mkdir()
+    manifest = yaml.safe_load((SHIPPED / "derive/manifest.yaml").read_text())
+    manifest.update(wasm=str(SHIPPED / "derive/derive.wasm"),
+                    config={"outputs": [{"name": "level_m", "expr": "level / 100"}]})
+    (plugins / "10-derive.yaml").write_text(yaml.safe_dump(manifest))
     stop_later(start_edge(["simulate", "-c", str(path), "--period", "20"], tmp_path,
                           name="simulate"))
     wait_port(modbus)
@@ -101,6 +108,10 @@ def test_the_pages_show_live_values_without_a_reload_and_a_login_works(
     shot(page, "events")
     page.click("text=Policy")
     page.wait_for_selector("text=not built in this version")
+    page.click("nav >> text=Plugins")
+    page.wait_for_selector("td:has-text('derive 1.0.0')")
+    page.wait_for_selector("td.online:has-text('running')")
+    shot(page, "plugins")
     page.click("text=Config")
     page.fill("input[name=user]", "admin")
     page.fill("input[name=password]", "wrong")

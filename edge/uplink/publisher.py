@@ -81,7 +81,7 @@ class Uplink:
         (committed to the outbox, then published)."""
         self.forwarder.submit(NewMessage(
             self.topics.telemetry(reading.namespace, reading.device),
-            json_bytes(reading.to_payload()), self.qos, reading.ts_ms,
+            reading.payload_json(), self.qos, reading.ts_ms,
             f"{reading.namespace}/{reading.device}", reading.seq,
         ))
 

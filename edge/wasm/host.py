@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from edge.config.model import Value
 from edge.reading import Reading
+from edge.uplink.payload import json_bytes
 from edge.wasm.instance import Instance, PluginError, Runtime, module_problems
 from edge.wasm.kv import KvStore
 from edge.wasm.spec import PluginSpec
@@ -52,7 +53,8 @@ class PluginStats:
     ``calls`` batches given to it; ``errors`` answers refused (not JSON, wrong shape,
     no memory for the input), ``traps``, ``timeouts``; ``passed``/``dropped``
     batches let through untouched or dropped because it failed or is quarantined;
-    ``instances`` created (1 + one per failure). ``state`` ``running|quarantined``.
+    ``instances`` created (1 + one per failure); ``time_s`` spent in its calls.
+    ``state`` ``running|quarantined``.
     """
 
     calls: int = 0
@@ -64,6 +66,7 @@ class PluginStats:
     instances: int = 0
     state: str = "running"
     last_error: str = ""
+    time_s: float = 0.0
     durations_us: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=DURATIONS))
 
@@ -71,18 +74,21 @@ class PluginStats:
         """Plain values; ``p50_us``/``p99_us`` over the last :data:`DURATIONS` calls."""
         d = sorted(self.durations_us)
         out = {k: getattr(self, k) for k in ("calls", "errors", "traps", "timeouts", "passed",
-                                             "dropped", "instances", "state", "last_error")}
+                                             "dropped", "instances", "state", "last_error",
+                                             "time_s")}
         out["p50_us"] = d[len(d) // 2] if d else 0.0
         out["p99_us"] = d[min(len(d) - 1, math.ceil(len(d) * 0.99) - 1)] if d else 0.0
         return out
 
 
 def encode(batch: Sequence[Reading]) -> bytes:
-    """The JSON array a plugin's ``process`` receives."""
-    return json.dumps([{"namespace": r.namespace, "device": r.device, "ts": r.ts_ms,
-                        "seq": r.seq, "values": r.values, "quality": r.quality}
-                       for r in batch], separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()
+    """The JSON array a plugin's ``process`` receives (compact UTF-8; each reading's
+    ``values`` as :meth:`~edge.reading.Reading.values_json` made them)."""
+    return b"[" + b",".join(
+        b'{"namespace":%b,"device":%b,"ts":%d,"seq":%d,"values":%b,"quality":%b}' % (
+            json_bytes(r.namespace), json_bytes(r.device), r.ts_ms, r.seq, r.values_json(),
+            json_bytes(r.quality) if r.quality else b"{}")
+        for r in batch) + b"]"
 
 
 def _value_ok(v: object) -> bool:
@@ -185,13 +191,17 @@ class Plugin:
         try:
             instance = self._instance or self._instantiate()
             self._instance = instance
-            out = decode(instance.process(encode(batch)), batch)
+            data = encode(batch)
+            answer = instance.process(data)
+            out = batch if answer == data else decode(answer, batch)
         except PluginError as e:
             self._instance = None
             self._failed(e)
             return self._fallback(batch)
         finally:
-            stats.durations_us.append((time.perf_counter() - t0) * 1e6)
+            took = time.perf_counter() - t0
+            stats.time_s += took
+            stats.durations_us.append(took * 1e6)
             if self._host.kv is not None and "kv" in self.spec.capabilities:
                 self._host.kv.flush(self.spec.name)
         return out
@@ -340,13 +350,15 @@ class Plugins:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Per plugin name: ``version``, ``sha256``, ``devices``, the
-        :class:`PluginStats` counters, and ``load_error`` when its configured
-        version could not be loaded (or was rolled back)."""
+        """Per plugin name, in the order they run: ``version``, ``sha256``, ``devices``,
+        ``on_failure``, the :class:`PluginStats` counters, and ``load_error`` when its
+        configured version could not be loaded (or was rolled back); a plugin never
+        loaded has only ``state`` ``not loaded`` and ``load_error``."""
         out: dict[str, Any] = {}
         for name, p in self.plugins.items():
             out[name] = {"version": p.spec.version, "sha256": p.spec.sha256,
-                         "devices": list(p.spec.devices), **p.stats.snapshot(),
+                         "devices": list(p.spec.devices), "on_failure": p.spec.on_failure,
+                         **p.stats.snapshot(),
                          "load_error": self.load_errors.get(name, "")}
         for name, error in self.load_errors.items():
             out.setdefault(name, {"state": "not loaded", "load_error": error})

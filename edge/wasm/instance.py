@@ -34,7 +34,7 @@ from edge.wasm.spec import CAPABILITIES, IMPORT_MODULE, PAGE_BYTES, PluginSpec
 log = logging.getLogger(__name__)
 
 TICK_S: Final = 0.005
-ENGINE_TAG: Final = "epoch1"
+ENGINE_TAG: Final = "epoch2"
 """Names the engine settings below in cache file names: change it when they change."""
 MAX_OUTPUT: Final = 4 << 20
 """Bytes a plugin may answer with."""
@@ -109,6 +109,7 @@ class Runtime:
         # no compiler thread pool: plugins are small, and the config child (forked from
         # the agent, where such a pool's threads would not exist) must compile too
         cfg.parallel_compilation = False
+        cfg.memory_may_move = False  # edge.wasm.call addresses memory from its base
         self.engine = wasmtime.Engine(cfg)
         self.cache_dir = cache_dir
         self._stop = threading.Event()
@@ -216,7 +217,6 @@ class Instance:
         return RawFunc(self._store, func, nparams, result)
 
     def _call(self, fn: RawFunc, *args: int) -> int:
-        set_deadline(self._store, self._ticks)
         try:
             return fn(*args)
         except wasmtime.Trap as e:
@@ -242,12 +242,15 @@ class Instance:
     def init(self, config: bytes) -> None:
         """Give it its config (if it exports ``init``)."""
         if self._init is not None:
+            set_deadline(self._store, self._ticks)
             status = self._call(self._init, self._input(config), len(config))
             if status != 0:
                 raise PluginError("refused", f"init refused its config (status {status})")
 
     def process(self, batch: bytes) -> bytes:
-        """Its answer to ``batch`` (JSON bytes in, bytes out; b"" drops the batch)."""
+        """Its answer to ``batch`` (JSON bytes in, bytes out; b"" drops the batch).
+        ``alloc`` and ``process`` share the one ``timeout_ms``."""
+        set_deadline(self._store, self._ticks)
         packed = self._call(self._process, self._input(batch), len(batch)) & (1 << 64) - 1
         out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
         if out_len == 0:

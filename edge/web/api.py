@@ -10,7 +10,8 @@ the agent.
 Read: ``overview``, ``devices``, ``devices/{namespace}/{name}`` (definition, latest
 reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` ms),
 ``readings`` (the latest of every device), ``events`` (``?limit=``, newest last),
-``stats`` (:meth:`edge.agent.Agent.stats`), ``config`` and ``config/versions``,
+``stats`` (:meth:`edge.agent.Agent.stats`), ``plugins`` (each plugin's counters, in
+the order they run), ``config`` and ``config/versions``,
 ``config/versions/{version}``, ``config/diff?old=&new=``. Version 0 is the agent
 file alone: its content is not kept (``{"version": 0}``), and its ``devices`` is the
 running configuration's while it runs, else null. Change (login or token,
@@ -111,6 +112,7 @@ class Api:
             web.get(f"{p}/readings", self.readings),
             web.get(f"{p}/events", self.events),
             web.get(f"{p}/stats", self.stats),
+            web.get(f"{p}/plugins", self.plugins),
             web.get(f"{p}/config", self.config),
             web.get(f"{p}/config/versions", self.versions),
             web.get(f"{p}/config/versions/{{version}}", self.version),
@@ -200,6 +202,11 @@ class Api:
 
     async def stats(self, request: web.Request) -> web.Response:
         return _json(self.agent.stats())
+
+    async def plugins(self, request: web.Request) -> web.Response:
+        host = self.agent.plugins
+        stats = host.stats() if host is not None else {}
+        return _json([{"name": name, **s} for name, s in stats.items()])
 
     async def config(self, request: web.Request) -> web.Response:
         cfg = self.agent.cfg

@@ -561,8 +561,60 @@ int ep_str_eq(const ep_val *s, const char *b, size_t len)
 
 int ep_str_is(const ep_val *s, const char *lit) { return ep_str_eq(s, lit, strlen(lit)); }
 
+/* Clinger's fast path (W. D. Clinger, "How to read floating point numbers accurately",
+ * PLDI 1990): a decimal m * 10^k with m <= 2^53 and |k| <= 22 is one IEEE operation on two
+ * exact doubles, so correctly rounded, as strtod would give. Most Modbus values (up to 16
+ * significant digits) take it; the rest go to strtod. */
+static const double POW10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                 1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+#define MANTISSA_MAX (UINT64_C(1) << 53)
+
+static int fast_num(const char *p, const char *end, double *out)
+{
+    int neg = 0, exp10 = 0;
+    uint64_t m = 0;
+    if (p < end && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    for (; p < end && is_digit(*p); p++) {
+        if (m > (MANTISSA_MAX - 9) / 10)
+            return 0;
+        m = m * 10 + (uint64_t)(*p - '0');
+    }
+    if (p < end && *p == '.')
+        for (p++; p < end && is_digit(*p); p++) {
+            if (m > (MANTISSA_MAX - 9) / 10)
+                return 0;
+            m = m * 10 + (uint64_t)(*p - '0');
+            exp10--;
+        }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        int eneg = 0, e = 0;
+        p++;
+        if (p < end && (*p == '+' || *p == '-'))
+            eneg = *p++ == '-';
+        for (; p < end && is_digit(*p); p++) {
+            if (e > 1000)
+                return 0;
+            e = e * 10 + (*p - '0');
+        }
+        exp10 += eneg ? -e : e;
+    }
+    if (p != end || exp10 < -22 || exp10 > 22)
+        return 0;
+    double d = (double)m;
+    d = exp10 < 0 ? d / POW10[-exp10] : d * POW10[exp10];
+    *out = neg ? -d : d;
+    return 1;
+}
+
 double ep_num(const ep_val *v)
 {
+    double fast;
+    if (fast_num(v->s, v->s + v->n, &fast))
+        return fast;
     char buf[64];
     char *b = v->n < sizeof buf ? buf : ep_xalloc(v->n + 1);
     memcpy(b, v->s, v->n);

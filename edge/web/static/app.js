@@ -229,6 +229,36 @@ function pageEvents() {
   live("", {events: (more) => { events = events.concat(more).slice(-200); draw(); }});
 }
 
+function pagePlugins() {
+  const us = (v) => (v >= 1000 ? (v / 1000).toFixed(2) + " ms" : v.toFixed(0) + " µs");
+  const draw = (plugins) => {
+    if (!plugins.length) {
+      view.innerHTML = `<h2>Plugins</h2><p class="notice">No WASM plugin is configured. Put
+        plugin manifests in the agent file's <code>plugins.dir</code> (they are picked up
+        while the agent runs), or send them in a desired bundle; plugins/README.md says how.</p>`;
+      return;
+    }
+    view.innerHTML = `<h2>Plugins</h2><p class="muted">In the order they run on each poll's
+      readings. Counters since the version shown was loaded.</p><div class="scroll"><table>
+      <tr><th>Plugin</th><th>State</th><th>Devices</th><th>Calls</th><th>Failures</th>
+      <th>Fallbacks</th><th>Time per call</th></tr>
+      ${plugins.map((p) => p.state === "not loaded"
+        ? `<tr><td>${esc(p.name)}</td><td class="offline">not loaded</td>
+           <td colspan="5"><small class="bad">${esc(p.load_error)}</small></td></tr>`
+        : `<tr><td>${esc(p.name)} ${esc(p.version)}<br><small class="muted">${esc(p.sha256.slice(0, 12))}</small></td>
+        <td class="${p.state === "running" ? "online" : "offline"}">${esc(p.state)}</td>
+        <td>${p.devices.map(esc).join("<br>")}</td><td>${p.calls}</td>
+        <td>${p.errors + p.traps + p.timeouts ? `errors ${p.errors}<br>traps ${p.traps}<br>timeouts ${p.timeouts}`
+          : "0"}${p.last_error ? `<br><small class="bad">${esc(p.last_error)}</small>` : ""}
+          ${p.load_error ? `<br><small class="bad">${esc(p.load_error)}</small>` : ""}</td>
+        <td>${p.passed} passed<br>${p.dropped} dropped<br><small class="muted">on failure: ${esc(p.on_failure)}</small></td>
+        <td>p50 ${us(p.p50_us)}<br>p99 ${us(p.p99_us)}</td></tr>`).join("")}</table></div>`;
+  };
+  const load = fresh(() => api("plugins").then(fresh(draw)).catch(fresh(failed)));
+  load();
+  live("", {overview: load});
+}
+
 function pageNotYet(what, text) {
   view.innerHTML = `<h2>${esc(what)}</h2><p class="notice">${esc(text)}</p>`;
   live("", {});
@@ -295,8 +325,7 @@ function route() {
     "/": pageOverview, "/devices": pageDevices, "/config": pageConfig, "/events": pageEvents,
     "/policy": () => pageNotYet("Network policy", "The eBPF network policy is not built in this " +
       "version of edge: nothing is enforced, and nothing is shown here."),
-    "/plugins": () => pageNotYet("Plugins", "WASM plugins are not built in this version of " +
-      "edge: no plugin runs, and nothing is shown here."),
+    "/plugins": pagePlugins,
   };
   (pages[hash] || (() => pageMissing(hash)))();
 }

@@ -143,6 +143,25 @@ def agent_file(
     )
 
 
+PLUGINS = (  # file, shipped plugin, config: each does real work on every reading
+    ("10-units.yaml", "units", {"convert": {"v0": {"from": "degC", "to": "K"}}}),
+    ("20-derive.yaml", "derive", {"outputs": [{"name": "v_sum", "expr": "v1 + v2"}]}),
+    ("30-deadband.yaml", "deadband", {"deadband": 0}),  # drops what did not change
+)
+
+
+def plugin_manifests(out: Path, shipped: Path) -> None:
+    """The three shipped plugins in ``out/plugins`` (the agent file's default
+    plugins.dir), their modules where they are."""
+    import yaml  # noqa: PLC0415 (only for this option)
+
+    (out / "plugins").mkdir(parents=True, exist_ok=True)
+    for file, name, config in PLUGINS:
+        manifest = yaml.safe_load((shipped / name / "manifest.yaml").read_text())
+        manifest.update(wasm=str((shipped / name / manifest["wasm"]).resolve()), config=config)
+        (out / "plugins" / file).write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,6 +184,9 @@ def main() -> int:
                    help="uplink.order of the agent file")
     p.add_argument("--web-port", type=int, default=0,
                    help="the web page's port on 127.0.0.1 (0: no web server)")
+    p.add_argument("--plugins", type=Path, metavar="SHIPPED",
+                   help="also run the three plugins of SHIPPED (the repository's plugins/): "
+                        "units on v0, derive v_sum = v1 + v2, deadband 0")
     a = p.parse_args()
 
     devices, tag_count, poll_ms = SCENARIOS.get(a.scenario or "", (None, None, None))
@@ -177,6 +199,8 @@ def main() -> int:
         p.error("--sim-mode units supports at most 247 devices")
 
     (a.out / "manifests").mkdir(parents=True, exist_ok=True)
+    if a.plugins:
+        plugin_manifests(a.out, a.plugins)
     (a.out / "edge.yaml").write_text(
         agent_file(
             node=a.node,

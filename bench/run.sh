@@ -25,6 +25,10 @@
 #   PROFILE=1          after edge's measured run, run it again for PROFILE_SECONDS (30)
 #                      under py-spy (PYSPY, default /tmp/venv-pyspy/bin/py-spy) and write
 #                      bench/results/edge-<scenario>-<date>-profile.md
+#   PLUGINS=1          then measure edge once more with three WASM plugins loaded (units,
+#                      derive, deadband: gen_manifests.py --plugins)
+#                      -> bench/results/edge-<scenario>-plugins-<date>.json (the deadband
+#                      drops unchanged values: completeness is not comparable there)
 #   NODELAY=1          (default) then measure edge once more against a broker with
 #                      TCP_NODELAY -> bench/results/edge-<scenario>-nodelay-<date>.json
 #                      (a diagnostic of the broker hop; NODELAY=0 skips it)
@@ -145,6 +149,17 @@ measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT BUSY: edge under 
 OUT="$RESULTS/edge-$SCEN-$DATE.json"
 echo "=== edge $SCEN (${DUR}s): broker :$BROKER_PORT, simulator :$SIM_BASE_PORT ($SIM_MODE)" >&2
 measure_edge "$OUT" "$RUN" "$BROKER_PORT" "$BROKER_PID" shared "$BUSY"
+
+if [ "${PLUGINS:-0}" = 1 ]; then
+  PDIR="$RUN/with-plugins"
+  mkdir -p "$PDIR"
+  python3 "$HERE/gen_manifests.py" --out "$PDIR" --scenario "$SCEN" --sim-mode "$SIM_MODE" \
+    --sim-base-port "$SIM_BASE_PORT" --broker-port "$BROKER_PORT" --web-port "$WEB_PORT" \
+    --plugins "$REPO/plugins" >/dev/null
+  "$EDGE_BIN" check -c "$PDIR/edge.yaml" >&2
+  measure_edge "$RESULTS/edge-$SCEN-plugins-$DATE.json" "$PDIR" "$BROKER_PORT" "$BROKER_PID" \
+    plugins "$(quiet)"
+fi
 
 if [ "${PROFILE:-0}" = 1 ]; then
   [ -x "$PYSPY" ] || { python3 -m venv "$(dirname "$(dirname "$PYSPY")")" \

@@ -39,6 +39,8 @@ typedef struct {
         uint64_t shash;
         int boolean;
     } v;
+    uint64_t nhash; /* numbers: the reported text's length (slen) and 64-bit hash: the */
+                    /* same text again is the same number, with nothing to parse */
     double ts;
     char s[INLINE_STR];
 } entry;
@@ -181,6 +183,10 @@ static int report(entry *e, const ep_val *v, const char *name, size_t name_len, 
     switch (v->type) {
     case EP_NUM:
         kind = K_NUM;
+        shash = ep_hash64(v->s, v->n);
+        if (e->kind == K_NUM && e->slen == v->n && e->nhash == shash &&
+            !(heartbeat_ms > 0 && has_ts && e->has_ts && ts - e->ts >= heartbeat_ms))
+            return 0;
         num = ep_num(v);
         if (!isfinite(num)) { /* beyond a double: cannot compare, so always */
             e->kind = K_NONE;
@@ -221,6 +227,8 @@ static int report(entry *e, const ep_val *v, const char *name, size_t name_len, 
     e->ts = ts;
     if (kind == K_NUM) {
         e->v.num = num;
+        e->slen = (uint32_t)v->n;
+        e->nhash = shash;
     } else if (kind == K_BOOL) {
         e->v.boolean = boolean;
     } else {

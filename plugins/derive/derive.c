@@ -165,6 +165,21 @@ static int primary(compiler *c)
         consts[n_consts] = v;
         return emit(c, OP_CONST, (int)n_consts++, 1);
     }
+    if (ch == '[') { /* [voltage-l1]: a name of any characters but ']' (KubeEdge's have '-') */
+        const char *start = ++c->p;
+        while (c->p < c->end && *c->p != ']')
+            c->p++;
+        if (c->p >= c->end)
+            return fail(c, "expected ']' to end a [name]");
+        size_t n = (size_t)(c->p - start);
+        c->p++;
+        if (n == 0)
+            return fail(c, "an empty [name]");
+        int vi = var_index(start, n, 1);
+        if (vi < 0)
+            return fail(c, "too many names");
+        return emit(c, OP_VAR, vi, 1);
+    }
     if (is_alpha(ch)) {
         const char *start = c->p;
         while (c->p < c->end && (is_alpha(*c->p) || is_digit(*c->p) || *c->p == '.'))

@@ -130,3 +130,11 @@ def test_numbers_are_read_and_written_exactly(tmp_path: Path, runtime: Runtime) 
     for seq, text in enumerate(texts, start=1):
         answer = json.loads(p.process(batch(seq, 1, f'{{"x":{text}}}')))
         assert answer[0]["values"]["y"] == float(text), text
+
+
+def test_derive_reads_bracketed_names(tmp_path: Path, runtime: Runtime) -> None:
+    spec = dataclasses.replace(shipped(tmp_path, "derive"), config=(
+        '{"outputs":[{"name":"power-l1","expr":"[voltage-l1] * [current-l1]"}]}'))
+    p = instance(runtime, spec)
+    values = '{"voltage-l1":230.1,"current-l1":5.2}'
+    assert p.process(batch(1, 1, values)) == batch(1, 1, values[:-1] + ',"power-l1":1196.52}')

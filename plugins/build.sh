@@ -2,7 +2,8 @@
 # Build the WASM plugins with Debian's clang: plugins/build.sh [OUTDIR]
 #
 # Without OUTDIR the modules are written next to their sources (plugins/NAME/NAME.wasm,
-# plugins/example/minimal.wasm) and each manifest.yaml's sha256 is rewritten. With
+# plugins/example/minimal.wasm) and each manifest.yaml's sha256 is rewritten (also in
+# the demo's examples/plugins/*.yaml that run a shipped module). With
 # OUTDIR they go to OUTDIR/NAME/NAME.wasm and OUTDIR/example/minimal.wasm and no
 # manifest is touched. The output is deterministic: no paths, timestamps or debug info.
 # Needs (Debian): clang lld wasi-libc libclang-rt-14-dev-wasm32
@@ -56,5 +57,11 @@ if [ "$OUT" = "$HERE" ]; then
     [ -f "$HERE/$name/manifest.yaml" ] || continue
     sum="$(sha256sum "$HERE/$name/$name.wasm" | cut -d' ' -f1)"
     sed -i "s/^sha256:.*/sha256: \"$sum\"/" "$HERE/$name/manifest.yaml"
+    # the demo's manifests (examples/plugins) that run a shipped module
+    for m in "$HERE"/../examples/plugins/*.yaml; do
+      if [ -f "$m" ] && grep -q "^wasm: \.\./\.\./plugins/$name/$name.wasm$" "$m"; then
+        sed -i "s/^sha256:.*/sha256: \"$sum\"/" "$m"
+      fi
+    done
   done
 fi

@@ -22,6 +22,7 @@ from wasm_modules import (
     LOOP,
     NO_ROOM,
     REFUSES_CONFIG,
+    START_LOOP,
     TRAP,
     constant,
     spec,
@@ -153,6 +154,12 @@ def test_a_module_needing_more_memory_than_its_limit_is_not_loaded(
     assert host.process(reading()) == [reading()]
     assert "cannot be instantiated" in host.stats()["echo"]["load_error"]
     assert kinds(events) == ["plugin_refused"]
+
+
+def test_a_start_function_that_never_ends_is_stopped(tmp_path: Path, host: Plugins) -> None:
+    host.configure([spec(tmp_path, "start", START_LOOP, timeout_ms=30)])
+    assert host.process(reading()) == [reading()]
+    assert host.stats()["start"]["load_error"].startswith("cannot be instantiated: ")
 
 
 def test_a_trap_and_garbage_are_contained(tmp_path: Path, host: Plugins) -> None:

@@ -38,6 +38,8 @@ BOMB = _module(f'''{_ALLOC} (func (export "process") (param i32 i32) (result i64
   (loop $more (br_if $more (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
   unreachable)''')
 """Grows its memory a page at a time until refused, then traps."""
+START_LOOP = _module(f'{_ALLOC} {_ECHO} (func $start (loop $l (br $l))) (start $start)')
+"""Never finishes being instantiated."""
 TRAP = _module(f'{_ALLOC} (func (export "process") (param i32 i32) (result i64) unreachable)')
 GARBAGE = constant("not json{")
 NO_PROCESS = _module(_ALLOC)

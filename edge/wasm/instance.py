@@ -197,6 +197,7 @@ class Instance:
                 params, results = _SIGNATURES[name]
                 linker.define_func(IMPORT_MODULE, name, wasmtime.FuncType(params, results),
                                    self._host(name), access_caller=True)
+        runtime.start()  # a start function runs at instantiation, under the deadline too
         try:
             inst = linker.instantiate(store, module)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
@@ -208,7 +209,6 @@ class Instance:
         self._alloc = self._func(exports, "alloc", 1, "i32")
         self._process = self._func(exports, "process", 2, "i64")
         self._init = self._func(exports, "init", 2, "i32") if "init" in exports else None
-        runtime.start()
 
     def _func(self, exports: Mapping[str, object], name: str, nparams: int,
               result: Result) -> RawFunc:

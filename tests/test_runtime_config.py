@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support import REPO, Subscriber, start_broker, start_edge
+from wasm_modules import ECHO, write_plugin
 
 from edge.config.errors import ConfigError
 from edge.config.load import load_config
@@ -57,9 +58,12 @@ def test_yaml_alias_bomb_is_contained(tmp_path: Path) -> None:
 
 
 def test_running_agent_does_not_map_the_validation_libraries(tmp_path: Path) -> None:
+    """Not even with a plugin, whose manifest the child checked (pydantic, PyYAML, the
+    signature's cryptography) while the agent runs only wasmtime."""
     broker = start_broker(tmp_path)
     cfg = tmp_path / "edge.yaml"
     cfg.write_text(yaml.safe_dump({"node": "gw", "uplink": {"port": broker.port}}))
+    write_plugin(tmp_path / "plugins", "echo", ECHO)
     sub = Subscriber(broker.port, "edge/v1/gw/state")
     agent = start_edge(["run", "-c", str(cfg)], tmp_path)
     try:
@@ -67,6 +71,8 @@ def test_running_agent_does_not_map_the_validation_libraries(tmp_path: Path) -> 
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
         assert "pydantic_core" not in maps
         assert "_yaml" not in maps
+        assert "cryptography" not in maps
+        assert "libwasmtime" in maps
     finally:
         agent.stop()
         sub.stop()

@@ -283,5 +283,5 @@ for AGENT in $AGENTS; do
     run_one "$AGENT" "$DOWN"
   done
 done
-python3 "$HERE/report.py" --results "$RESULTS" --out "$RESULTS/REPORT.md"
+python3 "$HERE/report.py" --results "$RESULTS" --out "$RESULTS/REPORT.md" --rss-tier web
 echo "report: $RESULTS/REPORT.md" >&2

@@ -179,18 +179,19 @@ def load(results: Path) -> list[Run]:
 
 
 def broker(run: Run) -> str:
-    """``shared`` (the shared start-broker.sh) or ``nodelay`` (mosquitto with TCP_NODELAY)."""
+    """The run's variant: ``shared`` (the shared start-broker.sh), ``nodelay`` (mosquitto
+    with TCP_NODELAY) or ``plugins`` (three WASM plugins loaded; run.sh PLUGINS=1)."""
     return str(get(run, "bench", "broker") or "shared")
 
 
-def variant(runs: list[Run], edge: Run) -> Run | None:
-    """The run of the same invocation against the TCP_NODELAY broker, if any."""
+def variant(runs: list[Run], edge: Run, kind: str) -> Run | None:
+    """The run of the same invocation of variant ``kind``, if any."""
     run_id, scenario = get(edge, "bench", "run_id"), get(edge, "bench", "scenario")
     return next(
         (
             r
             for r in runs
-            if broker(r) == "nodelay"
+            if broker(r) == kind
             and get(r, "bench", "run_id") == run_id
             and get(r, "bench", "scenario") == scenario
         ),
@@ -295,11 +296,14 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
     if edge is None:
         return [f"## {title}", "", "No edge run yet (`bench/run.sh " + scenario + "`).", ""], []
     judged = {b.name: (b, *b.check(edge, peers)) for b in budgets(scenario, rss_tier)}
-    nodelay = variant(runs, edge)
+    nodelay = variant(runs, edge, "nodelay")
+    plugins = variant(runs, edge, "plugins")
     shown = (
-        [edge] + ([nodelay] if nodelay else []) + [peers[s] for s in PEER_STORAGES if s in peers]
+        [edge] + ([nodelay] if nodelay else []) + ([plugins] if plugins else [])
+        + [peers[s] for s in PEER_STORAGES if s in peers]
     )
     cols = ["edge"] + (["edge, broker TCP_NODELAY ¹"] if nodelay else [])
+    cols += ["edge, 3 WASM plugins ³"] if plugins else []
     cols += [
         f"peer {s}" + (" (other run)" if s in other else "") for s in PEER_STORAGES if s in peers
     ]
@@ -334,6 +338,17 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
                 f"| {scenario} | {b.name}, broker TCP_NODELAY (diagnostic) | {b.target} "
                 f"| {detail} | {verdict(ok)} |"
             )
+    if plugins is not None:
+        out += [
+            "³ The same agent once more with three WASM plugins loaded (units on v0, derive "
+            "v_sum = v1 + v2, deadband 0: bench/gen_manifests.py --plugins). The deadband "
+            "drops values that did not change, so completeness is not comparable there.",
+            "",
+        ]
+        b = rss_budget("full")
+        ok, detail = b.check(plugins, peers)
+        summary.append(f"| {scenario} | {b.name}, 3 WASM plugins | {b.target} | {detail} "
+                       f"| {verdict(ok)} |")
     out += [
         "² The machine's CPU during the run (all cores, in % of one core) less the agent, "
         "its broker and simulator: measure.py itself (a few %) and whatever else ran. "

@@ -238,5 +238,5 @@ for STORAGE in $PEER_STORAGES; do
   echo "result: $OUT" >&2
 done
 
-python3 "$HERE/report.py" --results "$RESULTS" --out "$RESULTS/REPORT.md"
+python3 "$HERE/report.py" --results "$RESULTS" --out "$RESULTS/REPORT.md" --rss-tier web
 echo "report: $RESULTS/REPORT.md" >&2

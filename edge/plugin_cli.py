@@ -77,7 +77,7 @@ def sign(manifest: Path, key_file: Path) -> None:
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--agent-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Check the signature against this agent file's trust.keys (default: an "
-                   "agent that trusts no key, so an unsigned plugin runs).")
+                   "agent that trusts no key: any plugin runs, its signature unchecked).")
 def run(manifest: Path, agent_file: Path | None) -> None:
     """Run MANIFEST's plugin once: a JSON batch of readings on stdin (an array of
     {namespace, device, ts, seq, values, quality}), its answer on stdout."""
@@ -103,7 +103,11 @@ def run(manifest: Path, agent_file: Path | None) -> None:
         if spec is None:
             raise ConfigError(report.problems)
     except ConfigError as e:
-        raise click.ClickException("\n".join(str(p) for p in e.problems)) from e
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        raise SystemExit(2) from e
+    for p in report.warnings:
+        click.echo(str(p), err=True)
     try:
         batch = [Reading(r["namespace"], r["device"], int(r["ts"]), int(r["seq"]),
                          r.get("values", {}), r.get("quality", {}))

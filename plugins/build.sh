@@ -52,15 +52,23 @@ for name in "${PLUGINS[@]}"; do
 done
 build "$OUT/example/minimal.wasm" -nostdlib example/minimal.c
 
+set_sha() {  # MANIFEST SHA256: the new hash; a signature of the old one is dropped
+  if ! grep -Eq "^sha256: \"?$2\"?$" "$1" && grep -q "^signature:" "$1"; then
+    sed -i "/^signature:/d" "$1"
+    echo "$1: the module changed: its signature was dropped (edge plugin sign it again)"
+  fi
+  sed -i "s/^sha256:.*/sha256: \"$2\"/" "$1"
+}
+
 if [ "$OUT" = "$HERE" ]; then
   for name in "${PLUGINS[@]}"; do
     [ -f "$HERE/$name/manifest.yaml" ] || continue
     sum="$(sha256sum "$HERE/$name/$name.wasm" | cut -d' ' -f1)"
-    sed -i "s/^sha256:.*/sha256: \"$sum\"/" "$HERE/$name/manifest.yaml"
+    set_sha "$HERE/$name/manifest.yaml" "$sum"
     # the demo's manifests (examples/plugins) that run a shipped module
     for m in "$HERE"/../examples/plugins/*.yaml; do
       if [ -f "$m" ] && grep -q "^wasm: \.\./\.\./plugins/$name/$name.wasm$" "$m"; then
-        sed -i "s/^sha256:.*/sha256: \"$sum\"/" "$m"
+        set_sha "$m" "$sum"
       fi
     done
   done

@@ -115,6 +115,30 @@ def test_two_plugins_of_one_name_are_refused(tmp_path: Path) -> None:
     assert error.startswith("plugins: two plugins are named 'echo'")
 
 
+BAD_SIGNATURE = ("signature: does not verify with any trusted key (trust.keys): signed by "
+                 "another key, or name, version, sha256 or capabilities changed since it was "
+                 "signed (edge plugin sign again)")
+
+
+def test_without_trusted_keys_a_signature_is_not_checked_and_says_so(tmp_path: Path) -> None:
+    manifest = write_plugin(tmp_path / "plugins", "echo", ECHO)
+    edge_cli("plugin", "sign", str(manifest), "--key", str(keys(tmp_path)))
+    cfg = load_config(agent_file(tmp_path))
+    assert [p.name for p in cfg.plugins] == ["echo"]
+    assert [(p.field, p.message) for p in cfg.warnings if p.field == "signature"] == [
+        ("signature", "is not checked: this agent trusts no key (trust.keys), so it runs "
+                      "plugins unsigned")]
+
+
+def test_a_missing_sha256_says_where_to_get_it(tmp_path: Path) -> None:
+    manifest = write_plugin(tmp_path / "plugins", "echo", ECHO)
+    manifest.write_text("\n".join(ln for ln in manifest.read_text().splitlines()
+                                  if not ln.startswith("sha256")))
+    assert errors(agent_file(tmp_path)) == [
+        "sha256: is required: the SHA-256 (hex) of the module, from `sha256sum` or "
+        "`edge plugin sign`"]
+
+
 def test_with_trusted_keys_a_plugin_must_be_signed_by_one(tmp_path: Path) -> None:
     key = keys(tmp_path)
     other = keys(tmp_path, "other")
@@ -123,16 +147,16 @@ def test_with_trusted_keys_a_plugin_must_be_signed_by_one(tmp_path: Path) -> Non
     assert errors(path) == ["signature: is required: this agent trusts keys (trust.keys), so "
                             "every plugin must be signed by one of them (edge plugin sign)"]
     edge_cli("plugin", "sign", str(manifest), "--key", str(other))
-    assert errors(path) == ["signature: does not verify with any trusted key (trust.keys)"]
+    assert errors(path) == [BAD_SIGNATURE]
     out = edge_cli("plugin", "sign", str(manifest), "--key", str(key))
     assert out.stdout.startswith(f"{manifest}: signed echo@1.0.0")
     assert [p.name for p in load_config(path).plugins] == ["echo"]
     signed = manifest.read_text()
     # the signature covers the capabilities: granting one more needs a new signature
     manifest.write_text(signed.replace("capabilities: []", "capabilities: [log]"))
-    assert errors(path) == ["signature: does not verify with any trusted key (trust.keys)"]
+    assert errors(path) == [BAD_SIGNATURE]
     manifest.write_text(signed.replace("version: 1.0.0", "version: 1.0.1"))
-    assert errors(path) == ["signature: does not verify with any trusted key (trust.keys)"]
+    assert errors(path) == [BAD_SIGNATURE]
 
 
 def test_a_bundle_carries_its_modules_inline(tmp_path: Path) -> None:

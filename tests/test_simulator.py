@@ -122,6 +122,7 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
     broker = stop_later(start_broker(tmp_path))
     # not the demo's own state (examples/run): a bundle pushed there would run here
     shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("run"))
+    shutil.copytree(EXAMPLES.parent / "plugins", tmp_path / "plugins")  # the demo's plugin's
     work = tmp_path / "examples"
     ports = {5020: free_port(), 5021: free_port()}
     for f in (work / "manifests").glob("*.yaml"):
@@ -150,6 +151,8 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
                          and "voltage-l1" in m.json()["values"])[0].json()["values"]
     assert 220 <= meter["voltage-l1"] <= 240
     assert 49.8 <= meter["frequency"] <= 50.2
+    # the demo's plugin (examples/plugins/10-power.yaml, the shipped derive)
+    assert meter["apparent-power-l1"] == meter["voltage-l1"] * meter["current-l1"]
     # and `edge run` serves the status page, its API and the health endpoints
     wait_port(web)
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/overview", timeout=5) as r:

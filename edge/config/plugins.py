@@ -76,7 +76,7 @@ class Manifest(_Section):
     version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
     wasm: str | None = None
     module: str | None = None
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
     signature: str | None = None
     hooks: Annotated[list[Literal[HOOKS]],  # type: ignore[valid-type]
                      AfterValidator(_unique)] = Field(default_factory=lambda: ["readings"],
@@ -102,12 +102,14 @@ def statement(name: str, version: str, sha256: str, capabilities: Sequence[str])
 
 def sign(m: Manifest, key: Ed25519PrivateKey) -> str:
     """The ``signature`` of manifest ``m`` with ``key`` (base64url, no padding)."""
+    assert m.sha256 is not None
     sig = key.sign(statement(m.name, m.version, m.sha256, m.capabilities))
     return base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
 
 
 def _signature_ok(m: Manifest, keys: Sequence[Ed25519PublicKey]) -> bool:
     assert m.signature is not None
+    assert m.sha256 is not None
     try:
         sig = base64.urlsafe_b64decode(m.signature + "=" * (-len(m.signature) % 4))
     except (binascii.Error, ValueError):
@@ -147,6 +149,10 @@ class PluginLoader:
         except ValidationError as e:
             self.report.validation_error(e, where, "", model=Manifest)
             return None
+        if m.sha256 is None:
+            self.report.error(where, "sha256", "is required: the SHA-256 (hex) of the module, "
+                              "from `sha256sum` or `edge plugin sign`")
+            return None
         wasm = self._module(m, where, base)
         if wasm is None:
             return None
@@ -175,9 +181,13 @@ class PluginLoader:
             err(where, "signature", "is required: this agent trusts keys (trust.keys), so "
                 "every plugin must be signed by one of them (edge plugin sign)")
             return False
-        if m.signature is not None and not _signature_ok(m, self.keys):
-            err(where, "signature", "does not verify with any trusted key (trust.keys)"
-                if self.keys else "cannot be checked: this agent trusts no key (trust.keys)")
+        if m.signature is not None and not self.keys:
+            self.report.warning(where, "signature", "is not checked: this agent trusts no key "
+                                "(trust.keys), so it runs plugins unsigned")
+        elif m.signature is not None and not _signature_ok(m, self.keys):
+            err(where, "signature", "does not verify with any trusted key (trust.keys): "
+                "signed by another key, or name, version, sha256 or capabilities changed "
+                "since it was signed (edge plugin sign again)")
             return False
         return True
 
@@ -224,6 +234,7 @@ class PluginLoader:
     def _module_ok(self, m: Manifest, blob: bytes, where: Where) -> bool:
         from edge.wasm.instance import PluginError, module_problems  # noqa: PLC0415
 
+        assert m.sha256 is not None  # check() made sure
         try:
             module = self.runtime.compile(blob, m.sha256)
         except PluginError as e:
@@ -265,6 +276,7 @@ def load_plugin_dir(agent: AgentFile, agent_file: Path,
         if spec is not None:
             specs.append(spec)
     _check_names(specs, report, Where(str(agent.plugins.dir)))
+    loader.runtime.stop()
     return tuple(specs)
 
 
@@ -281,4 +293,5 @@ def load_bundle_plugins(entries: object, agent: AgentFile, label: str,
     specs = [s for i, e in enumerate(entries, start=1)
              if (s := loader.check(e, Where(f"{label} plugins", i), None)) is not None]
     _check_names(specs, report, Where(label))
+    loader.runtime.stop()
     return tuple(specs)

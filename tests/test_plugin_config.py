@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,35 @@ def test_signing_keeps_the_rest_of_the_manifest(tmp_path: Path) -> None:
     assert text.startswith("# the echo plugin\n")
     assert f"sha256: {hashlib.sha256(wasm(ECHO)).hexdigest()}" in text
     assert len(yaml.safe_load(text)["signature"]) == 86  # 64 bytes, base64url unpadded
+
+
+def test_a_module_path_that_is_no_regular_file_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    manifest = write_plugin(tmp_path / "plugins", "echo", ECHO)
+    fifo = tmp_path / "plugins" / "fifo.wasm"
+    os.mkfifo(fifo)
+    manifest.write_text(manifest.read_text().replace("wasm: echo.wasm", "wasm: fifo.wasm"))
+    assert errors(agent_file(tmp_path)) == [f"wasm: {fifo}: is not a regular file"]
+    manifest.write_text(manifest.read_text().replace("wasm: fifo.wasm", "wasm: /dev/zero"))
+    assert errors(agent_file(tmp_path)) == ["wasm: /dev/zero: is not a regular file"]
+
+
+def test_a_config_that_is_not_plain_json_is_refused(tmp_path: Path) -> None:
+    manifest = write_plugin(tmp_path / "plugins", "echo", ECHO)
+    manifest.write_text(manifest.read_text() + "config: {since: 2024-01-01, x: .nan}\n")
+    [error] = errors(agent_file(tmp_path))
+    assert error.startswith("config: must be plain JSON (strings, numbers, booleans, null, "
+                            "lists, mappings): ")
+    manifest.write_text(manifest.read_text().replace("since: 2024-01-01, ", ""))
+    assert errors(agent_file(tmp_path)) == [
+        "config: must be plain JSON: .nan and .inf are no JSON numbers"]
+
+
+def test_a_directory_named_like_a_manifest_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "plugins" / "odd.yaml").mkdir(parents=True)
+    with pytest.raises(ConfigError) as e:
+        load_config(agent_file(tmp_path))
+    [p] = e.value.problems
+    assert (p.file, p.message) == (str(tmp_path / "plugins" / "odd.yaml"), (
+        "is not a regular file (a plugin manifest was expected: every *.yaml, *.yml and "
+        "*.json in plugins.dir is one)"))

@@ -18,12 +18,15 @@ from wasm_modules import (
     COUNTS,
     ECHO,
     GARBAGE,
+    KV_THEN_TRAP,
     LOGS,
     LOOP,
     NO_ROOM,
     REFUSES_CONFIG,
     START_LOOP,
+    TABLE_BOMB,
     TRAP,
+    TWO_MEMORIES,
     constant,
     spec,
     wasm,
@@ -265,7 +268,7 @@ def test_the_compiled_module_is_cached_and_a_damaged_cache_is_recompiled(
     runtime.compile(s.wasm.read_bytes(), s.sha256)
     cached = runtime.cache_file(s.sha256)
     assert cached is not None
-    assert cached.name == f"{s.sha256}-wasmtime50.0.1-epoch2.cwasm"
+    assert cached.name == f"{s.sha256}-wasmtime50.0.1-epoch3.cwasm"
     assert cached.is_file()
     cached.write_bytes(b"garbage")
     module = runtime.compile(s.wasm.read_bytes(), s.sha256)
@@ -291,12 +294,50 @@ def test_the_compiled_module_is_cached_and_a_damaged_cache_is_recompiled(
      'quality.v must be "bad"'),
     ('[{"namespace":"default","device":"a","seq":1,"values":[]}]', "values must be an object"),
     ("\xff", "not JSON"),
+    ('[{"namespace":[],"device":"a","seq":1}]', "is not a reading of the batch"),
+    ('[{"namespace":"default","device":"a","seq":{}}]', "is not a reading of the batch"),
+    ('[{"namespace":"default","device":"a","seq":true}]', "is not a reading of the batch"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('[{"namespace":"default","device":"a","seq":1,"values":{"x":"\\ud800"}}]',
+     "lone surrogate"),
+    ('[{"namespace":"default","device":"a","seq":1,"values":{"\\udfff":1}}]',
+     "lone surrogate"),
 ])
 def test_an_answer_of_the_wrong_shape_names_the_fault(answer: str, error: str) -> None:
     with pytest.raises(PluginError, match=error.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")) as e:
         decode(answer.encode("latin-1"), [reading()])
     assert e.value.kind == "output"
+
+
+def test_a_surrogate_pair_is_text() -> None:
+    answer = '[{"namespace":"default","device":"a","seq":1,"values":{"x":"\\ud83d\\ude00"}}]'
+    [out] = decode(answer.encode(), [reading()])
+    assert out.values == {"x": "\U0001f600"}
+    assert out.payload_json().decode().count("\U0001f600") == 1
+
+
+def test_a_table_bomb_is_refused_at_the_table_limit(tmp_path: Path, host: Plugins) -> None:
+    host.configure([spec(tmp_path, "tables", TABLE_BOMB)])
+    assert host.process(reading()) == [reading()]
+    assert host.stats()["tables"]["last_error"].startswith(
+        "trap: trapped: wasm `unreachable`")  # table.grow answered -1: nothing allocated
+
+
+def test_a_second_memory_is_refused(tmp_path: Path, host: Plugins) -> None:
+    host.configure([spec(tmp_path, "two", TWO_MEMORIES)])
+    assert "multi" in host.stats()["two"]["load_error"]
+
+
+def test_a_failed_call_leaves_nothing_in_the_key_value_store(tmp_path: Path,
+                                                              host: Plugins) -> None:
+    host.configure([spec(tmp_path, "kvtrap", KV_THEN_TRAP, capabilities=("kv",))])
+    host.process(reading())
+    host.close()
+    with sqlite3.connect(tmp_path / "plugins.db") as db:
+        assert db.execute("SELECT count(*) FROM kv").fetchone() == (0,)
+    assert host.kv is not None
+    assert host.kv.plugin("kvtrap").items == {}
 
 
 def test_encode_is_the_documented_batch() -> None:

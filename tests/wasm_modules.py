@@ -40,6 +40,19 @@ BOMB = _module(f'''{_ALLOC} (func (export "process") (param i32 i32) (result i64
 """Grows its memory a page at a time until refused, then traps."""
 START_LOOP = _module(f'{_ALLOC} {_ECHO} (func $start (loop $l (br $l))) (start $start)')
 """Never finishes being instantiated."""
+TABLE_BOMB = _module(f'''(table $t 1 funcref) (elem declare func $f) (func $f) {_ALLOC}
+  (func (export "process") (param i32 i32) (result i64)
+    (if (i32.eq (table.grow $t (ref.func $f) (i32.const 1000000000)) (i32.const -1))
+      (then unreachable))
+    i64.const 0)''')
+"""Asks for a billion table entries; traps when refused."""
+TWO_MEMORIES = f'(module (memory (export "memory") 1) (memory 1) {_ALLOC} {_ECHO})'
+KV_THEN_TRAP = _module(f'''(data (i32.const 200) "k") {_ALLOC}
+  (func (export "process") (param i32 i32) (result i64)
+    (drop (call $set (i32.const 200) (i32.const 1) (i32.const 200) (i32.const 1)))
+    unreachable)''', imports='(import "edge" "kv_set" (func $set (param i32 i32 i32 i32) '
+                              '(result i32)))')
+"""Stores key "k", then traps: the store must not keep it."""
 TRAP = _module(f'{_ALLOC} (func (export "process") (param i32 i32) (result i64) unreachable)')
 GARBAGE = constant("not json{")
 NO_PROCESS = _module(_ALLOC)

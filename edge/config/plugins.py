@@ -34,12 +34,13 @@ from edge.wasm.spec import (
     HOOKS,
     MAX_MEMORY_PAGES,
     MAX_TIMEOUT_MS,
+    ModuleFileError,
     PluginSpec,
     manifest_files,
+    read_module,
 )
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
-MAX_MODULE_BYTES: Final = 8 << 20
 
 
 def _unique(values: list[str]) -> list[str]:
@@ -49,7 +50,14 @@ def _unique(values: list[str]) -> list[str]:
 
 
 def _config_size(value: dict[str, Any]) -> dict[str, Any]:
-    if len(json.dumps(value)) > MAX_CONFIG_BYTES:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except TypeError as e:  # a YAML date, binary or set
+        raise _error(f"must be plain JSON (strings, numbers, booleans, null, lists, "
+                     f"mappings): {e}") from e
+    except ValueError as e:
+        raise _error("must be plain JSON: .nan and .inf are no JSON numbers") from e
+    if len(text) > MAX_CONFIG_BYTES:
         raise _error(f"is larger than {MAX_CONFIG_BYTES} bytes as JSON")
     return value
 
@@ -223,13 +231,11 @@ class PluginLoader:
             return None
         path = (base / m.wasm).resolve()
         try:
-            if path.stat().st_size > MAX_MODULE_BYTES:
-                err(where, "wasm", f"{path}: is larger than {MAX_MODULE_BYTES} bytes")
-                return None
-            return path, path.read_bytes()
-        except OSError as e:
-            err(where, "wasm", f"{path}: {e.strerror}")
+            blob = read_module(path)
+        except ModuleFileError as e:
+            err(where, "wasm", str(e))
             return None
+        return path, blob
 
     def _module_ok(self, m: Manifest, blob: bytes, where: Where) -> bool:
         from edge.wasm.instance import PluginError, module_problems  # noqa: PLC0415
@@ -266,6 +272,10 @@ def load_plugin_dir(agent: AgentFile, agent_file: Path,
     lie there); problems go to ``report``. A missing directory is no plugin (the
     default need not exist)."""
     files = [f for f in manifest_files(agent.plugins.dir) if f.resolve() != agent_file.resolve()]
+    for f in [f for f in files if not f.is_file()]:
+        report.error(Where(str(f)), "", "is not a regular file (a plugin manifest was "
+                     "expected: every *.yaml, *.yml and *.json in plugins.dir is one)")
+        files.remove(f)
     if not files:
         return ()
     loader = PluginLoader(agent, report)

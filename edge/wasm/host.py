@@ -21,6 +21,7 @@ import collections
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from edge.reading import Reading
 from edge.uplink.payload import json_bytes
 from edge.wasm.instance import Instance, PluginError, Runtime, module_problems
 from edge.wasm.kv import KvStore
-from edge.wasm.spec import PluginSpec
+from edge.wasm.spec import ModuleFileError, PluginSpec, read_module
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,21 @@ def encode(batch: Sequence[Reading]) -> bytes:
         for r in batch) + b"]"
 
 
+_LONE_SURROGATE: Final = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A UTF-16 surrogate escape: json.loads pairs them, but lets a lone one through."""
+
+
+def _has_surrogate(doc: object) -> bool:
+    """Whether a string (or a key) in ``doc`` holds a lone surrogate."""
+    if isinstance(doc, str):
+        return any("\ud800" <= c <= "\udfff" for c in doc)
+    if isinstance(doc, list):
+        return any(_has_surrogate(v) for v in doc)
+    if isinstance(doc, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in doc.items())
+    return False
+
+
 def _value_ok(v: object) -> bool:
     if isinstance(v, bool):
         return True
@@ -127,6 +143,11 @@ def decode(answer: bytes, batch: Sequence[Reading]) -> list[Reading]:
         doc = json.loads(answer)
     except (ValueError, UnicodeDecodeError) as e:
         raise PluginError("output", f"answered something that is not JSON ({e})") from e
+    except RecursionError as e:
+        raise PluginError("output", "answered JSON nested too deeply") from e
+    if _LONE_SURROGATE.search(answer) and _has_surrogate(doc):
+        raise PluginError("output", "answered a string with a lone surrogate (\\ud800–"
+                                    "\\udfff), which is no Unicode text")
     if not isinstance(doc, list):
         raise PluginError("output", "must answer a JSON array of readings, "
                                     f"not a {type(doc).__name__}")
@@ -137,7 +158,9 @@ def decode(answer: bytes, batch: Sequence[Reading]) -> list[Reading]:
         if not isinstance(item, dict):
             raise PluginError("output", f"{where} is not an object")
         ident: Any = (item.get("namespace"), item.get("device"), item.get("seq"))
-        src = index.pop(ident, None)
+        hashable = isinstance(ident[0], str) and isinstance(ident[1], str) and (
+            type(ident[2]) is int)
+        src = index.pop(ident, None) if hashable else None
         if src is None:
             raise PluginError("output", f"{where} ({ident[0]}/{ident[1]} seq {ident[2]}) is "
                                         "not a reading of the batch, or is answered twice")
@@ -194,17 +217,29 @@ class Plugin:
             data = encode(batch)
             answer = instance.process(data)
             out = batch if answer == data else decode(answer, batch)
-        except PluginError as e:
+        except Exception as e:
+            if not isinstance(e, PluginError):  # a host bug must not stop the poller
+                log.exception("plugin %s: handling its call failed", self.spec.ident)
+                e = PluginError("output", f"its answer could not be handled ({e!r})")
             self._instance = None
+            self._kv(failed=True)
             self._failed(e)
             return self._fallback(batch)
         finally:
             took = time.perf_counter() - t0
             stats.time_s += took
             stats.durations_us.append(took * 1e6)
-            if self._host.kv is not None and "kv" in self.spec.capabilities:
-                self._host.kv.flush(self.spec.name)
+        self._kv(failed=False)
         return out
+
+    def _kv(self, *, failed: bool) -> None:
+        """Keep (write) or undo what the call changed in its key-value store."""
+        kv = self._host.kv
+        if kv is not None and "kv" in self.spec.capabilities:
+            if failed:
+                kv.discard(self.spec.name)
+            else:
+                kv.flush(self.spec.name)
 
     def _fallback(self, batch: list[Reading]) -> list[Reading]:
         if self.spec.on_failure == "drop":
@@ -242,9 +277,9 @@ class Plugin:
 
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as e:
-        raise PluginError("load", f"cannot read {path}: {e.strerror}") from e
+        return read_module(path)
+    except ModuleFileError as e:
+        raise PluginError("load", f"cannot be read: {e}") from e
 
 
 class Plugins:

@@ -19,6 +19,7 @@ import importlib.metadata
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,8 +35,10 @@ from edge.wasm.spec import CAPABILITIES, IMPORT_MODULE, PAGE_BYTES, PluginSpec
 log = logging.getLogger(__name__)
 
 TICK_S: Final = 0.005
-ENGINE_TAG: Final = "epoch2"
+ENGINE_TAG: Final = "epoch3"
 """Names the engine settings below in cache file names: change it when they change."""
+MAX_TABLE_ELEMENTS: Final = 10_000
+"""Function-table entries a plugin may have (C's indirect calls need a few hundred)."""
 MAX_OUTPUT: Final = 4 << 20
 """Bytes a plugin may answer with."""
 LOG_BURST: Final = 20
@@ -110,6 +113,8 @@ class Runtime:
         # the agent, where such a pool's threads would not exist) must compile too
         cfg.parallel_compilation = False
         cfg.memory_may_move = False  # edge.wasm.call addresses memory from its base
+        cfg.wasm_multi_memory = False  # one memory, the one memory_pages bounds
+        cfg.wasm_threads = False
         self.engine = wasmtime.Engine(cfg)
         self.cache_dir = cache_dir
         self._stop = threading.Event()
@@ -137,8 +142,7 @@ class Runtime:
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as e:
-            raise PluginError("load", f"is not a valid WASM module: "
-                                      f"{str(e).splitlines()[0]}") from e
+            raise PluginError("load", f"is not a valid WASM module: {_cause(e)}") from e
         if cached is not None:
             self._store(cached, module.serialize())
         return module
@@ -189,7 +193,8 @@ class Instance:
         self.logs_dropped = 0
         self._ticks = math.ceil(spec.timeout_ms / 1000 / TICK_S) + 1
         store = self._store = wasmtime.Store(runtime.engine)
-        store.set_limits(memory_size=spec.memory_pages * PAGE_BYTES)
+        store.set_limits(memory_size=spec.memory_pages * PAGE_BYTES, memories=1, tables=1,
+                         table_elements=MAX_TABLE_ELEMENTS, instances=1)
         set_deadline(store, self._ticks)
         linker = wasmtime.Linker(runtime.engine)
         for cap in spec.capabilities:
@@ -200,8 +205,10 @@ class Instance:
         runtime.start()  # a start function runs at instantiation, under the deadline too
         try:
             inst = linker.instantiate(store, module)
-        except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
-            raise PluginError("load", f"cannot be instantiated: {_first_line(e)}") from e
+        except wasmtime.Trap as e:
+            raise PluginError("load", f"cannot be instantiated: {_trap_text(e)}") from e
+        except wasmtime.WasmtimeError as e:
+            raise PluginError("load", f"cannot be instantiated: {_cause(e)}") from e
         exports = inst.exports(store)
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory)  # module_problems checked the exports
@@ -225,7 +232,7 @@ class Instance:
                                              "and was stopped") from e
             raise PluginError("trap", f"trapped: {_trap_text(e)}") from e
         except wasmtime.WasmtimeError as e:
-            raise PluginError("trap", f"failed: {_first_line(e)}") from e
+            raise PluginError("trap", f"failed: {_cause(e)}") from e
 
     def _input(self, data: bytes) -> int:
         ptr = self._call(self._alloc, len(data)) & 0xFFFFFFFF
@@ -338,10 +345,20 @@ def _trap_text(trap: wasmtime.Trap) -> str:
     frames = trap.frames
     if frames:
         f = frames[0]
-        text += f" (in {f.func_name or f'function {f.func_index}'} at {f.module_offset:#x})"
+        text += f" (in {f.func_name or f'function {f.func_index}'}"
+        text += f" at {f.module_offset:#x})" if f.module_offset < 1 << 32 else ")"
     return text
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+_FRAME = re.compile(r"\d+:\s+0x[0-9a-f]+ - ")  # a backtrace line
+_CHAIN = re.compile(r"^\d+: ")  # "1: " before a cause
+
+
+def _cause(e: Exception) -> str:
+    """wasmtime's message: its first line and, when it says more, its last (the cause:
+    ``failed to compile: wasm[0]::function[2]: type mismatch: …``)."""
+    lines = [_CHAIN.sub("", ln.strip()) for ln in str(e).splitlines()
+             if ln.strip() and ln.strip() != "Caused by:" and not _FRAME.match(ln.strip())]
+    if not lines:
+        return type(e).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"

@@ -3,7 +3,8 @@
 ``plugins.db`` beside the outbox holds ``kv(plugin, key, value)``. A plugin reads and
 writes its own keys only, in memory; what it changed during a call is written in one
 transaction after the call (:meth:`KvStore.flush`), so it survives a restart and a
-re-instantiated instance. Bounds per plugin: :data:`MAX_KEY` bytes a key,
+re-instantiated instance — and undone if the call failed (:meth:`KvStore.discard`): a
+trapped or stopped call leaves nothing behind. Bounds per plugin: :data:`MAX_KEY` bytes a key,
 :data:`MAX_VALUE` bytes a value, :data:`MAX_KEYS` keys; ``kv_set`` beyond them is
 refused (returns -1), never an error of the agent.
 """
@@ -28,6 +29,12 @@ class PluginKv:
     def __init__(self, items: dict[bytes, bytes]) -> None:
         self.items = items
         self.dirty: set[bytes] = set()
+        self._undo: dict[bytes, bytes | None] = {}
+        """What this call changed: each key's value before it (None: absent)."""
+
+    def _touch(self, key: bytes) -> None:
+        if key not in self._undo:
+            self._undo[key] = self.items.get(key)
 
     def get(self, key: bytes) -> bytes | None:
         """The value, or None when absent."""
@@ -38,16 +45,32 @@ class PluginKv:
         if len(key) > MAX_KEY or len(value) > MAX_VALUE or (
                 key not in self.items and len(self.items) >= MAX_KEYS):
             return False
+        self._touch(key)
         self.items[key] = value
         self.dirty.add(key)
         return True
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; False when it was absent."""
-        if self.items.pop(key, None) is None:
+        if key not in self.items:
             return False
+        self._touch(key)
+        del self.items[key]
         self.dirty.add(key)
         return True
+
+    def rollback(self) -> None:
+        """Undo what this call changed."""
+        for key, value in self._undo.items():
+            if value is None:
+                self.items.pop(key, None)
+            else:
+                self.items[key] = value
+        self._undo.clear()
+
+    def commit(self) -> None:
+        """Keep what this call changed (it is written by the next flush)."""
+        self._undo.clear()
 
 
 class KvStore:
@@ -79,7 +102,10 @@ class KvStore:
         """Write what plugin ``name`` changed, in one transaction. A failing write
         (disk full) is logged and kept for the next flush."""
         kv = self._plugins.get(name)
-        if kv is None or not kv.dirty:
+        if kv is None:
+            return
+        kv.commit()
+        if not kv.dirty:
             return
         db = self._conn()
         try:
@@ -96,6 +122,12 @@ class KvStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             log.error("plugin %s: cannot save its key-value store in %s: %s", name, self.path, e)
+
+    def discard(self, name: str) -> None:
+        """Undo what plugin ``name`` changed in the call that just failed."""
+        kv = self._plugins.get(name)
+        if kv is not None:
+            kv.rollback()
 
     def close(self) -> None:
         """Close the file."""

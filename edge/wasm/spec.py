@@ -9,6 +9,8 @@ its imports and exports, and hands the agent a :class:`PluginSpec`.
 from __future__ import annotations
 
 import fnmatch
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -31,6 +33,7 @@ MAX_MEMORY_PAGES: Final = 1024  # 64 MiB
 MAX_TIMEOUT_MS: Final = 1000
 """A plugin runs in the agent's event loop: its time is everyone's time."""
 MANIFEST_SUFFIXES: Final = (".yaml", ".yml", ".json")
+MAX_MODULE_BYTES: Final = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +74,34 @@ class PluginSpec:
 
 
 def manifest_files(directory: Path) -> list[Path]:
-    """The manifests in ``directory`` (not recursive), in file-name order."""
+    """The manifests in ``directory`` (not recursive), in file-name order: every entry
+    named ``*.yaml``, ``*.yml`` or ``*.json``, regular file or not (the caller says
+    what is wrong with one that is not)."""
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir()
-                   if p.suffix in MANIFEST_SUFFIXES and p.is_file()), key=lambda p: p.name)
+    return sorted((p for p in directory.iterdir() if p.suffix in MANIFEST_SUFFIXES),
+                  key=lambda p: p.name)
+
+
+class ModuleFileError(Exception):
+    """A module file that cannot be read as one: the message names it and why."""
+
+
+def read_module(path: Path) -> bytes:
+    """The bytes of the module file ``path``: a regular file of at most
+    :data:`MAX_MODULE_BYTES` (never a FIFO or device, which could block or never end).
+
+    Raises:
+        ModuleFileError: it is not that, or cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ModuleFileError(f"{path}: is not a regular file")
+            blob = f.read(MAX_MODULE_BYTES + 1)
+    except OSError as e:
+        raise ModuleFileError(f"{path}: {e.strerror}") from e
+    if len(blob) > MAX_MODULE_BYTES:
+        raise ModuleFileError(f"{path}: is larger than {MAX_MODULE_BYTES} bytes")
+    return blob

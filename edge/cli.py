@@ -139,6 +139,16 @@ def check(config_path: Path) -> None:
     from edge.modbus.planner import plan_device  # noqa: PLC0415
 
     cfg = runtime_or_exit(config_path)  # the same bounded child as `edge run`
+    if cfg.plugins:  # started here, as `edge run` would: limits, init and its config
+        from edge.wasm.host import trial  # noqa: PLC0415
+
+        failing = trial(cfg.plugins, cfg.plugin_cache)
+        for message in failing:
+            click.echo(f"error: {message}", err=True)
+        if failing:
+            click.echo(f"{config_path}: not valid: {len(failing)} plugin(s) do not start",
+                       err=True)
+            raise SystemExit(2)
     props = sum(len(d.properties) for d in cfg.devices)
     requests = sum(len(r) for d in cfg.devices for r in plan_device(d).values())
     click.echo(

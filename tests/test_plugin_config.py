@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from support import edge_cli
-from wasm_modules import ECHO, LOGS, NO_PROCESS, WASI, wasm, write_plugin
+from wasm_modules import ECHO, LOGS, NO_PROCESS, REFUSES_CONFIG, WASI, wasm, write_plugin
 
 from edge.config.errors import ConfigError
 from edge.config.load import load_bundle_config, load_config
@@ -222,3 +222,23 @@ def test_a_directory_named_like_a_manifest_is_reported(tmp_path: Path) -> None:
     assert (p.file, p.message) == (str(tmp_path / "plugins" / "odd.yaml"), (
         "is not a regular file (a plugin manifest was expected: every *.yaml, *.yml and "
         "*.json in plugins.dir is one)"))
+
+
+def test_edge_check_starts_each_plugin_as_the_agent_would(tmp_path: Path) -> None:
+    path = agent_file(tmp_path)
+    write_plugin(tmp_path / "plugins", "echo", ECHO)
+    ok = edge_cli("check", "-c", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert ", 1 plugin(s)" in ok.stdout
+    write_plugin(tmp_path / "plugins", "picky", REFUSES_CONFIG)
+    write_plugin(tmp_path / "plugins", "big", ECHO, limits={"memory_pages": 1})
+    out = edge_cli("check", "-c", str(path))
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-3:] == [
+        f"error: {tmp_path / 'plugins/big.yaml'}: plugin big@1.0.0 "
+        f"({hashlib.sha256(wasm(ECHO)).hexdigest()[:12]}) cannot be instantiated: memory "
+        "minimum size of 2 pages exceeds memory limits",
+        f"error: {tmp_path / 'plugins/picky.yaml'}: plugin picky@1.0.0 "
+        f"({hashlib.sha256(wasm(REFUSES_CONFIG)).hexdigest()[:12]}) refused: init refused "
+        "its config (status 7)",
+        f"{path}: not valid: 2 plugin(s) do not start"]

@@ -282,6 +282,44 @@ def _read(path: Path) -> bytes:
         raise PluginError("load", f"cannot be read: {e}") from e
 
 
+class _Lines(logging.Handler):
+    """Keeps what a plugin logs, for a message that says why it did not start."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def trial(specs: Sequence[PluginSpec], cache_dir: Path | None) -> list[str]:
+    """Start each plugin as the agent would — instantiated within its limits, ``init``
+    given its config — and say, one message each, which do not (``edge check``). What a
+    plugin logs meanwhile goes into its message, not the log."""
+    runtime = Runtime(cache_dir)
+    problems = []
+    try:
+        for spec in specs:
+            logger = logging.getLogger(f"edge.plugin.{spec.name}")
+            said, propagate = _Lines(), logger.propagate
+            logger.addHandler(said)
+            logger.propagate = False
+            try:
+                module = runtime.compile(_read(spec.wasm), spec.sha256)
+                Instance(runtime, module, spec).init(spec.config.encode())
+            except PluginError as e:
+                why = str(e) if e.kind == "load" else f"{e.kind}: {e}"
+                logged = f" (it logged: {' | '.join(said.lines[:3])})" if said.lines else ""
+                problems.append(f"{spec.source}: plugin {spec.ident} {why}{logged}")
+            finally:
+                logger.removeHandler(said)
+                logger.propagate = propagate
+    finally:
+        runtime.stop()
+    return problems
+
+
 class Plugins:
     """The configured plugins, in order; :meth:`process` runs a reading through
     those that select its device. ``kv`` backs the ``kv`` capability (None: no

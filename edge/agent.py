@@ -152,19 +152,23 @@ class Agent:
 
     def _configure_plugins(self, cfg: RuntimeConfig) -> tuple[str, ...]:
         """Load ``cfg``'s plugins (:mod:`edge.wasm`); the names loaded anew."""
-        if self.plugins is None:
-            if not cfg.plugins:
-                return ()
-            from edge.wasm.host import Plugins  # noqa: PLC0415 (wasmtime costs ~10 MB)
-            from edge.wasm.instance import Runtime  # noqa: PLC0415
-            from edge.wasm.kv import KvStore  # noqa: PLC0415
-
-            self.plugins = Plugins(Runtime(cfg.plugin_cache),
-                                   KvStore(self.cfg.store.path.parent / "plugins.db"),
-                                   self.uplink.publish_event)
-        before = {n: p.spec for n, p in self.plugins.plugins.items()}
-        self.plugins.configure(cfg.plugins)
+        if self.plugins is None and not cfg.plugins:
+            return ()
+        host = self.plugins if self.plugins is not None else self._plugin_host()
+        before = {n: p.spec for n, p in host.plugins.items()}
+        host.configure(cfg.plugins)
         return tuple(s.name for s in cfg.plugins if before.get(s.name) != s)
+
+    def _plugin_host(self) -> Plugins:
+        """The plugin host, made the first time a plugin (or a problem) shows up."""
+        from edge.wasm.host import Plugins  # noqa: PLC0415 (wasmtime costs ~10 MB)
+        from edge.wasm.instance import Runtime  # noqa: PLC0415
+        from edge.wasm.kv import KvStore  # noqa: PLC0415
+
+        self.plugins = Plugins(Runtime(self.cfg.plugin_cache),
+                               KvStore(self.cfg.store.path.parent / "plugins.db"),
+                               self.uplink.publish_event)
+        return self.plugins
 
     def apply_plugins(self, plugins: tuple[PluginSpec, ...]) -> tuple[str, ...]:
         """Run ``plugins`` from the next batch on (from the plugin directory's hot
@@ -173,6 +177,16 @@ class Agent:
         loaded = self._configure_plugins(cfg)
         self.cfg = cfg
         return loaded
+
+    def plugin_problems(self, problems: list[str]) -> None:
+        """Why the plugin directory's last change was not taken (empty: it was), for the
+        web page; said in the log when they clear."""
+        if self.plugins is None and not problems:
+            return
+        host = self.plugins if self.plugins is not None else self._plugin_host()
+        if host.problems and not problems:
+            log.info("the plugins in %s validate again", self.cfg.plugin_dir)
+        host.problems = problems
 
     def _poller(self, d: DeviceSpec, first_seq: int) -> DevicePoller:
         m = self.cfg.modbus

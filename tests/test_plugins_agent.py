@@ -77,10 +77,15 @@ def test_plugins_transform_telemetry_and_reload_from_their_directory(
                             .replace("sha256: ", "sha256: 0"))
         refused = wait_event(sub, PREFIX, "plugin_refused")
         assert refused["problems"][0].startswith(f"error: {manifest}: sha256: ")
+        assert refused["directory"] == str(plugins)
         assert len(readings(sub, "a", 2)) == 2
+        manifest.unlink()  # removed: the plugin stops
+        wait_event(sub, PREFIX, "plugin_removed", plugin="mute", version="2.0.0")
     finally:
         assert agent.stop() == 0, agent.output()
-    assert "plugin mute@2.0.0" in agent.output()
+    out = agent.output()
+    assert "plugin mute@2.0.0" in out
+    assert f"the plugins in {plugins} validate again" in out
 
 
 def test_a_plugin_that_hangs_is_quarantined_and_other_devices_go_on(

@@ -202,14 +202,15 @@ def test_a_changed_plugin_is_swapped_and_a_failing_new_version_rolls_back(
     for seq in (2, 3):
         host.process(reading(seq=seq))
     s = host.stats()["p"]
-    assert (s["version"], s["calls"]) == ("1.0.0", 1)  # back on v1, with its stats
+    # back on v1; the counters go on over both versions (1 call of v1, 2 of v2)
+    assert (s["version"], s["calls"], s["traps"], s["state"]) == ("1.0.0", 3, 2, "running")
     assert s["load_error"].startswith("rolled back: trap:")
     [rb] = [f for k, f in events if k == "plugin_rolled_back"]
     assert (rb["version"], rb["to"]) == ("2.0.0", "1.0.0")
     host.configure([v2])  # the same failing version again is not taken
     assert host.stats()["p"]["version"] == "1.0.0"
     assert host.process(reading(seq=4)) == [reading(seq=4)]
-    assert host.stats()["p"]["calls"] == 2
+    assert host.stats()["p"]["calls"] == 4
 
 
 def test_a_new_version_that_cannot_load_leaves_the_old_one_running(

@@ -368,7 +368,9 @@ def plugins(tmp_path: Path) -> None:
 
 
 async def test_plugins_and_their_metrics(plugins: None, running: Running) -> None:
-    listed = await running.get("/api/v1/plugins")
+    answer = await running.get("/api/v1/plugins")
+    assert answer["problems"] == []
+    listed = answer["plugins"]
     assert [p["name"] for p in listed] == ["echo", "broken"]
     echo, broken = listed
     assert (echo["state"], echo["devices"], echo["errors"]) == ("running", ["default/tank"], 0)
@@ -391,4 +393,4 @@ async def test_plugins_and_their_metrics(plugins: None, running: Running) -> Non
 
 
 async def test_no_plugins_is_an_empty_list(running: Running) -> None:
-    assert await running.get("/api/v1/plugins") == []
+    assert await running.get("/api/v1/plugins") == {"plugins": [], "problems": []}

@@ -18,6 +18,7 @@ first ``window_s`` the old one is swapped back (``plugin_rolled_back``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -49,7 +50,9 @@ INT64: Final = 1 << 63
 
 @dataclass(slots=True)
 class PluginStats:
-    """Counters since the plugin (this version) was loaded.
+    """Counters of a plugin since the agent started, over every version it ran under
+    its name (Prometheus counters never go back; a rolled-back version's failures stay
+    counted).
 
     ``calls`` batches given to it; ``errors`` answers refused (not JSON, wrong shape,
     no memory for the input), ``traps``, ``timeouts``; ``passed``/``dropped``
@@ -70,6 +73,12 @@ class PluginStats:
     time_s: float = 0.0
     durations_us: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=DURATIONS))
+
+    def absorb(self, other: PluginStats) -> None:
+        """Add ``other``'s counts (of the version this one replaces, or replaced)."""
+        for k in ("calls", "errors", "traps", "timeouts", "passed", "dropped", "instances",
+                  "time_s"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def snapshot(self) -> dict[str, Any]:
         """Plain values; ``p50_us``/``p99_us`` over the last :data:`DURATIONS` calls."""
@@ -332,6 +341,9 @@ class Plugins:
         self.plugins: dict[str, Plugin] = {}
         self.load_errors: dict[str, str] = {}
         """Plugins (by name) whose configured version could not be loaded, and why."""
+        self.problems: list[str] = []
+        """Why the plugin directory's last change was not taken (:mod:`edge.wasm.watch`);
+        empty when it was."""
         self._chains: dict[str, list[Plugin]] = {}
         self._refused: dict[str, PluginSpec] = {}
 
@@ -359,6 +371,8 @@ class Plugins:
                     new[spec.name] = old
                 continue
             plugin.previous = old
+            if old is not None:
+                plugin.stats.absorb(old.stats)
             self.load_errors.pop(spec.name, None)
             log.info("plugin %s loaded from %s", spec.ident, spec.source or spec.wasm)
             self.publish("plugin_loaded", plugin=spec.name, version=spec.version,
@@ -366,6 +380,9 @@ class Plugins:
             new[spec.name] = plugin
         for name in set(self.load_errors) - {s.name for s in specs}:
             del self.load_errors[name]
+        for name in set(running) - set(new):
+            log.info("plugin %s removed", running[name].spec.ident)
+            self.publish("plugin_removed", plugin=name, version=running[name].spec.version)
         self.plugins = new
         self._chains.clear()
 
@@ -389,6 +406,9 @@ class Plugins:
                   spec.ident, prev.spec.version)
         self._refused[spec.name] = spec
         self.load_errors[spec.name] = f"rolled back: {plugin.stats.last_error}"
+        prev.stats = dataclasses.replace(  # the counts so far include prev's (absorbed)
+            plugin.stats, state=prev.stats.state, last_error=prev.stats.last_error,
+            durations_us=prev.stats.durations_us)
         self.plugins[spec.name] = prev
         self._chains.clear()
         self.publish("plugin_rolled_back", plugin=spec.name, version=spec.version,

@@ -75,17 +75,21 @@ class PluginWatch:
 
     async def reload(self) -> None:
         """Revalidate and apply the directory's plugins now."""
+        directory = self.agent.cfg.plugin_dir
         try:
             new = await asyncio.to_thread(load_runtime_config, self.agent_file)
         except ConfigError as e:
             errors = [str(p) for p in e.problems if p.severity == "error"]
-            log.error("the plugins in %s were not reloaded: %d problem(s)",
-                      self.agent.cfg.plugin_dir, len(errors))
+            log.error("the plugins in %s were not reloaded: %d problem(s); what ran before "
+                      "goes on", directory, len(errors))
             for p in errors:
                 log.error("  %s", p)
             self.agent.uplink.publish_event("plugin_refused", error="the plugin directory "
-                                            "does not validate", problems=errors[:MAX_PROBLEMS])
+                                            "does not validate", directory=str(directory),
+                                            problems=errors[:MAX_PROBLEMS])
+            self.agent.plugin_problems(errors)
             return
         if self.agent.cfg.plugin_dir is None:  # a bundle was applied meanwhile
             return
+        self.agent.plugin_problems([])
         self.agent.apply_plugins(new.plugins)

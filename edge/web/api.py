@@ -11,7 +11,8 @@ Read: ``overview``, ``devices``, ``devices/{namespace}/{name}`` (definition, lat
 reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` ms),
 ``readings`` (the latest of every device), ``events`` (``?limit=``, newest last),
 ``stats`` (:meth:`edge.agent.Agent.stats`), ``plugins`` (each plugin's counters, in
-the order they run), ``config`` and ``config/versions``,
+the order they run, and why the plugin directory's last change was not taken),
+``config`` and ``config/versions``,
 ``config/versions/{version}``, ``config/diff?old=&new=``. Version 0 is the agent
 file alone: its content is not kept (``{"version": 0}``), and its ``devices`` is the
 running configuration's while it runs, else null. Change (login or token,
@@ -206,7 +207,8 @@ class Api:
     async def plugins(self, request: web.Request) -> web.Response:
         host = self.agent.plugins
         stats = host.stats() if host is not None else {}
-        return _json([{"name": name, **s} for name, s in stats.items()])
+        return _json({"plugins": [{"name": name, **s} for name, s in stats.items()],
+                      "problems": host.problems if host is not None else []})
 
     async def config(self, request: web.Request) -> web.Response:
         cfg = self.agent.cfg

@@ -81,8 +81,9 @@ _SCHEMAS: dict[str, Any] = {
         "calls": _INT, "errors": _INT, "traps": _INT, "timeouts": _INT, "passed": _INT,
         "dropped": _INT, "instances": _INT, "time_s": _NUM, "p50_us": _NUM, "p99_us": _NUM,
         "last_error": _STR, "load_error": _STR}, ["name", "state", "load_error"]),
-        "description": "one plugin: its counters since this version was loaded; a plugin "
-        "whose configured version never loaded has only name, state and load_error"},
+        "description": "one plugin: its counters since the agent started, over every "
+        "version under its name; a plugin whose configured version never loaded has only "
+        "name, state and load_error"},
     "Session": _obj({"user": _STR, "via": {"type": "string", "enum": ["session", "token"]},
                      "csrf": _nullable(_STR)}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
@@ -167,8 +168,11 @@ def openapi() -> dict[str, Any]:
                                    errors=(400,)),
             "/api/v1/stats": _get("Agent.stats(): outbox, uplink, devices, config",
                                   {"type": "object"}),
-            "/api/v1/plugins": _get("the WASM plugins, in the order they run (empty without "
-                                    "plugins)", {"type": "array", "items": _ref("Plugin")}),
+            "/api/v1/plugins": _get(
+                "the WASM plugins, in the order they run (empty without plugins), and why "
+                "the plugin directory's last change was not taken (empty when it was)",
+                _obj({"plugins": {"type": "array", "items": _ref("Plugin")},
+                      "problems": {"type": "array", "items": _STR}})),
             "/api/v1/config": _get("the running configuration",
                                    _obj({"version": _STR, "applied": _INT,
                                          "files": {"type": "array", "items": _STR}},

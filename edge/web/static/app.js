@@ -231,15 +231,20 @@ function pageEvents() {
 
 function pagePlugins() {
   const us = (v) => (v >= 1000 ? (v / 1000).toFixed(2) + " ms" : v.toFixed(0) + " µs");
-  const draw = (plugins) => {
+  const draw = (answer) => {
+    const plugins = answer.plugins;
+    const problems = answer.problems.length ? `<div class="notice"><b class="bad">The last change
+      of the plugin directory was not taken</b> (what ran before goes on):<ul>${answer.problems
+        .map((p) => `<li><small>${esc(p)}</small></li>`).join("")}</ul></div>` : "";
     if (!plugins.length) {
-      view.innerHTML = `<h2>Plugins</h2><p class="notice">No WASM plugin is configured. Put
+      view.innerHTML = `<h2>Plugins</h2>${problems}<p class="notice">No WASM plugin is configured. Put
         plugin manifests in the agent file's <code>plugins.dir</code> (they are picked up
         while the agent runs), or send them in a desired bundle; plugins/README.md says how.</p>`;
       return;
     }
-    view.innerHTML = `<h2>Plugins</h2><p class="muted">In the order they run on each poll's
-      readings. Counters since the version shown was loaded.</p><div class="scroll"><table>
+    view.innerHTML = `<h2>Plugins</h2>${problems}<p class="muted">In the order they run on each
+      poll's readings. Counters since the agent started, over every version of a plugin.</p>
+      <div class="scroll"><table>
       <tr><th>Plugin</th><th>State</th><th>Devices</th><th>Calls</th><th>Failures</th>
       <th>Fallbacks</th><th>Time per call</th></tr>
       ${plugins.map((p) => p.state === "not loaded"

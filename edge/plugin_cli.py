@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -87,8 +88,10 @@ def run(manifest: Path, agent_file: Path | None) -> None:
     from edge.reading import Reading  # noqa: PLC0415
     from edge.wasm.host import decode, encode  # noqa: PLC0415
     from edge.wasm.instance import Instance, PluginError  # noqa: PLC0415
+    from edge.wasm.spec import read_module  # noqa: PLC0415
 
     report = Report()
+    cache = tempfile.TemporaryDirectory(prefix="edge-plugin-run-")  # compiled once, here
     try:
         agent = load_agent_file(agent_file) if agent_file else None
         if agent is None:
@@ -97,7 +100,7 @@ def run(manifest: Path, agent_file: Path | None) -> None:
             agent = AgentFile.model_validate({"node": "try", "store": {"path": "/nonexistent"}},
                                              context={"base_dir": Path.cwd()})
         loader = PluginLoader(agent, report)
-        loader.runtime.cache_dir = None
+        loader.runtime.cache_dir = Path(cache.name)
         readable, data = read_yaml_file(manifest, report)
         spec = loader.check(data, Where(str(manifest)), manifest.parent) if readable else None
         if spec is None:
@@ -115,7 +118,7 @@ def run(manifest: Path, agent_file: Path | None) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise click.ClickException(f"stdin: not a JSON array of readings ({e!r})") from e
     try:
-        module = loader.runtime.compile(spec.wasm.read_bytes(), spec.sha256)
+        module = loader.runtime.compile(read_module(spec.wasm), spec.sha256)
         instance = Instance(loader.runtime, module, spec)
         instance.init(spec.config.encode())
         out = decode(instance.process(encode(batch)), batch)
@@ -123,5 +126,6 @@ def run(manifest: Path, agent_file: Path | None) -> None:
         raise click.ClickException(f"{spec.ident}: {e.kind}: {e}") from e
     finally:
         loader.runtime.stop()
+        cache.cleanup()
     click.echo(json.dumps(json.loads(encode(out)), indent=2, ensure_ascii=False))
 

@@ -129,6 +129,9 @@ def test_a_bundle_plugin_is_checked_like_a_manifest_file(
     agent_file: Path, signer: Ed25519PrivateKey
 ) -> None:
     with pytest.raises(ConfigError) as e:
-        load(agent_file, sign(content(plugins=[{"name": "deadband"}]), signer))
-    assert {(p.field, p.message) for p in e.value.problems} >= {
-        ("version", "is required"), ("sha256", "is required")}
+        load(agent_file, sign(content(plugins=[{"name": "deadband"},
+                                               {"name": "units", "version": "1"}]), signer))
+    assert [(p.document, p.field, p.message) for p in e.value.problems] == [
+        (1, "version", "is required"),
+        (2, "sha256", "is required: the SHA-256 (hex) of the module, from `sha256sum` or "
+                      "`edge plugin sign`")]

@@ -266,32 +266,12 @@ static const char *make_key(keybuf *kb, const ep_val *prop, size_t *len, size_t 
 void plugin_process(const ep_val *batch, ep_out *out)
 {
     ep_iter readings;
-    ep_val r;
+    ep_reading rd;
     int first_reading = 1;
     keybuf kb = {ep_xalloc(256), 0, 256};
     ep_iter_init(&readings, batch);
-    while (ep_next(&readings, NULL, &r)) {
-        if (r.type != EP_OBJ)
-            ep_fail("process: a reading is not an object");
-        ep_val ns = {0}, dev = {0}, seq = {0}, ts = {0}, values = {0}, quality = {0}, k, v;
-        ep_iter f;
-        ep_iter_init(&f, &r);
-        while (ep_next(&f, &k, &v)) {
-            if (ep_str_is(&k, "namespace"))
-                ns = v;
-            else if (ep_str_is(&k, "device"))
-                dev = v;
-            else if (ep_str_is(&k, "seq"))
-                seq = v;
-            else if (ep_str_is(&k, "ts"))
-                ts = v;
-            else if (ep_str_is(&k, "values"))
-                values = v;
-            else if (ep_str_is(&k, "quality"))
-                quality = v;
-        }
-        if (ns.type != EP_STR || dev.type != EP_STR || !seq.type)
-            ep_fail("process: a reading without namespace, device or seq");
+    while (ep_next_reading(&readings, &rd)) {
+        ep_val ns = rd.ns, dev = rd.dev, ts = rd.ts, values = rd.values, quality = rd.quality, k, v;
         int has_ts = ts.type == EP_NUM;
         double tsv = has_ts ? ep_num(&ts) : 0;
         if (!isfinite(tsv))
@@ -314,16 +294,7 @@ void plugin_process(const ep_val *batch, ep_out *out)
             ep_putc(out, '[');
         else
             ep_putc(out, ',');
-        ep_puts(out, "{\"namespace\":");
-        ep_put_raw(out, &ns);
-        ep_puts(out, ",\"device\":");
-        ep_put_raw(out, &dev);
-        if (ts.type) {
-            ep_puts(out, ",\"ts\":");
-            ep_put_raw(out, &ts);
-        }
-        ep_puts(out, ",\"seq\":");
-        ep_put_raw(out, &seq);
+        ep_put_reading_head(out, &rd);
         ep_puts(out, ",\"values\":{");
         int kept = 0;
         if (values.type == EP_OBJ) {

@@ -734,3 +734,46 @@ void ep_put_num(ep_out *o, double v)
     }
     ep_puts(o, buf);
 }
+
+int ep_next_reading(ep_iter *it, ep_reading *r)
+{
+    ep_val obj, k, v;
+    if (!ep_next(it, NULL, &obj))
+        return 0;
+    if (obj.type != EP_OBJ)
+        ep_fail("process: a reading is not an object");
+    memset(r, 0, sizeof *r);
+    ep_iter f;
+    ep_iter_init(&f, &obj);
+    while (ep_next(&f, &k, &v)) {
+        if (ep_str_is(&k, "namespace"))
+            r->ns = v;
+        else if (ep_str_is(&k, "device"))
+            r->dev = v;
+        else if (ep_str_is(&k, "seq"))
+            r->seq = v;
+        else if (ep_str_is(&k, "ts"))
+            r->ts = v;
+        else if (ep_str_is(&k, "values"))
+            r->values = v;
+        else if (ep_str_is(&k, "quality"))
+            r->quality = v;
+    }
+    if (r->ns.type != EP_STR || r->dev.type != EP_STR || !r->seq.type)
+        ep_fail("process: a reading without namespace, device or seq");
+    return 1;
+}
+
+void ep_put_reading_head(ep_out *o, const ep_reading *r)
+{
+    ep_puts(o, "{\"namespace\":");
+    ep_put_raw(o, &r->ns);
+    ep_puts(o, ",\"device\":");
+    ep_put_raw(o, &r->dev);
+    if (r->ts.type) {
+        ep_puts(o, ",\"ts\":");
+        ep_put_raw(o, &r->ts);
+    }
+    ep_puts(o, ",\"seq\":");
+    ep_put_raw(o, &r->seq);
+}

@@ -73,6 +73,14 @@ size_t ep_str_copy(const ep_val *str, char *dst);
 char *ep_str_dup(const ep_val *str, size_t *len);
 /* A number value as a double (correctly rounded; may be +-inf when out of range). */
 double ep_num(const ep_val *num);
+
+/* One reading of the batch, its parts as scanned (type 0 when absent). */
+typedef struct {
+    ep_val ns, dev, seq, ts, values, quality;
+} ep_reading;
+/* The next reading of the batch iterator `it` into *r; 0 after the last. Fails (traps)
+ * on a reading that is not an object or has no namespace, device or seq. */
+int ep_next_reading(ep_iter *it, ep_reading *r);
 /* Find member `key` of an object; 1 if found. */
 int ep_get(const ep_val *obj, const char *key, ep_val *val);
 
@@ -86,6 +94,9 @@ void ep_put(ep_out *o, const char *s, size_t n);
 void ep_putc(ep_out *o, char c);
 void ep_puts(ep_out *o, const char *s);                  /* raw text, NUL-terminated */
 void ep_put_raw(ep_out *o, const ep_val *v);             /* a scanned value, verbatim */
+/* Writes `{"namespace":…,"device":…,"ts":…,"seq":…` of r, verbatim (ts only if it came);
+ * the caller goes on with `,"values":{…},"quality":{…}}`. */
+void ep_put_reading_head(ep_out *o, const ep_reading *r);
 void ep_put_str(ep_out *o, const char *s, size_t n);     /* a JSON string, escaped */
 /* A finite double: integers of magnitude below 2^53 as integers, others in the
  * shortest of %.15g/%.16g/%.17g that reads back exactly. Non-finite: ep_fail. */

@@ -298,32 +298,12 @@ void plugin_process(const ep_val *batch, ep_out *out)
     static uint8_t renamed_here[MAX_CONV]; /* its rename target is written in this reading */
     static uint8_t overflow[MAX_CONV];
     ep_iter readings;
-    ep_val r;
+    ep_reading rd;
     int first = 1;
     ep_putc(out, '[');
     ep_iter_init(&readings, batch);
-    while (ep_next(&readings, NULL, &r)) {
-        if (r.type != EP_OBJ)
-            ep_fail("process: a reading is not an object");
-        ep_val ns = {0}, dev = {0}, seq = {0}, ts = {0}, values = {0}, quality = {0}, k, v;
-        ep_iter f;
-        ep_iter_init(&f, &r);
-        while (ep_next(&f, &k, &v)) {
-            if (ep_str_is(&k, "namespace"))
-                ns = v;
-            else if (ep_str_is(&k, "device"))
-                dev = v;
-            else if (ep_str_is(&k, "seq"))
-                seq = v;
-            else if (ep_str_is(&k, "ts"))
-                ts = v;
-            else if (ep_str_is(&k, "values"))
-                values = v;
-            else if (ep_str_is(&k, "quality"))
-                quality = v;
-        }
-        if (ns.type != EP_STR || dev.type != EP_STR || !seq.type)
-            ep_fail("process: a reading without namespace, device or seq");
+    while (ep_next_reading(&readings, &rd)) {
+        ep_val values = rd.values, quality = rd.quality, k, v;
 
         memset(renamed_here, 0, n_conv);
         memset(overflow, 0, n_conv);
@@ -345,16 +325,7 @@ void plugin_process(const ep_val *batch, ep_out *out)
         if (!first)
             ep_putc(out, ',');
         first = 0;
-        ep_puts(out, "{\"namespace\":");
-        ep_put_raw(out, &ns);
-        ep_puts(out, ",\"device\":");
-        ep_put_raw(out, &dev);
-        if (ts.type) {
-            ep_puts(out, ",\"ts\":");
-            ep_put_raw(out, &ts);
-        }
-        ep_puts(out, ",\"seq\":");
-        ep_put_raw(out, &seq);
+        ep_put_reading_head(out, &rd);
         ep_puts(out, ",\"values\":{");
         int count = 0;
         if (values.type == EP_OBJ) {

@@ -125,6 +125,17 @@ def test_a_plugin_without_room_for_its_input_fails_as_out_of_memory(
                                "of 16 pages")
 
 
+def test_the_ticker_wakes_for_a_call_after_sleeping(tmp_path: Path, host: Plugins) -> None:
+    """The epoch ticker sleeps once no call has run for a tick; a hanging call after
+    that must still be stopped."""
+    host.configure([spec(tmp_path, "echo", ECHO), spec(tmp_path, "loop", LOOP, timeout_ms=30,
+                                                        devices=("default/late",))])
+    host.process(reading())
+    time.sleep(0.1)  # several ticks with nothing running: the ticker is asleep
+    assert host.process(reading("late")) == [reading("late")]
+    assert host.stats()["loop"]["timeouts"] == 1
+
+
 def test_a_memory_bomb_is_refused_at_its_limit(tmp_path: Path, host: Plugins) -> None:
     host.configure([spec(tmp_path, "bomb", BOMB, memory_pages=8)])
     assert host.process(reading()) == [reading()]

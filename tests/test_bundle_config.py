@@ -116,15 +116,6 @@ def test_bad_devices_in_a_bundle_are_named_by_bundle_and_index(
     assert "slaveID" in p.field
 
 
-def test_policies_are_refused_until_this_agent_supports_them(
-    agent_file: Path, signer: Ed25519PrivateKey
-) -> None:
-    with pytest.raises(ConfigError) as e:
-        load(agent_file, sign(content(policies=[{"name": "zero-trust"}]), signer))
-    assert any(p.field == "policies" and "does not support policies yet" in p.message
-               for p in e.value.problems)
-
-
 def test_a_bundle_plugin_is_checked_like_a_manifest_file(
     agent_file: Path, signer: Ed25519PrivateKey
 ) -> None:

@@ -6,8 +6,9 @@ Unknown keys are errors; integers are written as integers (``true``, ``1.0`` or
 ``"1"`` are not one). Relative paths are resolved against the directory of the
 agent file; the files named by ``uplink`` and ``trust`` must be readable and load as
 the agent will load them (:mod:`edge.config.pem`), and every ``devices`` entry must
-exist. ``store``, ``web``, ``trust``, ``plugins`` and ``policy`` are otherwise only
-checked for shape until their features exist.
+exist. ``store``, ``web``, ``trust`` and ``plugins`` are otherwise only checked for
+shape; ``policy`` (:mod:`edge.config.policy`) holds network policies, validated here,
+that nothing enforces yet.
 
 Example (every key shown with its default)::
 
@@ -27,7 +28,7 @@ Example (every key shown with its default)::
     web: {listen: 127.0.0.1:8080}
     trust: {keys: []}
     plugins: {dir: ./plugins}
-    policy: {mode: audit}           # audit | enforce
+    policy: {mode: audit, policies: [], failsafe: {}}   # see edge.config.policy
     modbus: {backoff_initial_ms: 500, backoff_max_ms: 30000, connect_timeout_ms: 3000}
     log: {level: info}              # debug | info | warning | error
 """
@@ -39,13 +40,11 @@ import re
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -54,33 +53,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError, PydanticKnownError
+from pydantic_core import PydanticKnownError
 
 from edge.config.hosts import host_error
 from edge.config.pem import ca_error, cert_error, ed25519_key_error, key_error
-from edge.config.sources import MESSAGE_ONLY, Report, Where, special_file
+from edge.config.policy import PolicyConfig
+from edge.config.section import ConfigPath, _error, _Section
+from edge.config.sources import Report, Where, special_file
 
 _MQTT_STRING_BYTES = 65_535
 """The longest UTF-8 string MQTT carries (a 16-bit length)."""
 _CLIENT_ID_ACCEPTED_BYTES = 23
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
 _SECONDS_PER_UNIT = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    value = value.expanduser()
-    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-    if base is None or value.is_absolute():
-        return value
-    return Path(base) / value
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-"""A path; relative ones are resolved against the agent file's directory."""
-
-
-def _error(message: str) -> PydanticCustomError:
-    return PydanticCustomError(MESSAGE_ONLY, "{message}", {"message": message})
 
 
 def _unreadable(path: Path) -> str | None:
@@ -246,29 +231,6 @@ def _as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
-class _Section(BaseModel):
-    """Base of every agent-file section: unknown keys are errors, defaults are checked,
-    an absent or null sub-section means all of its defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_sections(cls, data: Any) -> Any:
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            return data
-        missing: dict[str, object] = {
-            name: {}
-            for name, field in cls.model_fields.items()
-            if isinstance(field.annotation, type)
-            and issubclass(field.annotation, BaseModel)
-            and data.get(name) is None
-        }
-        return {**data, **missing}
-
-
 class TlsConfig(_Section):
     """``uplink.tls``: CA bundle to verify the broker, client certificate and key for
     mTLS (PEM files, readable). ``cert`` and ``key`` are given together or not at all.
@@ -409,27 +371,21 @@ class WebConfig(_Section):
     enabled: bool = True
     listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8080"
     tls: WebTls | None = None
-    users: Annotated[list[WebUser], AfterValidator(_unique_users)] = []
-    tokens: list[Annotated[str, AfterValidator(_token_hash)]] = []
+    users: Annotated[list[WebUser], AfterValidator(_unique_users)] = Field(default_factory=list)
+    tokens: list[Annotated[str, AfterValidator(_token_hash)]] = Field(default_factory=list)
     view: Literal["local", "login"] = "local"
 
 
 class TrustConfig(_Section):
     """``trust``: Ed25519 public keys (PEM files) trusted for bundles and plugins."""
 
-    keys: list[TrustKey] = []
+    keys: list[TrustKey] = Field(default_factory=list)
 
 
 class PluginsConfig(_Section):
     """``plugins``: the directory of WASM plugins and their manifests."""
 
     dir: ConfigPath = Path("plugins")
-
-
-class PolicyConfig(_Section):
-    """``policy``: the eBPF network policy mode."""
-
-    mode: Literal["audit", "enforce"] = "audit"
 
 
 class ModbusConfig(_Section):
@@ -488,7 +444,7 @@ class AgentFile(_Section):
     """
 
     node: Annotated[str, AfterValidator(_topic_level)]
-    devices: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = []
+    devices: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = Field(default_factory=list)
     uplink: UplinkConfig = UplinkConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge.config.agent import AgentFile, parse_agent
 from edge.config.errors import ConfigError, Problem
+from edge.config.failsafe import policy_settings
 from edge.config.kubeedge import Manifests, read_manifests, resolve_documents
 from edge.config.kubeedge_docs import GROUP
 from edge.config.model import DeviceSpec
 from edge.config.plugins import load_bundle_plugins, load_plugin_dir
+from edge.config.policy import agent_file_policies, bundle_policies
 from edge.config.sources import (
     MANIFEST_SUFFIXES,
     Document,
@@ -27,25 +29,30 @@ from edge.config.sources import (
     or_list,
     read_yaml_file,
 )
+from edge.policy.spec import PolicySettings
 from edge.wasm.spec import PluginSpec
 
 LOCAL_ONLY = ("node", "devices", "trust")
 """Agent-file keys a bundle's ``agent`` may not set: the gateway's identity, where its
 local manifests are, and whom it trusts stay with whoever installed it."""
 LOCAL_ONLY_STORE = ("path",)
-NOT_SUPPORTED_YET = ("policies",)
+LOCAL_ONLY_POLICY = ("failsafe",)
+"""What a bundle cannot loosen or remove: the failsafe set that keeps the gateway
+reachable whatever a pushed policy says."""
+NOT_SUPPORTED_YET: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class LoadedConfig:
     """A valid agent file, its devices, the warnings found, the manifest files read,
-    and its plugins in the order they run."""
+    its plugins in the order they run, and its network policy."""
 
     agent: AgentFile
     devices: tuple[DeviceSpec, ...]
     warnings: tuple[Problem, ...]
     files: tuple[str, ...]
     plugins: tuple[PluginSpec, ...] = ()
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
 
 def _manifest_hint(data: object, base_dir: Path) -> tuple[list[Path], str | None]:
@@ -126,7 +133,10 @@ def load_config(path: str | Path) -> LoadedConfig:
         raise ConfigError(report.problems)
     if not manifests.devices:
         report.warning(Where(str(path)), "devices", _why_no_device(agent, manifests))
-    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins)
+    policy = policy_settings(agent, str(path), agent_file_policies(agent.policy, str(path)),
+                             report)
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins,
+                        policy)
 
 
 def load_manifests(
@@ -167,6 +177,14 @@ def _bundle_overrides(agent: object, where: Where, report: Report) -> Mapping[st
         if isinstance(store, Mapping) and key in store:
             report.error(where, f"agent.store.{key}", "is set by the gateway's own agent file "
                          "only; a bundle cannot change it")
+    policy = agent.get("policy")
+    for key in LOCAL_ONLY_POLICY:
+        if isinstance(policy, Mapping) and key in policy:
+            report.error(where, f"agent.policy.{key}", "is set by the gateway's own agent "
+                         "file only; a bundle cannot change it (it can only add policies)")
+    if isinstance(policy, Mapping) and "policies" in policy:
+        report.error(where, "agent.policy.policies", "a bundle carries its network policies "
+                     "in its own policies list, which replaces the agent file's")
     return {k: v for k, v in agent.items() if k not in LOCAL_ONLY}
 
 
@@ -188,10 +206,12 @@ def load_agent_file(path: str | Path) -> AgentFile:
 
 def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedConfig:
     """The agent file at ``path`` with a verified bundle's content applied: its
-    ``agent`` sections override the file's, its ``devices``/``deviceModels`` replace the
-    manifests the file names. Checked exactly like :func:`load_config`; problems of the
+    ``agent`` sections override the file's (except :data:`LOCAL_ONLY`,
+    ``store.path``, ``policy.failsafe``), its ``devices``/``deviceModels`` replace the
+    manifests the file names, its ``policies`` the file's ``policy.policies``. Checked
+    exactly like :func:`load_config`; problems of the
     bundle are reported against ``bundle version N`` (and ``… devices`` / ``…
-    deviceModels`` with the object's 1-based index as the document).
+    deviceModels`` / ``… policies`` with the object's 1-based index as the document).
 
     Raises:
         ConfigError: with every problem when any is an error.
@@ -217,10 +237,17 @@ def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedCon
     ]
     manifests = resolve_documents(documents, node=agent.node if agent else None, report=report)
     plugins = load_bundle_plugins(bundle.get("plugins"), agent, label, report) if agent else ()
+    policies = bundle_policies(bundle.get("policies"), label, report)
     if agent is None or report.has_errors:
         raise ConfigError(report.problems)
     if not manifests.devices:
         report.warning(Where(label), "devices", "no device will be polled: " + (
             f"of the bundle's {manifests.found} Device(s) none can be polled here (see the "
             "warnings)" if manifests.found else "the bundle holds no Device"))
-    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins)
+    if agent.policy.policies and not policies:
+        report.warning(Where(label), "policies", f"the agent file's {len(agent.policy.policies)} "
+                       "network policy(ies) (policy.policies) do not apply: a bundle's policies "
+                       "replace them, and this one holds none")
+    policy = policy_settings(agent, str(path), policies, report)
+    return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins,
+                        policy)

@@ -27,7 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import AfterValidator, Field, ValidationError
 
-from edge.config.agent import AgentFile, Duration, _error, _Section
+from edge.config.agent import AgentFile, Duration
+from edge.config.section import _error, _Section
 from edge.config.sources import Report, Where, read_yaml_file
 from edge.wasm.spec import (
     CAPABILITIES,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
+from edge.policy.spec import PolicySettings
 from edge.uplink.settings import BrokerSettings, ForwardSettings
 from edge.wasm.spec import PluginSpec
 
@@ -85,7 +86,8 @@ class RuntimeConfig:
     applied on top of the agent file (0: none) and ``bundle`` its content. ``plugins``
     run in that order (:mod:`edge.wasm`), their compiled modules cached in
     ``plugin_cache``; ``plugin_dir`` is where their manifests are watched (None when
-    they come from the bundle).
+    they come from the bundle). ``policy`` is the network policy (:mod:`edge.policy`;
+    not enforced yet).
     """
 
     node: str
@@ -107,6 +109,7 @@ class RuntimeConfig:
     plugins: tuple[PluginSpec, ...] = ()
     plugin_cache: Path | None = None
     plugin_dir: Path | None = None
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +136,18 @@ class BundleRefusedError(ConfigError):
 
 def _version(agent_file: Path, files: tuple[str, ...],
              bundle: Mapping[str, Any] | None = None,
-             plugins: tuple[PluginSpec, ...] = ()) -> str:
+             plugins: tuple[PluginSpec, ...] = (),
+             policy: PolicySettings | None = None) -> str:
+    """``sha256:`` and 12 hex digits over the files, the plugins, the policies (their
+    mode and rules; not the failsafe addresses resolved at load time, which may change
+    from one load to the next) and the bundle; what is empty adds nothing."""
     h = hashlib.sha256()
     for name in (str(agent_file), *sorted(files)):
         h.update(Path(name).read_bytes())
     if plugins:
         h.update(repr(plugins).encode())
+    if policy is not None and policy.policies:
+        h.update(repr((policy.mode, policy.policies)).encode())
     if bundle is not None:
         h.update(json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()[:12]
@@ -222,13 +231,14 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
         devices=cfg.devices,
         warnings=cfg.warnings,
         files=cfg.files,
-        version=_version(path, cfg.files, content, cfg.plugins),
+        version=_version(path, cfg.files, content, cfg.plugins, cfg.policy),
         bundle_version=int(content["version"]) if content is not None else 0,
         bundle=content,
         web=_web_settings(agent.web),
         plugins=cfg.plugins,
         plugin_cache=plugin_cache_dir(agent.store.path),
         plugin_dir=agent.plugins.dir if content is None else None,
+        policy=cfg.policy,
     )
 
 

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -160,15 +160,26 @@ class Report:
 
 
 def _model_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
-    """The keys accepted by the (nested) pydantic model at ``loc``; [] if not a model."""
+    """The keys accepted by the (nested) pydantic model at ``loc`` (through lists and
+    optional values, by alias); [] if not a model."""
     current: type[BaseModel] = model
     for part in loc:
-        field = current.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an index into a list of models
+            continue
+        field = next((f for name, f in current.model_fields.items()
+                      if (f.alias or name) == part), None)
+        nested = _model_in(field.annotation) if field else None
+        if nested is None:
             return []
-        current = annotation
+        current = nested
     return [field.alias or name for name, field in current.model_fields.items()]
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The model an annotation holds: ``M``, ``list[M]``, ``M | None``; None if none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in get_args(annotation) if (m := _model_in(arg)) is not None), None)
 
 
 def _yaml_error_message(err: yaml.YAMLError) -> str:

@@ -1,0 +1,4 @@
+"""Zero-trust network policy (DESIGN.md §8): plain policy values, the failsafe set and
+a pure-Python reference evaluator. Nothing here imports pydantic or YAML: documents are
+validated in the config child (:mod:`edge.config.policy`), which hands the agent a
+:class:`~edge.policy.spec.PolicySettings`. The kernel datapath is not built yet."""

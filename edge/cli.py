@@ -1,5 +1,5 @@
 """The ``edge`` command line: run, check, simulate, tail, faultproxy, config, rollback,
-cloud."""
+cloud, web, plugin, policy."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
 from edge.history_cli import config, rollback
 from edge.plugin_cli import plugin
+from edge.policy_cli import policy
 from edge.web_cli import web
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ def check(config_path: Path) -> None:
         f"{config_path}: OK: node {cfg.node}, {len(cfg.files)} manifest file(s), "
         f"{len(cfg.devices)} device(s), {props} properties, {requests} read request(s) per round"
         + (f", {len(cfg.plugins)} plugin(s)" if cfg.plugins else "")
+        + (f", {len(cfg.policy.policies)} network policy(ies), not enforced yet"
+           if cfg.policy.policies else "")
         + (f", {len(cfg.warnings)} warning(s)" if cfg.warnings else "")
     )
 
@@ -293,3 +296,4 @@ main.add_command(config)
 main.add_command(rollback)
 main.add_command(web)
 main.add_command(plugin)
+main.add_command(policy)

@@ -327,7 +327,7 @@ def bundle_policies(entries: object, label: str, report: Report) -> tuple[Networ
     if not isinstance(entries, list):
         report.error(Where(label), "policies", "must be a list of NetworkPolicy documents")
         return ()
-    out: list[NetworkPolicy] = Field(default_factory=list)
+    out: list[NetworkPolicy] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(entries, start=1):
         where = Where(f"{label} policies", i)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
 from typing import Final, Literal
 
 from edge.policy.spec import (
@@ -220,7 +220,8 @@ def evaluate(settings: PolicySettings, workload: str, direction: Direction,
     root, e.g. ``system.slice/edge.service``) in ``direction``: for ``egress`` to
     ``address`` (IPv4 or IPv6) port ``port``, for ``ingress`` from ``address`` to the
     workload's port ``port``; ``protocol`` as :func:`parse_protocol` takes it. ``port``
-    is 0–65535 for TCP and UDP and None for ICMP.
+    is 0–65535 for TCP and UDP and None for ICMP. An IPv4-mapped IPv6 address
+    (``::ffff:10.0.0.5``) is taken as the IPv4 address it is on the wire.
 
     Raises:
         ValueError: an address, port, protocol or direction that is none.
@@ -228,6 +229,8 @@ def evaluate(settings: PolicySettings, workload: str, direction: Direction,
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} is not egress or ingress")
     addr = ip_address(address) if isinstance(address, str) else address
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:a.b.c.d goes out as IPv4
     proto = parse_protocol(protocol, addr.version)
     if proto == "ICMP" and port is not None:
         raise ValueError("ICMP has no ports: give None")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import Subscriber, start_broker, start_edge
 
 from edge.config.errors import ConfigError, Problem
 from edge.config.load import LoadedConfig, load_bundle_config, load_config
@@ -339,3 +340,21 @@ def test_the_config_version_changes_with_policies_only(tmp_path: Path) -> None:
     c = load_runtime_config(agent_file(tmp_path, [doc()]))
     d = load_runtime_config(agent_file(tmp_path / "empty", []))
     assert c.version != d.version
+
+
+def test_the_running_agent_holds_policies_without_the_validators(tmp_path: Path) -> None:
+    """`edge run` with policies: validated in the child, the agent maps no pydantic."""
+    broker = start_broker(tmp_path)
+    path = agent_file(tmp_path, [doc(egress=[{"to": [{"cidr": "10.0.0.0/8"}]}])])
+    path.write_text(path.read_text().replace("1883", str(broker.port)))
+    sub = Subscriber(broker.port, "edge/v1/gw/state")
+    agent = start_edge(["run", "-c", str(path)], tmp_path)
+    try:
+        sub.wait_for(lambda m: m.json()["state"] == "online")
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        assert "pydantic_core" not in maps
+        assert "_yaml" not in maps
+    finally:
+        agent.stop()
+        sub.stop()
+        broker.stop()

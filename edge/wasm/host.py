@@ -116,24 +116,35 @@ def _has_surrogate(doc: object) -> bool:
     return False
 
 
-def _value_ok(v: object) -> bool:
-    if isinstance(v, bool):
-        return True
-    if isinstance(v, int):
-        return -INT64 <= v < INT64
-    if isinstance(v, float):
-        return math.isfinite(v)
-    return isinstance(v, str) and len(v) <= MAX_TEXT
+def _bad_value(values: dict[str, Any]) -> str | None:
+    """The name of the first value that is not a boolean, a finite number (integers in
+    int64) or a string of at most :data:`MAX_TEXT` characters; None when all are."""
+    isfinite = math.isfinite
+    for name, v in values.items():
+        t = type(v)
+        if t is float:
+            if not isfinite(v):
+                return name
+        elif t is int:
+            if not -INT64 <= v < INT64:
+                return name
+        elif t is str:
+            if len(v) > MAX_TEXT:
+                return name
+        elif t is not bool:
+            return name
+    return None
 
 
 def _mapping(item: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    m = item.get(key, {})
-    if not isinstance(m, dict):
+    m = item.get(key)
+    if m is None:
+        return {}
+    if type(m) is not dict:
         raise PluginError("output", f"{where}: {key} must be an object")
-    for name in m:
-        if not name or len(name) > MAX_NAME:
-            raise PluginError("output", f"{where}: a name in {key} is empty or longer than "
-                                        f"{MAX_NAME} characters")
+    if m and (min(map(len, m)) == 0 or max(map(len, m)) > MAX_NAME):
+        raise PluginError("output", f"{where}: a name in {key} is empty or longer than "
+                                    f"{MAX_NAME} characters")
     return m
 
 
@@ -174,10 +185,10 @@ def decode(answer: bytes, batch: Sequence[Reading]) -> list[Reading]:
             raise PluginError("output", f"{where} ({ident[0]}/{ident[1]} seq {ident[2]}) is "
                                         "not a reading of the batch, or is answered twice")
         values: dict[str, Value] = _mapping(item, "values", where)
-        for name, v in values.items():
-            if not _value_ok(v):
-                raise PluginError("output", f"{where}: values.{name} must be a boolean, a "
-                                            "finite number or a short string")
+        bad = _bad_value(values)
+        if bad is not None:
+            raise PluginError("output", f"{where}: values.{bad} must be a boolean, a finite "
+                                        "number or a short string")
         quality = _mapping(item, "quality", where)
         for name, q in quality.items():
             if q != "bad":

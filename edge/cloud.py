@@ -81,6 +81,58 @@ def for_node(content: dict[str, Any], node: str) -> dict[str, Any]:
     return {**content, "devices": [d for d in content.get("devices", []) if ours(d)]}
 
 
+def plugin_entries(manifests: tuple[Path, ...], key: Any) -> list[dict[str, Any]]:
+    """A bundle's ``plugins`` from plugin manifest files: each module read from its
+    ``wasm`` path and carried inline (``module``, base64), its sha256 checked, and the
+    manifest signed with ``key`` (the bundle's) unless it is signed already.
+
+    Raises:
+        click.ClickException: a manifest or module that is not usable, named.
+    """
+    import base64  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from edge.config.plugins import Manifest, sign  # noqa: PLC0415
+    from edge.wasm.spec import ModuleFileError, read_module  # noqa: PLC0415
+
+    entries = []
+    for path in manifests:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise click.ClickException(f"{path}: {e}") from e
+        if not isinstance(data, dict) or not isinstance(data.get("wasm"), str):
+            raise click.ClickException(f"{path}: not a plugin manifest with a wasm path")
+        try:
+            blob = read_module(path.parent / data.pop("wasm"))
+        except ModuleFileError as e:
+            raise click.ClickException(str(e)) from e
+        digest = hashlib.sha256(blob).hexdigest()
+        if data.get("sha256") != digest:
+            raise click.ClickException(f"{path}: sha256 is not its module's ({digest}): "
+                                       "edge plugin sign it again")
+        entry = {**data, "module": base64.b64encode(blob).decode()}
+        try:
+            manifest = Manifest.model_validate(entry)
+        except ValidationError as e:
+            raise click.ClickException(f"{path}: not a valid plugin manifest:\n{e}") from e
+        if not entry.get("signature"):
+            entry["signature"] = sign(manifest, key)
+        entries.append(entry)
+    return entries
+
+
+def _plugin_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--plugin", "plugins", multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A plugin manifest whose plugin the bundle carries (repeat, in run order); "
+             "signed with --key unless it is signed.")(f)
+
+
 def _content_or_exit(sources: tuple[Path, ...]) -> dict[str, list[Any]]:
     """:func:`bundle_content`, or every problem printed and exit status 2."""
     try:
@@ -434,11 +486,12 @@ def _private_key(key_path: Path) -> Any:
 @click.option("--agent", "agent_path", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
               help="A YAML file of agent-file sections the bundle overrides.")
+@_plugin_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
          version: int | None, expires_s: int, agent_path: Path | None,
-         sources: tuple[Path, ...]) -> None:
+         plugins: tuple[Path, ...], sources: tuple[Path, ...]) -> None:
     """Sign a bundle of SOURCES (manifest files/directories, or one bundle .json) and
     publish it retained on each node's desired topic."""
     import yaml  # noqa: PLC0415
@@ -456,13 +509,16 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
         everything = json.loads(sources[0].read_text(encoding="utf-8"))
     else:
         everything = _content_or_exit(sources)
+    if plugins:
+        everything = {**everything, "plugins": plugin_entries(plugins, key)}
     for node in nodes:
         body = {"agent": agent or {}, **for_node(everything, node)}
         topic = prefix.format(node=node) + "/desired"
         messages.append((topic, signed_bundle(body, key, version=version, node=node, now=now,
                                               expires_s=expires_s)))
         lines.append(f"{node}: version {version} -> {topic} ({len(body.get('devices', []))} "
-                     f"devices, {len(body.get('deviceModels', []))} models)")
+                     f"devices, {len(body.get('deviceModels', []))} models, "
+                     f"{len(body.get('plugins', []))} plugins)")
     publish_retained(host, port, messages)
     for line in lines:
         click.echo(line)
@@ -479,11 +535,12 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Seconds a stage may take to commit (health window included).")
 @_bundle_options
+@_plugin_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Path,
             broker: str, prefix: str, version: int | None, timeout_s: float, expires_s: int,
-            sources: tuple[Path, ...]) -> None:
+            plugins: tuple[Path, ...], sources: tuple[Path, ...]) -> None:
     """Push a bundle of SOURCES to the canary nodes, then in stages once each stage has
     committed it; on the first failure stop, and roll the nodes that took it back."""
     from edge.rollout import Rollout  # noqa: PLC0415
@@ -491,6 +548,8 @@ def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Pa
     host, port = _broker(broker)
     key = _private_key(key_path)
     content: dict[str, Any] = dict(_content_or_exit(sources))
+    if plugins:
+        content["plugins"] = plugin_entries(plugins, key)
     ok = Rollout(host, port, prefix, key, click.echo).run(
         list(nodes), content, version=version or int(time.time()), canary=canary,
         stage=stage or canary, timeout_s=timeout_s, expires_s=expires_s)

@@ -19,6 +19,7 @@ from support import (
     ModbusServer,
     Subscriber,
     device_docs,
+    edge_cli,
     start_broker,
     start_edge,
     wait_event,
@@ -138,3 +139,32 @@ def test_a_bundle_whose_plugin_fails_to_start_is_rolled_back(
         assert agent.stop() == 0, agent.output()
     state = yaml.safe_load((tmp_path / "edge.yaml").read_text())
     assert "plugins" not in state  # nothing was written into the agent file
+
+
+def test_edge_cloud_push_carries_a_plugin_to_a_gateway(
+        tmp_path: Path, broker: Broker, sub: Subscriber, two_units: ModbusServer) -> None:
+    docs = two_devices(two_units)
+    gw = Gateway(tmp_path, broker, docs, node="gw-push", health_window=1)
+    shipped = Path(__file__).resolve().parent.parent / "plugins" / "derive"
+    manifest = yaml.safe_load((shipped / "manifest.yaml").read_text())
+    manifest.update(wasm=str(shipped / "derive.wasm"), devices=["default/a"],
+                    config={"outputs": [{"name": "double", "expr": "level * 2"}]})
+    (tmp_path / "derive.yaml").write_text(yaml.safe_dump(manifest))
+    (tmp_path / "cloud-manifests").mkdir()
+    (tmp_path / "cloud-manifests" / "m.yaml").write_text(yaml.safe_dump_all(docs))
+    agent = gw.start()
+    try:
+        readings(sub, "a", 1, prefix=gw.prefix)
+        out = edge_cli("cloud", "push", "--node", "gw-push", "--key", str(gw.key_file),
+                       "--broker", f"127.0.0.1:{broker.port}", "--version", "5",
+                       "--plugin", str(tmp_path / "derive.yaml"),
+                       str(tmp_path / "cloud-manifests"))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().endswith("(2 devices, 2 models, 1 plugins)")
+        wait_event(sub, gw.prefix, "plugin_loaded", plugin="derive")
+        wait_event(sub, gw.prefix, "config_committed", version=5)
+        values = readings(sub, "a", 2, prefix=gw.prefix)[-1]["values"]
+        assert values == {"level": 11, "double": 22}
+        assert readings(sub, "b", 1, prefix=gw.prefix)[-1]["values"] == {"level": 22}
+    finally:
+        assert agent.stop() == 0, agent.output()

@@ -287,7 +287,6 @@ def load_plugin_dir(agent: AgentFile, agent_file: Path,
         if spec is not None:
             specs.append(spec)
     _check_names(specs, report, Where(str(agent.plugins.dir)))
-    loader.runtime.stop()
     return tuple(specs)
 
 
@@ -304,5 +303,4 @@ def load_bundle_plugins(entries: object, agent: AgentFile, label: str,
     specs = [s for i, e in enumerate(entries, start=1)
              if (s := loader.check(e, Where(f"{label} plugins", i), None)) is not None]
     _check_names(specs, report, Where(label))
-    loader.runtime.stop()
     return tuple(specs)

@@ -43,6 +43,9 @@ Publish = Callable[..., None]
 
 DURATIONS: Final = 1024
 """Call durations kept per plugin for p50/p99."""
+COUNTS: Final = ("calls", "errors", "traps", "timeouts", "passed", "dropped", "instances",
+                  "time_s")
+"""The :class:`PluginStats` fields that add up over a plugin's versions."""
 MAX_NAME: Final = 128
 MAX_TEXT: Final = 4096
 INT64: Final = 1 << 63
@@ -76,16 +79,13 @@ class PluginStats:
 
     def absorb(self, other: PluginStats) -> None:
         """Add ``other``'s counts (of the version this one replaces, or replaced)."""
-        for k in ("calls", "errors", "traps", "timeouts", "passed", "dropped", "instances",
-                  "time_s"):
+        for k in COUNTS:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def snapshot(self) -> dict[str, Any]:
         """Plain values; ``p50_us``/``p99_us`` over the last :data:`DURATIONS` calls."""
         d = sorted(self.durations_us)
-        out = {k: getattr(self, k) for k in ("calls", "errors", "traps", "timeouts", "passed",
-                                             "dropped", "instances", "state", "last_error",
-                                             "time_s")}
+        out = {k: getattr(self, k) for k in (*COUNTS, "state", "last_error")}
         out["p50_us"] = d[len(d) // 2] if d else 0.0
         out["p99_us"] = d[min(len(d) - 1, math.ceil(len(d) * 0.99) - 1)] if d else 0.0
         return out

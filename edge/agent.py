@@ -21,6 +21,7 @@ from edge.config.model import DeviceSpec
 from edge.config.runtime import RuntimeConfig
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
+from edge.policy.enforcer import WATCH_S, Enforcer
 from edge.reading import Reading
 from edge.store.history import History, history_file
 from edge.store.outbox import Outbox
@@ -133,6 +134,9 @@ class Agent:
         """The WASM plugin host, from the first configured plugin on."""
         self._configure_plugins(cfg)
         self.writes = Writes(self.pool, self.history, self.twins, self.uplink.publish_event)
+        self.policy = Enforcer(cfg.policy, cfg.store.path.parent / "policy-state.json")
+        """The network policy in the kernel (:mod:`edge.policy.enforcer`), loaded by
+        :meth:`run` before any connection is opened."""
         self.config_events: collections.Counter[str] = collections.Counter()
         """``config_applied``, ``config_committed``, ``config_rolled_back`` and
         ``config_refused`` events since start (:mod:`edge.sync.controller`)."""
@@ -279,6 +283,8 @@ class Agent:
             "config": {"version": self.cfg.version, "applied": self.cfg.bundle_version,
                        "events": dict(self.config_events)},
             "plugins": self.plugins.stats() if self.plugins is not None else {},
+            "policy": {"state": self.policy.state, "reason": self.policy.reason,
+                       "drops": dict(self.policy.drops)},
         }
 
     def device_states(self) -> dict[str, str]:
@@ -306,6 +312,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, wait for ``stop``, then stop everything cleanly."""
         self._stop = stop
+        self._start_policy()
         for moved in self.outbox.stats.corrupt_files:
             log.error("the store %s was damaged: moved to %s and started afresh",
                       self.outbox.path, moved)
@@ -325,6 +332,9 @@ class Agent:
             self._start_poller(key)
         self.writes.configure(self.cfg.devices)
         watch = [asyncio.create_task(self._watch_uplink(), name="uplink-watch")]
+        if self.policy.state != "off":
+            watch.append(asyncio.create_task(self._supervise("policy", self._watch_policy),
+                                             name="policy"))
         watch += [asyncio.create_task(self._supervise(f"service[{i}]", svc), name=f"service[{i}]")
                   for i, svc in enumerate(self.services)]
         try:
@@ -341,7 +351,22 @@ class Agent:
             self.push.stop()
             if self.plugins is not None:
                 self.plugins.close()
+            self.policy.close()
             log.info("agent stopped")
+
+    def _start_policy(self) -> None:
+        """The policy into the kernel before the uplink or a device is connected (the
+        connections the agent opens are then judged as opened outwards)."""
+        state = self.policy.start()
+        if state == "unenforced":
+            self.uplink.publish_event("policy_unenforced", reason=self.policy.reason)
+        elif state == "enforced":
+            self.uplink.publish_event("policy_applied", summary=self.policy.summary())
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            self.policy.poll()
 
     async def _watch_uplink(self) -> None:
         """Say so when the broker stays unreachable, whatever paho did or did not log

@@ -138,6 +138,7 @@ def run(config_path: Path) -> None:
 def check(config_path: Path) -> None:
     """Validate the agent file and every manifest it names; exit 0 only when all is valid."""
     from edge.modbus.planner import plan_device  # noqa: PLC0415
+    from edge.policy.evaluator import rules as policy_rules  # noqa: PLC0415
 
     cfg = runtime_or_exit(config_path)  # the same bounded child as `edge run`
     if cfg.plugins:  # started here, as `edge run` would: limits, init and its config
@@ -156,8 +157,8 @@ def check(config_path: Path) -> None:
         f"{config_path}: OK: node {cfg.node}, {len(cfg.files)} manifest file(s), "
         f"{len(cfg.devices)} device(s), {props} properties, {requests} read request(s) per round"
         + (f", {len(cfg.plugins)} plugin(s)" if cfg.plugins else "")
-        + (f", {len(cfg.policy.policies)} network policy(ies), not enforced yet"
-           if cfg.policy.policies else "")
+        + (f", {len(cfg.policy.policies)} network policy(ies) in "
+           f"{len(policy_rules(cfg.policy))} rules" if cfg.policy.policies else "")
         + (f", {len(cfg.warnings)} warning(s)" if cfg.warnings else "")
     )
 

@@ -1,6 +1,6 @@
-"""``edge policy explain`` and ``edge policy rules``: the network policy as the reference
-evaluator (:mod:`edge.policy.evaluator`) sees it. Nothing is enforced yet: the kernel
-datapath is not built."""
+"""``edge policy explain|rules|status|remove``: the network policy as the reference
+evaluator (:mod:`edge.policy.evaluator`) sees it, and as the kernel holds it
+(:mod:`edge.policy.datapath`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from edge.policy.evaluator import FlatRule, Verdict
     from edge.policy.spec import Direction
 
-NOT_ENFORCED = ("note: nothing is enforced yet (the kernel datapath is not built): these are "
-                "the verdicts it is to give")
 _CONFIG = click.option("-c", "--config", "config_path", default="edge.yaml",
                        show_default=True, type=click.Path(dir_okay=False, path_type=Path),
                        help="The agent file.")
@@ -25,7 +23,8 @@ _CONFIG = click.option("-c", "--config", "config_path", default="edge.yaml",
 
 @click.group()
 def policy() -> None:
-    """Explain the network policy's verdicts and list its compiled rules."""
+    """The network policy: explain verdicts, list the compiled rules, show what the
+    kernel holds (counters, drops), take the datapath away."""
 
 
 def _settings_of(config_path: Path) -> RuntimeConfig:
@@ -140,7 +139,6 @@ def explain(config_path: Path, workload: str | None, unit: str | None,
     else:
         click.echo("rule: none (no policy selects this workload)")
     click.echo(f"reason: {v.reason}")
-    click.echo(NOT_ENFORCED, err=True)
 
 
 @policy.command()
@@ -164,4 +162,92 @@ def rules(config_path: Path, as_json: bool) -> None:
         click.echo(f"{r.id:>4}  {r.action:<6} {r.direction:<7} "
                    f"{_mode(r):<7} {r.workload or '*':<28} "
                    f"{r.where}: {r.describe()}")
-    click.echo(NOT_ENFORCED, err=True)
+
+
+def _status(cfg: RuntimeConfig) -> dict[str, Any]:
+    """What the agent last wrote (its state file) with the kernel's counters now."""
+    from edge.policy.datapath import Datapath  # noqa: PLC0415
+
+    state_file = cfg.store.path.parent / "policy-state.json"
+    try:
+        body: dict[str, Any] = json.loads(state_file.read_text(encoding="utf-8"))
+        body["as_of_ms"] = int(state_file.stat().st_mtime * 1000)
+    except (OSError, ValueError):
+        body = {"state": "unknown", "reason": f"no agent state in {state_file}",
+                "rules": [], "recent": [], "workloads": {}}
+    pin = Path(cfg.policy.pin_dir)
+    body["pin"] = str(pin)
+    try:
+        dp = Datapath.open(pin, load=False)
+    except OSError as e:
+        body["kernel"] = {"pinned": False, "reason": str(e)}
+        return body
+    try:
+        counters = dp.counters()
+        body["kernel"] = {"pinned": True, "gen": dp.active_gen(), "datapath": dp.stats()}
+    finally:
+        dp.close()
+    for r in body.get("rules", []):
+        r["packets"], r["bytes"] = counters.get(r["id"], (0, 0))
+    return body
+
+
+@policy.command()
+@_CONFIG
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(config_path: Path, as_json: bool) -> None:
+    """What the kernel enforces now: the agent's state, each rule's packet and byte
+    counters, and the recent drops (needs root to read the kernel's maps)."""
+    body = _status(_settings_of(config_path))
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    kernel = body["kernel"]
+    click.echo(f"network policy: {body['state']}" + (f" ({body['reason']})"
+                                                     if body.get("reason") else ""))
+    if kernel["pinned"]:
+        click.echo(f"kernel: pinned at {body['pin']}, generation {kernel['gen']}; "
+                   + ", ".join(f"{k.replace('_', ' ')} {v}"
+                               for k, v in kernel["datapath"].items()))
+    else:
+        click.echo(f"kernel: nothing pinned ({kernel['reason']})")
+    for path, cg in body.get("workloads", {}).items():
+        click.echo(f"workload {path}: " + (f"cgroup {cg}" if cg is not None
+                                           else "no cgroup now (not running)"))
+    if body.get("rules"):
+        click.echo(f"{'ID':>4}  {'ACTION':<6} {'DIR':<7} {'MODE':<7} {'PACKETS':>9} "
+                   f"{'BYTES':>11}  RULE")
+        for r in body["rules"]:
+            mode = ("always" if r["section"] == "failsafe"
+                    else "enforce" if r["enforce"] else "audit")
+            click.echo(f"{r['id']:>4}  {r['action']:<6} {r['direction']:<7} {mode:<7} "
+                       f"{r['packets']:>9} {r['bytes']:>11}  {r['where']}: {r['what']}")
+    if body.get("recent"):
+        click.echo("recent drops (newest last):")
+        for d in body["recent"][-20:]:
+            click.echo(f"  {_clock(d['time_ms'])} {d['verdict']:<10} {d['direction']:<7} "
+                       f"{d['workload']} {d['address']} {d['protocol']} {d['port']}: "
+                       f"#{d['rule']} {d['where']}")
+
+
+def _clock(ms: int) -> str:
+    import time  # noqa: PLC0415
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+@policy.command()
+@_CONFIG
+def remove(config_path: Path) -> None:
+    """Take the datapath out of the kernel: detach the programs and free the maps
+    pinned at policy.pin_dir. Until the agent starts again, nothing is policed."""
+    from edge.policy.datapath import Datapath  # noqa: PLC0415
+
+    cfg = _settings_of(config_path)
+    pin = Path(cfg.policy.pin_dir)
+    try:
+        removed = Datapath.remove(pin)
+    except OSError as e:
+        raise click.ClickException(f"cannot remove {pin}: {e}") from e
+    click.echo(f"removed the network policy datapath pinned at {pin}: nothing is policed "
+               "now" if removed else f"nothing is pinned at {pin}")

@@ -40,6 +40,7 @@ from pydantic import (
 from edge.config.section import ConfigPath, _error, _Section
 from edge.config.sources import Report, Where
 from edge.policy.spec import (
+    PIN_DIR,
     Network,
     NetworkPolicy,
     Peer,
@@ -269,12 +270,15 @@ class FailsafeConfig(_Section):
 
 class PolicyConfig(_Section):
     """``policy``: the mode of policies that name none (``audit`` reports what would be
-    dropped, ``enforce`` drops it), the policies, and additions to the failsafe set."""
+    dropped, ``enforce`` drops it), the policies, additions to the failsafe set, and
+    ``pin_dir``, where the datapath is pinned (in a bpf file system; the agent file's
+    only)."""
 
     mode: Literal["audit", "enforce"] = "audit"
     policies: Annotated[list[NetworkPolicyDoc], AfterValidator(_unique_names)] = Field(
         default_factory=list)
     failsafe: FailsafeConfig = FailsafeConfig()
+    pin_dir: ConfigPath = Path(PIN_DIR)
 
 
 def _peers(docs: list[PeerDoc] | None) -> tuple[Peer, ...] | None:

@@ -86,8 +86,7 @@ class RuntimeConfig:
     applied on top of the agent file (0: none) and ``bundle`` its content. ``plugins``
     run in that order (:mod:`edge.wasm`), their compiled modules cached in
     ``plugin_cache``; ``plugin_dir`` is where their manifests are watched (None when
-    they come from the bundle). ``policy`` is the network policy (:mod:`edge.policy`;
-    not enforced yet).
+    they come from the bundle). ``policy`` is the network policy (:mod:`edge.policy`).
     """
 
     node: str

@@ -29,6 +29,8 @@ PROTOCOLS: Final[tuple[Protocol, ...]] = ("TCP", "UDP", "ICMP")
 IP_PROTOCOL: Final = {("TCP", 4): 6, ("TCP", 6): 6, ("UDP", 4): 17, ("UDP", 6): 17,
                       ("ICMP", 4): 1, ("ICMP", 6): 58}
 """(protocol, IP version) → IP protocol number (IANA), for the datapath."""
+PIN_DIR: Final = "/sys/fs/bpf/edge"
+"""Where the datapath is pinned by default (systemd mounts bpffs at /sys/fs/bpf)."""
 CGROUP_ROOT: Final = "/sys/fs/cgroup"
 """Where cgroup v2 is usually mounted (``/sys/fs/cgroup/unified`` on hybrid hosts)."""
 
@@ -137,11 +139,13 @@ class PolicySettings:
     """The network policy of one configuration: the agent file's ``policy.mode`` (the
     mode of policies that name none), the policies (the agent file's
     ``policy.policies``, or a bundle's ``policies``), and the failsafe rules resolved at
-    load time (empty while there is no policy: nothing is policed then)."""
+    load time (empty while there is no policy: nothing is policed then). ``pin_dir`` is
+    where the datapath is pinned in bpffs (the agent file's ``policy.pin_dir``)."""
 
     mode: Mode = "audit"
     policies: tuple[NetworkPolicy, ...] = ()
     failsafe: tuple[FailsafeRule, ...] = ()
+    pin_dir: str = PIN_DIR
 
     def mode_of(self, policy: NetworkPolicy) -> Mode:
         """The mode ``policy`` runs in."""

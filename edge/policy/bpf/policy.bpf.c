@@ -1,0 +1,431 @@
+// The network policy datapath: cgroup_skb programs for egress and ingress.
+//
+// Attached once at the cgroup v2 root; every packet of a socket in a cgroup that a
+// policy selects (or one below it) is judged against the rule tables that
+// edge/policy/tables.py compiles from the policy, the same rule list as the reference
+// evaluator (edge/policy/evaluator.py), first match wins:
+//
+//   W = OR of the workload bitmaps of the socket's ancestor cgroups (levels in
+//       gens[gen].levels); nothing found: not policed, the packet passes
+//   A = longest-prefix match of the remote address (addr4 / addr6)
+//   P = longest-prefix match of (IP protocol, port) (ports)
+//   C = A & P & W[direction]; rule n is bit n-1
+//   e = lowest bit of C & enforce: a deny drops the packet
+//   f = lowest bit of C: a deny is an audit would-drop (reported, passes)
+//
+// Verdicts are per connection in the direction it was opened: a TCP socket that sent a
+// SYN without ACK opened it outwards (egress: the remote port counts); any other TCP
+// socket was opened by the remote end (ingress: the local port counts). UDP and other
+// sockets were opened by their first packet's direction. Replies are judged as part of
+// their connection, by the rules of its direction, so a policy update applies to open
+// connections at once.
+//
+// Updates are atomic: the tables hold two generations (the gen in every key); user
+// space fills the inactive one and then flips `active`. A packet reads `active` once.
+//
+// Built by edge/policy/bpf/build.sh with clang -target bpfel; loaded through libbpf
+// (edge/policy/libbpf.py). UAPI only (no kernel structs), so no CO-RE is needed.
+#include <linux/bpf.h>
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) __typeof__(val) *name
+#define INLINE static inline __attribute__((always_inline))
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) =
+    (void *)BPF_FUNC_map_lookup_elem;
+static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) =
+    (void *)BPF_FUNC_skb_load_bytes;
+static __u64 (*bpf_skb_ancestor_cgroup_id)(void *skb, int level) =
+    (void *)BPF_FUNC_skb_ancestor_cgroup_id;
+static __u64 (*bpf_skb_cgroup_id)(void *skb) = (void *)BPF_FUNC_skb_cgroup_id;
+static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) =
+    (void *)BPF_FUNC_sk_fullsock;
+static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value, __u64 flags) =
+    (void *)BPF_FUNC_sk_storage_get;
+static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) =
+    (void *)BPF_FUNC_ringbuf_output;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+
+#define MAX_RULES 256
+#define MAX_LEVEL 32
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
+
+enum { OPENED_UNKNOWN = 0, OPENED_EGRESS = 1, OPENED_INGRESS = 2 };
+enum { VERDICT_DROP = 1, VERDICT_WOULD_DROP = 2 };
+enum { STAT_EVENTS_LOST = 0, STAT_UNMATCHED = 1, STAT_UNPARSED = 2, STAT_COUNT = 4 };
+
+struct bits {
+    __u64 w[MAX_RULES / 64];
+};
+
+struct gen_info {             // gens[gen]: the rules' actions and modes
+    struct bits deny;         // rules that deny
+    struct bits enforce;      // rules in force (failsafe, enforce-mode policies)
+    __u32 levels;             // bit L: some selected workload is at cgroup level L
+    __u32 rules;              // how many rules (ids 1..rules)
+};
+
+struct addr4_key {            // LPM: prefixlen = 32 (gen) + address prefix
+    __u32 prefixlen;
+    __u32 gen;
+    __u8 addr[4];
+};
+
+struct addr6_key {
+    __u32 prefixlen;
+    __u32 gen;
+    __u8 addr[16];
+};
+
+struct port_key {             // LPM: prefixlen = 32 (gen) + 8 (protocol) + port prefix
+    __u32 prefixlen;
+    __u32 gen;
+    __u8 proto;
+    __u8 port[2];             // big endian
+    __u8 pad;
+};
+
+struct workload_key {
+    __u64 cgroup;             // cgroup v2 id (the inode number of its directory)
+    __u32 gen;
+    __u32 pad;
+};
+
+struct workload_val {
+    struct bits egress;
+    struct bits ingress;
+};
+
+struct counter {              // per rule, per CPU
+    __u64 packets;
+    __u64 bytes;              // at the IP layer (skb->len)
+};
+
+struct event {                // one drop or would-drop, for the ring
+    __u64 ts_ns;              // CLOCK_MONOTONIC
+    __u64 cgroup;             // the socket's cgroup id
+    __u32 gen;
+    __u16 rule;               // rule id (1-based) in generation gen
+    __u8 verdict;             // VERDICT_DROP or VERDICT_WOULD_DROP
+    __u8 direction;           // the connection's: OPENED_EGRESS or OPENED_INGRESS
+    __u8 packet_ingress;      // 1: the packet was coming in
+    __u8 family;              // 4 or 6
+    __u8 proto;               // IP protocol number
+    __u8 pad;
+    __u16 port;               // the rule's port: remote for egress, local for ingress
+    __u16 pad2;
+    __u8 addr[16];            // the remote address (IPv4 in the first 4 bytes)
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} active SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, struct gen_info);
+} gens SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 2 * 4096);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct addr4_key);
+    __type(value, struct bits);
+} addr4 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 2 * 4096);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct addr6_key);
+    __type(value, struct bits);
+} addr6 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 2 * 8192);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct port_key);
+    __type(value, struct bits);
+} ports SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 2 * 1024);
+    __type(key, struct workload_key);
+    __type(value, struct workload_val);
+} workloads SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 2 * MAX_RULES);
+    __type(key, __u32);
+    __type(value, struct counter);
+} counters SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, STAT_COUNT);
+    __type(key, __u32);
+    __type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SK_STORAGE);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, int);
+    __type(value, __u32);
+} opened SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 1 << 16);
+} events SEC(".maps");
+
+struct packet {
+    __u8 family;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u16 sport;              // host order; 0 without ports
+    __u16 dport;
+    __u8 saddr[16];
+    __u8 daddr[16];
+};
+
+INLINE void stat(__u32 which) {
+    __u64 *n = bpf_map_lookup_elem(&stats, &which);
+    if (n)
+        *n += 1;
+}
+
+INLINE int ctz64(__u64 x) {   // the index of the lowest set bit of x (x != 0)
+    int n = 0;
+    if (!(x & 0xffffffffULL)) { n += 32; x >>= 32; }
+    if (!(x & 0xffffULL)) { n += 16; x >>= 16; }
+    if (!(x & 0xffULL)) { n += 8; x >>= 8; }
+    if (!(x & 0xfULL)) { n += 4; x >>= 4; }
+    if (!(x & 0x3ULL)) { n += 2; x >>= 2; }
+    if (!(x & 0x1ULL)) { n += 1; }
+    return n;
+}
+
+INLINE int lowest(const struct bits *c, const struct bits *mask) {  // bit or -1
+#pragma unroll
+    for (int i = 0; i < MAX_RULES / 64; i++) {
+        __u64 w = mask ? c->w[i] & mask->w[i] : c->w[i];
+        if (w)
+            return i * 64 + ctz64(w);
+    }
+    return -1;
+}
+
+INLINE int has(const struct bits *b, int bit) {
+    return (b->w[(bit >> 6) & 3] >> (bit & 63)) & 1;
+}
+
+INLINE void ports_of(struct __sk_buff *skb, struct packet *p, __u32 l4) {
+    __u8 h[14];
+    if (p->proto == IPPROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, l4, h, 14))
+            return;
+        p->tcp_flags = h[13];
+    } else if (p->proto == IPPROTO_UDP) {
+        if (bpf_skb_load_bytes(skb, l4, h, 4))
+            return;
+    } else {
+        return;
+    }
+    p->sport = ((__u16)h[0] << 8) | h[1];
+    p->dport = ((__u16)h[2] << 8) | h[3];
+}
+
+INLINE int parse(struct __sk_buff *skb, struct packet *p) {  // 0, or -1: not IP
+    if (skb->protocol == __builtin_bswap16(ETH_P_IP)) {
+        __u8 h[20];
+        if (bpf_skb_load_bytes(skb, 0, h, 20))
+            return -1;
+        p->family = 4;
+        p->proto = h[9];
+        __builtin_memcpy(p->saddr, h + 12, 4);
+        __builtin_memcpy(p->daddr, h + 16, 4);
+        if (((h[6] & 0x1f) | h[7]) == 0)  // a first (or the only) fragment
+            ports_of(skb, p, (h[0] & 0xf) * 4);
+        return 0;
+    }
+    if (skb->protocol == __builtin_bswap16(ETH_P_IPV6)) {
+        __u8 h[40];
+        if (bpf_skb_load_bytes(skb, 0, h, 40))
+            return -1;
+        p->family = 6;
+        __builtin_memcpy(p->saddr, h + 8, 16);
+        __builtin_memcpy(p->daddr, h + 24, 16);
+        __u8 next = h[6];
+        __u32 off = 40;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {  // hop-by-hop, routing, fragment, destination
+            __u8 x[4];
+            if (next != 0 && next != 43 && next != 44 && next != 60)
+                break;
+            if (bpf_skb_load_bytes(skb, off, x, 4))
+                return -1;
+            if (next == 44) {          // fragment header: ports only in the first
+                next = x[0];
+                off += 8;
+                if ((x[2] << 8 | x[3]) & 0xfff8) {
+                    p->proto = next;
+                    return 0;
+                }
+            } else {
+                next = x[0];
+                off += (x[1] + 1) * 8;
+            }
+        }
+        p->proto = next;
+        ports_of(skb, p, off);
+        return 0;
+    }
+    return -1;
+}
+
+INLINE __u32 direction_of(struct __sk_buff *skb, const struct packet *p, int ingress) {
+    struct bpf_sock *sk = skb->sk;
+    __u32 *opened_by = 0;
+    if (sk) {
+        sk = bpf_sk_fullsock(sk);
+        if (sk)
+            opened_by = bpf_sk_storage_get(&opened, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    }
+    if (p->proto == IPPROTO_TCP) {
+        if (!ingress && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && opened_by)
+            *opened_by = OPENED_EGRESS;
+        return opened_by && *opened_by == OPENED_EGRESS ? OPENED_EGRESS : OPENED_INGRESS;
+    }
+    __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
+    if (!opened_by)
+        return here;
+    if (*opened_by == OPENED_UNKNOWN)
+        *opened_by = here;
+    return *opened_by;
+}
+
+INLINE int judge(struct __sk_buff *skb, int ingress) {
+    __u32 zero = 0;
+    __u32 *gen_p = bpf_map_lookup_elem(&active, &zero);
+    if (!gen_p)
+        return 1;
+    __u32 gen = *gen_p & 1;
+    struct gen_info *gi = bpf_map_lookup_elem(&gens, &gen);
+    if (!gi || !gi->levels)
+        return 1;
+
+    struct workload_val w = {};
+    int policed = 0;
+    __u32 levels = gi->levels;
+    for (int level = 1; level < MAX_LEVEL; level++) {
+        if (!(levels >> level))
+            break;
+        if (!((levels >> level) & 1))
+            continue;
+        struct workload_key k = {.cgroup = bpf_skb_ancestor_cgroup_id(skb, level),
+                                 .gen = gen};
+        if (!k.cgroup)
+            break;              // the socket's cgroup is above this level
+        struct workload_val *v = bpf_map_lookup_elem(&workloads, &k);
+        if (!v)
+            continue;
+        policed = 1;
+#pragma unroll
+        for (int i = 0; i < MAX_RULES / 64; i++) {
+            w.egress.w[i] |= v->egress.w[i];
+            w.ingress.w[i] |= v->ingress.w[i];
+        }
+    }
+    if (!policed)
+        return 1;
+
+    struct packet p = {};
+    if (parse(skb, &p)) {
+        stat(STAT_UNPARSED);
+        return 1;               // not IP (the cgroup_skb hooks see only IP)
+    }
+    __u32 dir = direction_of(skb, &p, ingress);
+    const __u8 *remote = ingress ? p.saddr : p.daddr;
+    __u16 port;
+    if (dir == OPENED_EGRESS)
+        port = ingress ? p.sport : p.dport;
+    else
+        port = ingress ? p.dport : p.sport;
+
+    struct bits c = dir == OPENED_EGRESS ? w.egress : w.ingress;
+    struct bits *a;
+    if (p.family == 4) {
+        struct addr4_key k = {.prefixlen = 64, .gen = gen};
+        __builtin_memcpy(k.addr, remote, 4);
+        a = bpf_map_lookup_elem(&addr4, &k);
+    } else {
+        struct addr6_key k = {.prefixlen = 160, .gen = gen};
+        __builtin_memcpy(k.addr, remote, 16);
+        a = bpf_map_lookup_elem(&addr6, &k);
+    }
+    struct port_key pk = {.prefixlen = 56, .gen = gen, .proto = p.proto,
+                          .port = {port >> 8, port & 0xff}};
+    struct bits *pb = bpf_map_lookup_elem(&ports, &pk);
+    if (!a || !pb) {
+        stat(STAT_UNMATCHED);
+        return 1;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_RULES / 64; i++)
+        c.w[i] &= a->w[i] & pb->w[i];
+
+    int verdict = 0;
+    int bit = lowest(&c, &gi->enforce);
+    if (bit >= 0 && has(&gi->deny, bit)) {
+        verdict = VERDICT_DROP;
+    } else {
+        bit = lowest(&c, 0);
+        if (bit < 0) {
+            stat(STAT_UNMATCHED);
+            return 1;
+        }
+        if (has(&gi->deny, bit))
+            verdict = VERDICT_WOULD_DROP;
+    }
+
+    __u32 index = gen * MAX_RULES + (bit & (MAX_RULES - 1));
+    struct counter *n = bpf_map_lookup_elem(&counters, &index);
+    if (n) {
+        n->packets += 1;
+        n->bytes += skb->len;
+    }
+    if (verdict) {
+        struct event e = {.ts_ns = bpf_ktime_get_ns(), .cgroup = bpf_skb_cgroup_id(skb),
+                          .gen = gen, .rule = bit + 1, .verdict = verdict,
+                          .direction = dir, .packet_ingress = ingress,
+                          .family = p.family, .proto = p.proto, .port = port};
+        __builtin_memcpy(e.addr, remote, 16);
+        if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
+            stat(STAT_EVENTS_LOST);
+    }
+    return verdict == VERDICT_DROP ? 0 : 1;
+}
+
+SEC("cgroup_skb/egress")
+int edge_egress(struct __sk_buff *skb) { return judge(skb, 0); }
+
+SEC("cgroup_skb/ingress")
+int edge_ingress(struct __sk_buff *skb) { return judge(skb, 1); }
+
+char LICENSE[] SEC("license") = "Apache-2.0";

@@ -487,10 +487,12 @@ class Gateway:
     def push(self, version: int, devices: list[dict[str, Any]], *,
              key: Any = None, raw: bytes | None = None,
              agent: dict[str, Any] | None = None,
-             plugins: list[dict[str, Any]] | None = None) -> None:
+             plugins: list[dict[str, Any]] | None = None,
+             policies: list[dict[str, Any]] | None = None) -> None:
         """Publish bundle ``version`` with the manifests ``devices``, the agent-file
-        sections ``agent`` and the plugin manifests ``plugins`` (signed by ``key``,
-        default the trusted one; ``raw``: these bytes instead)."""
+        sections ``agent``, the plugin manifests ``plugins`` and the NetworkPolicy
+        documents ``policies`` (signed by ``key``, default the trusted one; ``raw``:
+        these bytes instead)."""
         from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
         from edge.cloud import publish_retained  # noqa: PLC0415
@@ -498,7 +500,7 @@ class Gateway:
 
         now = datetime.now(UTC)
         body = {"version": version, "node": self.node, "issued_at": rfc3339(now),
-                "expires_at": rfc3339(now + timedelta(hours=1)), "policies": [],
+                "expires_at": rfc3339(now + timedelta(hours=1)), "policies": policies or [],
                 "plugins": plugins or [], "agent": agent or {},
                 "deviceModels": [d for d in devices if d["kind"] == "DeviceModel"],
                 "devices": [d for d in devices if d["kind"] == "Device"]}

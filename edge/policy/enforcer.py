@@ -99,7 +99,9 @@ class Enforcer:
         """Drop events read, by verdict (``drop``, ``would-drop``)."""
         self._dp: Any = None  # edge.policy.datapath.Datapath, imported when needed
         self._ring: Any = None
-        self._gens: dict[int, tuple[FlatRule, ...]] = {}
+        self._gens: dict[int, list[str]] = {}
+        """Where each rule comes from, by generation (events name a generation's)."""
+        self.gen: int | None = None
         self._names: dict[int, str] = {}
         self._state_written = 0.0
         self._state_dirty = False
@@ -110,7 +112,10 @@ class Enforcer:
 
     def start(self) -> State:
         """Loads the policy into the kernel (before the agent opens any connection);
-        never raises: a failure is the ``unenforced`` state with its reason."""
+        never raises: a failure is the ``unenforced`` state with its reason. The
+        recent drops of the previous run (the state file) are kept: a restart to roll
+        a policy back must not hide what it dropped."""
+        self._load_recent()
         if not self.settings.policies and not (self.pin / "link-egress").exists():
             self.state, self.reason = "off", "no policy is configured"
             self._write_state()
@@ -122,6 +127,10 @@ class Enforcer:
         try:
             from edge.policy.datapath import Datapath  # noqa: PLC0415 - only with a policy
             self._dp = Datapath.open(self.pin)
+            self.state = "enforced" if self.settings.policies else "off"
+            self.reason = "" if self.settings.policies else (
+                f"no policy is configured; the datapath pinned at {self.pin} polices "
+                "nothing (edge policy remove takes it away)")
             self._apply()
             self._ring = self._dp.ring(self._on_event)
         except OSError as e:
@@ -129,12 +138,21 @@ class Enforcer:
                 self._dp.close()
                 self._dp = None
             return self._unenforced(_why(e))
-        self.state = "enforced" if self.settings.policies else "off"
-        self.reason = "" if self.settings.policies else (
-            f"no policy is configured; the datapath pinned at {self.pin} polices nothing "
-            "(edge policy remove takes it away)")
         log.info("network policy: %s", self.summary())
         return self.state
+
+    def _load_recent(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            before = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.recent.extend(Drop(**d) for d in before.get("recent", []))
+            if isinstance(before.get("gen"), int):  # events of it may still be in the ring
+                self._gens[before["gen"]] = [r["where"] for r in before.get("rules", [])]
+        except (OSError, ValueError, TypeError) as e:
+            if not isinstance(e, FileNotFoundError):
+                log.warning("network policy: %s is not readable (%s); starting afresh",
+                            self.state_path, e)
 
     def _unenforced(self, reason: str) -> State:
         self.state, self.reason = "unenforced", reason
@@ -148,7 +166,8 @@ class Enforcer:
         from edge.policy.datapath import cgroup_ids  # noqa: PLC0415
         ids = cgroup_ids(self._dp.cgroup_root, self.tables.workloads)
         applied = self._dp.apply(self.tables, ids)
-        self._gens[applied.gen] = self.tables.rules
+        self.gen = applied.gen
+        self._gens[applied.gen] = [r.where for r in self.tables.rules]
         self.cgroups = ids
         self._names = {cg: path for path, cg in ids.items() if cg is not None}
         self.applied_ms = int(time.time() * 1000)
@@ -190,8 +209,8 @@ class Enforcer:
             self._write_state()
 
     def _on_event(self, e: Any) -> None:
-        rules = self._gens.get(e.gen, ())
-        where = rules[e.rule - 1].where if 0 < e.rule <= len(rules) else f"rule #{e.rule}"
+        rules = self._gens.get(e.gen, [])
+        where = rules[e.rule - 1] if 0 < e.rule <= len(rules) else f"rule #{e.rule}"
         now_ns = time.monotonic_ns()
         drop = Drop(int(time.time() * 1000 - (now_ns - e.ts_ns) / 1e6), e.verdict,
                     self._names.get(e.cgroup, f"cgroup {e.cgroup}"),
@@ -204,7 +223,8 @@ class Enforcer:
             self.on_drop(drop)
 
     def status(self) -> dict[str, Any]:
-        """The status (JSON-ready): ``state``, ``reason``, ``pin``, ``applied_ms``,
+        """The status (JSON-ready): ``state``, ``reason``, ``pin``, ``gen`` (the
+        generation in the kernel, None before the first apply), ``applied_ms``,
         ``update_ms``, ``updates``, ``workloads`` (path → cgroup id or None), ``rules``
         (each with ``packets`` and ``bytes`` from the kernel), ``datapath`` (its own
         counters: events lost, unmatched, unparsed), ``drops`` (events read by verdict)
@@ -221,8 +241,9 @@ class Enforcer:
             packets, size = counters.get(r.id, (0, 0))
             rules.append(rule_row(r) | {"packets": packets, "bytes": size})
         return {"state": self.state, "reason": self.reason, "pin": str(self.pin),
-                "applied_ms": self.applied_ms, "update_ms": round(self.update_s * 1000, 3),
-                "updates": self.updates, "workloads": dict(self.cgroups), "rules": rules,
+                "gen": self.gen, "applied_ms": self.applied_ms,
+                "update_ms": round(self.update_s * 1000, 3), "updates": self.updates,
+                "workloads": dict(self.cgroups), "rules": rules,
                 "datapath": stats, "drops": dict(self.drops),
                 "recent": [asdict(d) for d in self.recent]}
 

@@ -121,10 +121,10 @@ def manifests(
 
 def agent_file(
     *, node: str, broker_port: int, qos: int, log_level: str, store_path: str = "./edge.db",
-    order: str = "device", web_port: int = 0,
+    order: str = "device", web_port: int = 0, policy: dict[str, object] | None = None,
 ) -> str:
     """``edge.yaml`` (DESIGN.md §3); the store lives in the run directory; the web page
-    on ``127.0.0.1:web_port`` (0: no web server)."""
+    on ``127.0.0.1:web_port`` (0: no web server); ``policy`` its policy section."""
     web = {"listen": f"127.0.0.1:{web_port}"} if web_port else {"enabled": False}
     uplink = {"host": "127.0.0.1", "port": broker_port, "qos": qos, "order": order}
     return (
@@ -137,6 +137,7 @@ def agent_file(
                 f"store: {_flow({'path': store_path})}",
                 f"web: {_flow(web)}",
                 f"log: {_flow({'level': log_level})}",
+                *([f"policy: {_flow(policy)}"] if policy else []),
             ]
         )
         + "\n"
@@ -160,6 +161,29 @@ def plugin_manifests(out: Path, shipped: Path) -> None:
         manifest = yaml.safe_load((shipped / name / "manifest.yaml").read_text())
         manifest.update(wasm=str((shipped / name / manifest["wasm"]).resolve()), config=config)
         (out / "plugins" / file).write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def sim_ports(a: argparse.Namespace) -> list[int]:
+    """The simulator's TCP ports."""
+    devices = a.devices or SCENARIOS[a.scenario][0]
+    return (list(range(a.sim_base_port, a.sim_base_port + devices))
+            if a.sim_mode == "ports" else [a.sim_base_port])
+
+
+def policy_section(workload: str, pin_dir: str, sim_ports: list[int],
+                   broker_port: int) -> dict[str, object]:
+    """An enforced policy on the agent's own cgroup ``workload``: egress to the
+    simulator's ports and the broker (on 127.0.0.1, which the failsafe set allows too:
+    every packet still goes through the datapath's lookups)."""
+    ports = [{"port": p, "protocol": "TCP"} for p in sorted({*sim_ports, broker_port})]
+    return {"mode": "enforce", "pin_dir": pin_dir, "policies": [{
+        "apiVersion": "gateway.edge/v1alpha1", "kind": "NetworkPolicy",
+        "metadata": {"name": "agent"},
+        "spec": {"workload": {"cgroup": workload},
+                 "egress": [{"to": [{"cidr": "127.0.0.1/32"}], "ports": ports}],
+                 "ingress": [{"from": [{"cidr": "127.0.0.0/8"}],
+                              "ports": [{"port": 1, "endPort": 65535,
+                                         "protocol": "TCP"}]}]}}]}
 
 
 def main() -> int:
@@ -187,6 +211,9 @@ def main() -> int:
     p.add_argument("--plugins", type=Path, metavar="SHIPPED",
                    help="also run the three plugins of SHIPPED (the repository's plugins/): "
                         "units on v0, derive v_sum = v1 + v2, deadband 0")
+    p.add_argument("--policy", nargs=2, metavar=("CGROUP", "PIN_DIR"),
+                   help="enforce a network policy on the agent's cgroup CGROUP (under the "
+                        "cgroup v2 root), its datapath pinned at PIN_DIR")
     a = p.parse_args()
 
     devices, tag_count, poll_ms = SCENARIOS.get(a.scenario or "", (None, None, None))
@@ -210,6 +237,8 @@ def main() -> int:
             store_path=a.store_path,
             order=a.uplink_order,
             web_port=a.web_port,
+            policy=policy_section(a.policy[0], a.policy[1], sim_ports(a), a.broker_port)
+            if a.policy else None,
         ),
         encoding="utf-8",
     )

@@ -29,6 +29,10 @@
 #                      derive, deadband: gen_manifests.py --plugins)
 #                      -> bench/results/edge-<scenario>-plugins-<date>.json (the deadband
 #                      drops unchanged values: completeness is not comparable there)
+#   POLICY=1           then measure edge once more inside a cgroup of its own that an
+#                      enforced network policy selects (needs root and BPF; datapath
+#                      pinned at /sys/fs/bpf/edge-bench-RUN_ID, removed afterwards)
+#                      -> bench/results/edge-<scenario>-policy-<date>.json
 #   NODELAY=1          (default) then measure edge once more against a broker with
 #                      TCP_NODELAY -> bench/results/edge-<scenario>-nodelay-<date>.json
 #                      (a diagnostic of the broker hop; NODELAY=0 skips it)
@@ -80,6 +84,7 @@ VB=/tmp/venv-bench/bin/python
 RUN="$(mktemp -d "/tmp/edge-bench-${SCEN}.XXXXXX")"
 echo "run dir: $RUN" >&2
 PIDS=()
+WRAP=()  # what edge run is started through (POLICY=1: into its cgroup)
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -139,7 +144,7 @@ measure_edge() {  # OUT CFG_DIR BROKER_PORT BROKER_PID VARIANT BUSY: edge under 
     --meta "devices=$DEV" --meta "tags_per_device=$TAGS" --meta "poll_ms=$POLL" \
     --meta "sim_mode=$SIM_MODE" --meta "sim_tick_ms=$TICK" --meta "qos=1" \
     --meta "broker=$variant" \
-    -- "$EDGE_BIN" run -c "$dir/edge.yaml" >"$dir/measure.json"
+    -- "${WRAP[@]}" "$EDGE_BIN" run -c "$dir/edge.yaml" >"$dir/measure.json"
   python3 "$HERE/annotate.py" "$out" "run_id=$RUN_ID" role=edge "scenario=$SCEN" \
     "storage=$STORE" "broker=$variant" "loadavg_before=$load" \
     "machine_busy_pct_before=$busy" "run_dir=$dir"
@@ -159,6 +164,28 @@ if [ "${PLUGINS:-0}" = 1 ]; then
   "$EDGE_BIN" check -c "$PDIR/edge.yaml" >&2
   measure_edge "$RESULTS/edge-$SCEN-plugins-$DATE.json" "$PDIR" "$BROKER_PORT" "$BROKER_PID" \
     plugins "$(quiet)"
+fi
+
+if [ "${POLICY:-0}" = 1 ]; then
+  CGROOT="$(awk '{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "cgroup2") print $5; break } }' /proc/self/mountinfo | head -1)"
+  [ -n "$CGROOT" ] || { echo "POLICY=1: no cgroup v2 hierarchy" >&2; exit 1; }
+  CG="edge-bench-$RUN_ID/agent"
+  PIN="/sys/fs/bpf/edge-bench-$RUN_ID"
+  mkdir -p "$CGROOT/$CG"
+  PODIR="$RUN/with-policy"
+  mkdir -p "$PODIR/manifests"
+  python3 "$HERE/gen_manifests.py" --out "$PODIR" --scenario "$SCEN" --sim-mode "$SIM_MODE" \
+    --sim-base-port "$SIM_BASE_PORT" --broker-port "$BROKER_PORT" --web-port "$WEB_PORT" \
+    --policy "$CG" "$PIN" >/dev/null
+  "$EDGE_BIN" check -c "$PODIR/edge.yaml" >&2
+  # the agent moves itself into the policed cgroup, then becomes `edge run` (same PID)
+  WRAP=(sh -c 'echo $$ >"$0" && exec "$@"' "$CGROOT/$CG/cgroup.procs")
+  measure_edge "$RESULTS/edge-$SCEN-policy-$DATE.json" "$PODIR" "$BROKER_PORT" "$BROKER_PID" \
+    policy "$(quiet)"
+  WRAP=()
+  "$EDGE_BIN" policy status -c "$PODIR/edge.yaml" >"$PODIR/policy-status.txt" 2>&1 || true
+  "$EDGE_BIN" policy remove -c "$PODIR/edge.yaml" >&2
+  rmdir "$CGROOT/$CG" "$CGROOT/edge-bench-$RUN_ID"
 fi
 
 if [ "${PROFILE:-0}" = 1 ]; then

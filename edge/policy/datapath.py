@@ -29,7 +29,6 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib.resources import files
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Final, Literal
@@ -41,7 +40,7 @@ PIN: Final = "/sys/fs/bpf/edge"
 OBJECT: Final = "policy.bpf.o"
 PROGRAMS: Final = {"egress": "edge_egress", "ingress": "edge_ingress"}
 _U32: Final = struct.Struct("<I")
-_GEN_INFO: Final = struct.Struct("<32s32sII")
+_GEN_INFO: Final = struct.Struct("<32s32sIII4x")
 _ADDR4_KEY: Final = struct.Struct("<II4s")
 _ADDR6_KEY: Final = struct.Struct("<II16s")
 _PORT_KEY: Final = struct.Struct("<IIB2sx")
@@ -61,7 +60,7 @@ Verdict = Literal["drop", "would-drop"]
 def object_path() -> Path:
     """The prebuilt object shipped in the package (built by
     ``edge/policy/bpf/build.sh``)."""
-    return Path(str(files("edge.policy.bpf").joinpath(OBJECT)))
+    return Path(__file__).with_name("bpf") / OBJECT
 
 
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
@@ -254,7 +253,10 @@ class Datapath:
         start = time.perf_counter()
         ids = dict(cgroups) if cgroups is not None else cgroup_ids(
             self.cgroup_root, tables.workloads)
-        new = 1 - self.active_gen()
+        old = self.active_gen()
+        new = 1 - old
+        raw = self.maps["gens"].lookup(_U32.pack(old))
+        epoch = (_GEN_INFO.unpack(raw)[4] if raw else 0) % 0xFFFFFFFF + 1
         entries = self._clear(new)
         for name, key, value in self._entries(tables, ids, new):
             self.maps[name].update(key, value)
@@ -265,7 +267,7 @@ class Datapath:
                 levels |= 1 << len(path.split("/"))
         self.maps["gens"].update(_U32.pack(new), _GEN_INFO.pack(
             bits_bytes(tables.deny), bits_bytes(tables.enforce), levels,
-            len(tables.rules)))
+            len(tables.rules), epoch))
         self.maps["active"].update(_U32.pack(0), _U32.pack(new))
         if self._pending is not None:
             self._attach()

@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from edge.policy.evaluator import FlatRule
 from edge.policy.spec import PolicySettings
-from edge.policy.tables import Tables, TooManyRules, compile_tables
+
+if TYPE_CHECKING:  # the compiler and the datapath are imported only with a policy
+    from edge.policy.evaluator import FlatRule
+    from edge.policy.tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ class Enforcer:
             self.state, self.reason = "off", "no policy is configured"
             self._write_state()
             return self.state
+        from edge.policy.tables import TooManyRules, compile_tables  # noqa: PLC0415
+
         try:
             self.tables = compile_tables(self.settings)
         except TooManyRules as e:

@@ -13,7 +13,6 @@ the messages libbpf printed meanwhile (the verifier's log when a program is refu
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -76,9 +75,8 @@ class Libbpf:
     """
 
     def __init__(self) -> None:
-        path = ctypes.util.find_library("bpf") or LIBRARY
         try:
-            self.lib = ctypes.CDLL(path if path.endswith(".1") else LIBRARY, use_errno=True)
+            self.lib = ctypes.CDLL(LIBRARY, use_errno=True)
         except OSError as e:
             raise OSError(errno.ENOENT, f"{LIBRARY} is not installed (Debian: apt-get "
                           f"install libbpf1): {e}") from e

@@ -23,6 +23,12 @@
 // Updates are atomic: the tables hold two generations (the gen in every key); user
 // space fills the inactive one and then flips `active`. A packet reads `active` once.
 //
+// A socket remembers the allow that decided its last packet (sk storage), with the
+// epoch of the tables (one more at every update) and the packet's addresses and ports:
+// a packet of the same flow under the same epoch is counted against that rule without
+// the lookups. A TCP SYN (a new connection) is always judged in full, and so is every
+// packet that is dropped or reported.
+//
 // Built by edge/policy/bpf/build.sh with clang -target bpfel; loaded through libbpf
 // (edge/policy/libbpf.py). UAPI only (no kernel structs), so no CO-RE is needed.
 #include <linux/bpf.h>
@@ -69,6 +75,7 @@ struct gen_info {             // gens[gen]: the rules' actions and modes
     struct bits enforce;      // rules in force (failsafe, enforce-mode policies)
     __u32 levels;             // bit L: some selected workload is at cgroup level L
     __u32 rules;              // how many rules (ids 1..rules)
+    __u32 epoch;              // one more at every update (never 0)
 };
 
 struct addr4_key {            // LPM: prefixlen = 32 (gen) + address prefix
@@ -182,12 +189,28 @@ struct {
     __type(value, __u64);
 } stats SEC(".maps");
 
+union addr {
+    __u8 b[16];
+    __u64 q[2];
+};
+
+struct sk_state {             // per socket
+    __u32 opened;             // who opened the connection: OPENED_*
+    __u32 epoch;              // the cached verdict holds for this epoch (0: none)
+    __u16 rule;               // the bit of the allow that decided
+    __u16 local_port;         // of the packet that decided it
+    __u16 remote_port;
+    __u8 proto;
+    __u8 pad;
+    union addr remote;
+};
+
 struct {
     __uint(type, BPF_MAP_TYPE_SK_STORAGE);
     __uint(map_flags, BPF_F_NO_PREALLOC);
     __type(key, int);
-    __type(value, __u32);
-} opened SEC(".maps");
+    __type(value, struct sk_state);
+} sockets SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -200,8 +223,8 @@ struct packet {
     __u8 tcp_flags;
     __u16 sport;              // host order; 0 without ports
     __u16 dport;
-    __u8 saddr[16];
-    __u8 daddr[16];
+    union addr saddr;
+    union addr daddr;
 };
 
 INLINE void stat(__u32 which) {
@@ -211,14 +234,13 @@ INLINE void stat(__u32 which) {
 }
 
 INLINE int ctz64(__u64 x) {   // the index of the lowest set bit of x (x != 0)
-    int n = 0;
-    if (!(x & 0xffffffffULL)) { n += 32; x >>= 32; }
-    if (!(x & 0xffffULL)) { n += 16; x >>= 16; }
-    if (!(x & 0xffULL)) { n += 8; x >>= 8; }
-    if (!(x & 0xfULL)) { n += 4; x >>= 4; }
-    if (!(x & 0x3ULL)) { n += 2; x >>= 2; }
-    if (!(x & 0x1ULL)) { n += 1; }
-    return n;
+    // branchless (a popcount of the bits below it), so that the verifier does not
+    // follow a path per possible answer
+    x = (x & -x) - 1;
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (x * 0x0101010101010101ULL) >> 56;
 }
 
 INLINE int lowest(const struct bits *c, const struct bits *mask) {  // bit or -1
@@ -251,15 +273,20 @@ INLINE void ports_of(struct __sk_buff *skb, struct packet *p, __u32 l4) {
     p->dport = ((__u16)h[2] << 8) | h[3];
 }
 
-INLINE int parse(struct __sk_buff *skb, struct packet *p) {  // 0, or -1: not IP
+// Global (not inlined) functions are verified once, on their own, instead of once per
+// path into them: the loops in them would multiply the paths through the rest.
+__attribute__((noinline)) int parse(struct __sk_buff *skb, struct packet *p) {
+    // 0, or -1: not IP (p == NULL cannot be, but the verifier asks)
+    if (!p)
+        return -1;
     if (skb->protocol == __builtin_bswap16(ETH_P_IP)) {
         __u8 h[20];
         if (bpf_skb_load_bytes(skb, 0, h, 20))
             return -1;
         p->family = 4;
         p->proto = h[9];
-        __builtin_memcpy(p->saddr, h + 12, 4);
-        __builtin_memcpy(p->daddr, h + 16, 4);
+        __builtin_memcpy(p->saddr.b, h + 12, 4);
+        __builtin_memcpy(p->daddr.b, h + 16, 4);
         if (((h[6] & 0x1f) | h[7]) == 0)  // a first (or the only) fragment
             ports_of(skb, p, (h[0] & 0xf) * 4);
         return 0;
@@ -269,8 +296,8 @@ INLINE int parse(struct __sk_buff *skb, struct packet *p) {  // 0, or -1: not IP
         if (bpf_skb_load_bytes(skb, 0, h, 40))
             return -1;
         p->family = 6;
-        __builtin_memcpy(p->saddr, h + 8, 16);
-        __builtin_memcpy(p->daddr, h + 24, 16);
+        __builtin_memcpy(p->saddr.b, h + 8, 16);
+        __builtin_memcpy(p->daddr.b, h + 24, 16);
         __u8 next = h[6];
         __u32 off = 40;
 #pragma unroll
@@ -299,40 +326,13 @@ INLINE int parse(struct __sk_buff *skb, struct packet *p) {  // 0, or -1: not IP
     return -1;
 }
 
-INLINE __u32 direction_of(struct __sk_buff *skb, const struct packet *p, int ingress) {
-    struct bpf_sock *sk = skb->sk;
-    __u32 *opened_by = 0;
-    if (sk) {
-        sk = bpf_sk_fullsock(sk);
-        if (sk)
-            opened_by = bpf_sk_storage_get(&opened, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    }
-    if (p->proto == IPPROTO_TCP) {
-        if (!ingress && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && opened_by)
-            *opened_by = OPENED_EGRESS;
-        return opened_by && *opened_by == OPENED_EGRESS ? OPENED_EGRESS : OPENED_INGRESS;
-    }
-    __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
-    if (!opened_by)
-        return here;
-    if (*opened_by == OPENED_UNKNOWN)
-        *opened_by = here;
-    return *opened_by;
-}
-
-INLINE int judge(struct __sk_buff *skb, int ingress) {
-    __u32 zero = 0;
-    __u32 *gen_p = bpf_map_lookup_elem(&active, &zero);
-    if (!gen_p)
-        return 1;
-    __u32 gen = *gen_p & 1;
-    struct gen_info *gi = bpf_map_lookup_elem(&gens, &gen);
-    if (!gi || !gi->levels)
-        return 1;
-
-    struct workload_val w = {};
+// The OR of the workload bitmaps of the socket's ancestors at ``levels``; 0 when none
+// is a selected workload (the packet is not policed).
+__attribute__((noinline)) int workload_bits(struct __sk_buff *skb, __u32 gen, __u32 levels,
+                                            struct workload_val *w) {
     int policed = 0;
-    __u32 levels = gi->levels;
+    if (!w)
+        return 0;
     for (int level = 1; level < MAX_LEVEL; level++) {
         if (!(levels >> level))
             break;
@@ -348,20 +348,86 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
         policed = 1;
 #pragma unroll
         for (int i = 0; i < MAX_RULES / 64; i++) {
-            w.egress.w[i] |= v->egress.w[i];
-            w.ingress.w[i] |= v->ingress.w[i];
+            w->egress.w[i] |= v->egress.w[i];
+            w->ingress.w[i] |= v->ingress.w[i];
         }
     }
-    if (!policed)
+    return policed;
+}
+
+INLINE int tcp_syn(const struct packet *p, int ingress) {  // a new outgoing connection
+    return !ingress && p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
+INLINE __u32 direction_of(struct sk_state *st, const struct packet *p, int ingress) {
+    if (p->proto == IPPROTO_TCP) {
+        if (tcp_syn(p, ingress) && st)
+            st->opened = OPENED_EGRESS;
+        return st && st->opened == OPENED_EGRESS ? OPENED_EGRESS : OPENED_INGRESS;
+    }
+    __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
+    if (!st)
+        return here;
+    if (st->opened == OPENED_UNKNOWN)
+        st->opened = here;
+    return st->opened;
+}
+
+INLINE void count(__u32 gen, int bit, __u32 len) {
+    __u32 index = gen * MAX_RULES + (bit & (MAX_RULES - 1));
+    struct counter *n = bpf_map_lookup_elem(&counters, &index);
+    if (n) {
+        n->packets += 1;
+        n->bytes += len;
+    }
+}
+
+INLINE int same_flow(const struct sk_state *st, const struct packet *p, int ingress) {
+    const union addr *remote = ingress ? &p->saddr : &p->daddr;
+    return st->proto == p->proto && st->remote.q[0] == remote->q[0]
+        && st->remote.q[1] == remote->q[1]
+        && st->local_port == (ingress ? p->dport : p->sport)
+        && st->remote_port == (ingress ? p->sport : p->dport) && !tcp_syn(p, ingress);
+}
+
+INLINE int judge(struct __sk_buff *skb, int ingress) {
+    __u32 zero = 0;
+    __u32 *gen_p = bpf_map_lookup_elem(&active, &zero);
+    if (!gen_p)
+        return 1;
+    __u32 gen = *gen_p & 1;
+    struct gen_info *gi = bpf_map_lookup_elem(&gens, &gen);
+    if (!gi || !gi->levels)
         return 1;
 
+    struct bpf_sock *sk = skb->sk;
+    if (sk)
+        sk = bpf_sk_fullsock(sk);
+    struct sk_state *st = sk ? bpf_sk_storage_get(&sockets, sk, 0, 0) : 0;
     struct packet p = {};
-    if (parse(skb, &p)) {
+    int parsed = 1;             // not yet
+    if (st && st->epoch == gi->epoch) {
+        parsed = parse(skb, &p);
+        if (!parsed && same_flow(st, &p, ingress)) {
+            count(gen, st->rule, skb->len);
+            return 1;
+        }
+    }
+
+    struct workload_val w = {};
+    if (!workload_bits(skb, gen, gi->levels, &w))
+        return 1;
+
+    if (parsed > 0)
+        parsed = parse(skb, &p);
+    if (parsed) {
         stat(STAT_UNPARSED);
         return 1;               // not IP (the cgroup_skb hooks see only IP)
     }
-    __u32 dir = direction_of(skb, &p, ingress);
-    const __u8 *remote = ingress ? p.saddr : p.daddr;
+    if (!st && sk)
+        st = bpf_sk_storage_get(&sockets, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    __u32 dir = direction_of(st, &p, ingress);
+    const union addr *remote = ingress ? &p.saddr : &p.daddr;
     __u16 port;
     if (dir == OPENED_EGRESS)
         port = ingress ? p.sport : p.dport;
@@ -372,11 +438,11 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
     struct bits *a;
     if (p.family == 4) {
         struct addr4_key k = {.prefixlen = 64, .gen = gen};
-        __builtin_memcpy(k.addr, remote, 4);
+        __builtin_memcpy(k.addr, remote->b, 4);
         a = bpf_map_lookup_elem(&addr4, &k);
     } else {
         struct addr6_key k = {.prefixlen = 160, .gen = gen};
-        __builtin_memcpy(k.addr, remote, 16);
+        __builtin_memcpy(k.addr, remote->b, 16);
         a = bpf_map_lookup_elem(&addr6, &k);
     }
     struct port_key pk = {.prefixlen = 56, .gen = gen, .proto = p.proto,
@@ -404,18 +470,21 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
             verdict = VERDICT_WOULD_DROP;
     }
 
-    __u32 index = gen * MAX_RULES + (bit & (MAX_RULES - 1));
-    struct counter *n = bpf_map_lookup_elem(&counters, &index);
-    if (n) {
-        n->packets += 1;
-        n->bytes += skb->len;
+    count(gen, bit, skb->len);
+    if (!verdict && st) {       // the flow's verdict until the next update
+        st->epoch = gi->epoch;
+        st->rule = bit;
+        st->proto = p.proto;
+        st->local_port = ingress ? p.dport : p.sport;
+        st->remote_port = ingress ? p.sport : p.dport;
+        st->remote = *remote;
     }
     if (verdict) {
         struct event e = {.ts_ns = bpf_ktime_get_ns(), .cgroup = bpf_skb_cgroup_id(skb),
                           .gen = gen, .rule = bit + 1, .verdict = verdict,
                           .direction = dir, .packet_ingress = ingress,
                           .family = p.family, .proto = p.proto, .port = port};
-        __builtin_memcpy(e.addr, remote, 16);
+        __builtin_memcpy(e.addr, remote->b, 16);
         if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
             stat(STAT_EVENTS_LOST);
     }

@@ -159,7 +159,7 @@ def iperf(procs: Path, port: int, seconds: float, udp: bool) -> float:
         if udp:
             cmd += ["-u", "-b", "0", "-l", "64"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              preexec_fn=_in_cgroup(procs))  # noqa: PLW1509
+                              preexec_fn=_in_cgroup(procs))
         end = json.loads(done.stdout)["end"]
         return float(end["sum"]["bits_per_second"] if udp else
                      end["sum_received"]["bits_per_second"])

@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 mapfile -t PKGS < <(grep -v '^\s*#' "$ROOT/.ci/apt-packages" | grep -v '^\s*$')
+PKGS=("${PKGS[@]//@ARCH@/$(dpkg --print-architecture)}")  # e.g. linux-headers-amd64
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -150,4 +150,5 @@ def policy_settings(agent: AgentFile, file: str, policies: tuple[NetworkPolicy, 
     sections) with ``policies``: its ``policy.mode``, and the failsafe set resolved when
     there is a policy (none otherwise: nothing is policed)."""
     failsafe = failsafe_rules(agent, file, report) if policies else ()
-    return PolicySettings(agent.policy.mode, policies, failsafe, str(agent.policy.pin_dir))
+    return PolicySettings(agent.policy.mode, policies, failsafe, str(agent.policy.pin_dir),
+                          agent.policy.backend)

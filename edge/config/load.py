@@ -36,7 +36,7 @@ LOCAL_ONLY = ("node", "devices", "trust")
 """Agent-file keys a bundle's ``agent`` may not set: the gateway's identity, where its
 local manifests are, and whom it trusts stay with whoever installed it."""
 LOCAL_ONLY_STORE = ("path",)
-LOCAL_ONLY_POLICY = ("failsafe", "pin_dir")
+LOCAL_ONLY_POLICY = ("failsafe", "pin_dir", "backend")
 """What a bundle cannot loosen or remove: the failsafe set that keeps the gateway
 reachable whatever a pushed policy says."""
 NOT_SUPPORTED_YET: tuple[str, ...] = ()

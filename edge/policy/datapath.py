@@ -23,9 +23,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +38,18 @@ from typing import Final, Literal
 from edge.policy.libbpf import BpfError, Map, Ring, libbpf
 from edge.policy.tables import MAX_RULES, Tables, bits_bytes
 
+log = logging.getLogger(__name__)
+
 PIN: Final = "/sys/fs/bpf/edge"
 OBJECT: Final = "policy.bpf.o"
+SOURCE: Final = "policy.bpf.c"
 PROGRAMS: Final = {"egress": "edge_egress", "ingress": "edge_ingress"}
+ATTACH: Final = {"egress": 1, "ingress": 0}
+"""enum bpf_attach_type: BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS."""
+BCC_PYTHON: Final = "/usr/bin/python3"
+"""The system Python, which has Debian's python3-bpfcc (the bcc backend)."""
+BCC_TIMEOUT_S: Final = 120
+Backend = Literal["libbpf", "bcc"]
 _U32: Final = struct.Struct("<I")
 _GEN_INFO: Final = struct.Struct("<32s32sIII4x")
 _ADDR4_KEY: Final = struct.Struct("<II4s")
@@ -161,8 +172,64 @@ def cgroup_ids(root: Path, workloads: Iterable[str]) -> dict[str, int | None]:
     return out
 
 
-def _object_tag(obj: Path) -> str:
-    return hashlib.sha256(obj.read_bytes()).hexdigest()[:12]
+def _tag(backend: Backend, obj: Path) -> str:
+    digest = hashlib.sha256(obj.read_bytes()).hexdigest()[:12]
+    return digest if backend == "libbpf" else f"bcc-{digest}"
+
+
+@dataclass
+class _Loaded:
+    """Programs in the kernel, not attached yet: their descriptors by direction, and
+    the libbpf object that owns them (None: the descriptors are ours)."""
+
+    programs: dict[str, int]
+    handle: int | None = None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            libbpf().lib.bpf_object__close(self.handle)
+        else:
+            for fd in self.programs.values():
+                os.close(fd)
+        self.programs = {}
+
+
+def _load_libbpf(obj: Path, maps_dir: Path) -> _Loaded:
+    b = libbpf()
+    with b.call() as log:
+        handle = b.pointer(b.lib.bpf_object__open_file(str(obj).encode(), None),
+                           f"open {obj}", log)
+        try:
+            b.check(b.lib.bpf_object__load(handle), f"load {obj} into the kernel", log)
+            b.check(b.lib.bpf_object__pin_maps(handle, str(maps_dir).encode()),
+                    f"pin its maps in {maps_dir}", log)
+            programs = {d: b.check(b.lib.bpf_program__fd(b.pointer(
+                b.lib.bpf_object__find_program_by_name(handle, name.encode()),
+                f"find program {name}", log)), f"program {name}", log)
+                for d, name in PROGRAMS.items()}
+        except BpfError:
+            b.lib.bpf_object__close(handle)
+            raise
+    return _Loaded(programs, handle)
+
+
+def _load_bcc(source: Path, maps_dir: Path) -> _Loaded:
+    """bcc compiles and loads in a process of its own (bpf/bcc_load.py), which pins the
+    maps and the programs in ``maps_dir``."""
+    script = source.with_name("bcc_load.py")
+    try:
+        done = subprocess.run([BCC_PYTHON, str(script), str(source), str(maps_dir),
+                               str(maps_dir)], capture_output=True, text=True,
+                              timeout=BCC_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(errno.EIO, f"the bcc backend ({BCC_PYTHON} {script}) did not run: "
+                      f"{e}") from e
+    if done.returncode != 0:
+        shutil.rmtree(maps_dir, ignore_errors=True)
+        tail = "\n".join(done.stderr.strip().splitlines()[-30:])
+        raise OSError(errno.EIO, f"the bcc backend failed (exit {done.returncode}):\n{tail}")
+    log.info("bcc compiled and loaded the datapath: %s", done.stdout.strip())
+    return _Loaded({d: Datapath._get(maps_dir / f"program-{d}") for d in PROGRAMS})
 
 
 class Datapath:
@@ -172,37 +239,43 @@ class Datapath:
     Raises (from :meth:`open`):
         OSError / BpfError: no bpffs, not permitted (needs root or CAP_BPF +
             CAP_NET_ADMIN), no cgroup v2, libbpf missing, or the kernel refusing the
-            programs (the verifier's log is in the message).
+            programs (the verifier's log is in the message); with the bcc backend,
+            bcc missing or failing (no kernel headers).
     """
 
     def __init__(self, pin: Path, cgroup_root: Path, attach: Path, tag: str,
-                 maps: dict[str, Map], pending: int | None) -> None:
+                 maps: dict[str, Map], pending: _Loaded | None) -> None:
         self.pin = pin
         self.cgroup_root = cgroup_root
         self.attach = attach
         self.tag = tag
         self.maps = maps
-        self._pending = pending  # a loaded bpf_object not attached yet
+        self._pending = pending
 
     @classmethod
     def open(cls, pin: Path = Path(PIN), cgroup_root: Path | None = None,
              attach: Path | None = None, obj: Path | None = None, *,
-             load: bool = True) -> Datapath:
-        """Takes over the pinned datapath at ``pin``, or loads ``obj`` (default: the
-        shipped object) when nothing of that build is pinned there; the programs are
-        attached (to ``attach``, default the cgroup v2 root) by the first
-        :meth:`apply`, once the tables are in. ``load`` False only takes over (for a
-        look at the counters): FileNotFoundError when that build is not pinned."""
+             load: bool = True, backend: Backend = "libbpf") -> Datapath:
+        """Takes over the pinned datapath at ``pin``, or loads it when nothing of this
+        build is pinned there: with ``backend`` ``libbpf`` the prebuilt object ``obj``
+        (default: the shipped one), with ``bcc`` the C source compiled at run time,
+        out of this process. The programs are attached (to ``attach``, default the
+        cgroup v2 root) by the first :meth:`apply`, once the tables are in. ``load``
+        False only takes over (for a look at the counters): FileNotFoundError when
+        nothing of this build is pinned. (A build pinned by the other backend is left
+        for :meth:`apply` to swap out.)"""
         root = cgroup_root or cgroup2_root()
         if root is None:
             raise OSError(errno.ENOENT, "no cgroup v2 hierarchy is mounted (cgroup_skb "
                           "programs attach to cgroup v2)")
+        if backend == "bcc":
+            obj = object_path().with_name(SOURCE)
         obj = obj or object_path()
         ensure_bpffs(pin)
-        tag = _object_tag(obj)
+        tag = _tag(backend, obj)
         maps_dir = pin / f"maps-{tag}"
         b = libbpf()
-        pending: int | None = None
+        pending: _Loaded | None = None
         if not ((maps_dir / "active").exists() and all(
                 (pin / f"link-{d}").exists() for d in PROGRAMS)):
             if not load:
@@ -211,18 +284,8 @@ class Datapath:
             pin.mkdir(mode=0o700, exist_ok=True)
             if maps_dir.exists():
                 shutil.rmtree(maps_dir)
-            with b.call("load") as log:
-                handle = b.pointer(b.lib.bpf_object__open_file(str(obj).encode(), None),
-                                   f"open {obj}", log)
-                try:
-                    b.check(b.lib.bpf_object__load(handle), f"load {obj} into the "
-                            "kernel", log)
-                    b.check(b.lib.bpf_object__pin_maps(handle, str(maps_dir).encode()),
-                            f"pin its maps in {maps_dir}", log)
-                except BpfError:
-                    b.lib.bpf_object__close(handle)
-                    raise
-            pending = handle
+            pending = (_load_bcc(obj, maps_dir) if backend == "bcc"
+                       else _load_libbpf(obj, maps_dir))
         maps = {name: Map(cls._get(maps_dir / name), _KEY_SIZES.get(name, 4),
                           _value_size(name, b.cpus), name)
                 for name in ("active", "gens", "addr4", "addr6", "ports", "workloads",
@@ -232,7 +295,7 @@ class Datapath:
     @staticmethod
     def _get(path: Path) -> int:
         b = libbpf()
-        with b.call(f"open {path}") as log:
+        with b.call() as log:
             return b.check(b.lib.bpf_obj_get(str(path).encode()), f"open {path}", log)
 
     def active_gen(self) -> int:
@@ -312,35 +375,34 @@ class Datapath:
                        bits_bytes(egress) + bits_bytes(ingress))
 
     def _attach(self) -> None:
+        """Attaches the loaded programs (a pinned link's program is swapped in one
+        step, BPF_LINK_UPDATE), then drops the maps of other builds."""
         b = libbpf()
-        handle = self._pending
-        assert handle is not None
+        loaded = self._pending
+        assert loaded is not None
         fd = os.open(self.attach, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with b.call("attach") as log:
-                for direction, name in PROGRAMS.items():
-                    prog = b.pointer(b.lib.bpf_object__find_program_by_name(
-                        handle, name.encode()), f"find program {name}", log)
+            with b.call() as log:
+                for direction, prog in loaded.programs.items():
                     path = self.pin / f"link-{direction}"
                     if path.exists():
-                        link = b.pointer(b.lib.bpf_link__open(str(path).encode()),
-                                         f"open {path}", log)
+                        link = self._get(path)
                         try:
-                            b.check(b.lib.bpf_link__update_program(link, prog),
+                            b.check(b.lib.bpf_link_update(link, prog, None),
                                     f"swap the {direction} program in {path}", log)
                         finally:
-                            b.lib.bpf_link__destroy(link)
-                    else:
-                        link = b.pointer(b.lib.bpf_program__attach_cgroup(prog, fd),
-                                         f"attach {name} to {self.attach}", log)
-                        try:
-                            b.check(b.lib.bpf_link__pin(link, str(path).encode()),
-                                    f"pin {path}", log)
-                        finally:
-                            b.lib.bpf_link__destroy(link)
+                            os.close(link)
+                        continue
+                    link = b.check(b.lib.bpf_link_create(prog, fd, ATTACH[direction], None),
+                                   f"attach the {direction} program to {self.attach}", log)
+                    try:
+                        b.check(b.lib.bpf_obj_pin(link, str(path).encode()), f"pin {path}",
+                                log)
+                    finally:
+                        os.close(link)
         finally:
             os.close(fd)
-            b.lib.bpf_object__close(handle)
+            loaded.close()
             self._pending = None
         for old in self.pin.glob("maps-*"):
             if old.name != f"maps-{self.tag}":
@@ -388,7 +450,7 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         if self._pending is not None:
-            libbpf().lib.bpf_object__close(self._pending)
+            self._pending.close()
             self._pending = None
 
     @staticmethod

@@ -130,7 +130,7 @@ class Enforcer:
             return self._unenforced(str(e))
         try:
             from edge.policy.datapath import Datapath  # noqa: PLC0415 - only with a policy
-            self._dp = Datapath.open(self.pin)
+            self._dp = Datapath.open(self.pin, backend=self.settings.backend)
             self.state = "enforced" if self.settings.policies else "off"
             self.reason = "" if self.settings.policies else (
                 f"no policy is configured; the datapath pinned at {self.pin} polices "

@@ -37,13 +37,10 @@ _PROTOTYPES: Final[dict[str, tuple[object, list[object]]]] = {
     "bpf_object__close": (None, [_P]),
     "bpf_object__pin_maps": (_INT, [_P, _STR]),
     "bpf_object__find_program_by_name": (_P, [_P, _STR]),
-    "bpf_object__find_map_by_name": (_P, [_P, _STR]),
-    "bpf_map__fd": (_INT, [_P]),
-    "bpf_program__attach_cgroup": (_P, [_P, _INT]),
-    "bpf_link__open": (_P, [_STR]),
-    "bpf_link__pin": (_INT, [_P, _STR]),
-    "bpf_link__update_program": (_INT, [_P, _P]),
-    "bpf_link__destroy": (_INT, [_P]),
+    "bpf_program__fd": (_INT, [_P]),
+    "bpf_link_create": (_INT, [_INT, _INT, _INT, _P]),
+    "bpf_link_update": (_INT, [_INT, _INT, _P]),
+    "bpf_obj_pin": (_INT, [_INT, _STR]),
     "bpf_obj_get": (_INT, [_STR]),
     "bpf_map_update_elem": (_INT, [_INT, _P, _P, ctypes.c_uint64]),
     "bpf_map_lookup_elem": (_INT, [_INT, _P, _P]),
@@ -84,7 +81,8 @@ class Libbpf:
             fn = getattr(self.lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0
         self._log: list[str] = []
         self._libc = ctypes.CDLL(None)
         self._vsnprintf = self._libc.vsnprintf
@@ -101,11 +99,17 @@ class Libbpf:
         return 0
 
     @contextmanager
-    def call(self, what: str) -> Iterator[list[str]]:
-        """Serializes libbpf calls and collects what libbpf prints meanwhile."""
+    def call(self) -> Iterator[list[str]]:
+        """Serializes libbpf calls and collects what libbpf prints meanwhile (a call
+        within a call shares the outer one's lines)."""
         with self._lock:
-            self._log = []
-            yield self._log
+            self._depth += 1
+            if self._depth == 1:
+                self._log = []
+            try:
+                yield self._log
+            finally:
+                self._depth -= 1
 
     def check(self, result: int, what: str, log: list[str]) -> int:
         """``result`` when it is ≥ 0; raises BpfError for a negative errno (libbpf 1.x
@@ -154,7 +158,7 @@ class Map:
     def update(self, key: bytes, value: bytes) -> None:
         """Sets ``key`` to ``value`` (BPF_ANY). Raises BpfError (ENOSPC when full)."""
         b = libbpf()
-        with b.call(f"update {self.name}") as log:
+        with b.call() as log:
             b.check(b.lib.bpf_map_update_elem(self.fd, key, value, BPF_ANY),
                     f"update {self.name}", log)
 
@@ -207,7 +211,7 @@ class Ring:
             return 0
 
         self._sample = SAMPLE_FN(sample)  # kept alive as long as the ring
-        with b.call("open the event ring") as log:
+        with b.call() as log:
             self._rb = b.pointer(b.lib.ring_buffer__new(fd, self._sample, None, None),
                                  "open the event ring", log)
 

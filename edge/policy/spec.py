@@ -140,12 +140,15 @@ class PolicySettings:
     mode of policies that name none), the policies (the agent file's
     ``policy.policies``, or a bundle's ``policies``), and the failsafe rules resolved at
     load time (empty while there is no policy: nothing is policed then). ``pin_dir`` is
-    where the datapath is pinned in bpffs (the agent file's ``policy.pin_dir``)."""
+    where the datapath is pinned in bpffs and ``backend`` what loads it (``libbpf``:
+    the prebuilt object; ``bcc``: compiled at run time), the agent file's
+    ``policy.pin_dir`` and ``policy.backend``."""
 
     mode: Mode = "audit"
     policies: tuple[NetworkPolicy, ...] = ()
     failsafe: tuple[FailsafeRule, ...] = ()
     pin_dir: str = PIN_DIR
+    backend: Literal["libbpf", "bcc"] = "libbpf"
 
     def mode_of(self, policy: NetworkPolicy) -> Mode:
         """The mode ``policy`` runs in."""

@@ -29,14 +29,37 @@
 // the lookups. A TCP SYN (a new connection) is always judged in full, and so is every
 // packet that is dropped or reported.
 //
-// Built by edge/policy/bpf/build.sh with clang -target bpfel; loaded through libbpf
-// (edge/policy/libbpf.py). UAPI only (no kernel structs), so no CO-RE is needed.
+// Built by edge/policy/bpf/build.sh with clang -target bpfel and loaded through libbpf
+// (edge/policy/libbpf.py); or compiled at run time by bcc (edge/policy/bpf/bcc_load.py,
+// which defines BCC_SEC through bcc's own helpers and map macros). UAPI only (no kernel
+// structs), so no CO-RE is needed.
+#ifdef BCC_SEC
+#define SEC(name)         // bcc gives each function its own section
+#define ARRAY(name, V, n) BPF_ARRAY(name, V, n)
+#define PERCPU_ARRAY(name, V, n) BPF_PERCPU_ARRAY(name, V, n)
+#define HASH(name, K, V, n) BPF_HASH(name, K, V, n)
+#define LPM_TRIE(name, K, V, n) BPF_LPM_TRIE(name, K, V, n)
+#define SK_STORAGE(name, V) BPF_SK_STORAGE(name, V)
+#define RINGBUF(name, pages) BPF_RINGBUF_OUTPUT(name, pages)
+// (bcc_load.py writes LOOKUP(m, k) as m.lookup(k) and so on before bcc sees the text:
+// bcc rewrites map calls of that form only, and not from macros)
+#else
 #include <linux/bpf.h>
 
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int (*name)[val]
 #define __type(name, val) __typeof__(val) *name
-#define INLINE static inline __attribute__((always_inline))
+#define MAP(kind, name, K, V, n, flags) struct { \
+        __uint(type, kind); __uint(max_entries, n); __uint(map_flags, flags); \
+        __type(key, K); __type(value, V); } name SEC(".maps")
+#define ARRAY(name, V, n) MAP(BPF_MAP_TYPE_ARRAY, name, __u32, V, n, 0)
+#define PERCPU_ARRAY(name, V, n) MAP(BPF_MAP_TYPE_PERCPU_ARRAY, name, __u32, V, n, 0)
+#define HASH(name, K, V, n) MAP(BPF_MAP_TYPE_HASH, name, K, V, n, 0)
+#define LPM_TRIE(name, K, V, n) MAP(BPF_MAP_TYPE_LPM_TRIE, name, K, V, n, BPF_F_NO_PREALLOC)
+#define SK_STORAGE(name, V) MAP(BPF_MAP_TYPE_SK_STORAGE, name, int, V, 0, BPF_F_NO_PREALLOC)
+#define RINGBUF(name, pages) struct { \
+        __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, (pages) * 4096); } name \
+        SEC(".maps")
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) =
     (void *)BPF_FUNC_map_lookup_elem;
@@ -52,6 +75,17 @@ static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value, __u64 flags
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) =
     (void *)BPF_FUNC_ringbuf_output;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+#define LOOKUP(map, key) bpf_map_lookup_elem(&map, key)
+#define SK_STORAGE_GET(map, sk, flags) bpf_sk_storage_get(&map, sk, 0, flags)
+#define RINGBUF_OUTPUT(map, data, size) bpf_ringbuf_output(&map, data, size, 0)
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+#ifdef BCC_SEC  // bcc loads one function per program: no calls between them
+#define GLOBAL INLINE
+#else           // verified once, on its own, not once per path into it
+#define GLOBAL __attribute__((noinline))
+#endif
 
 #define MAX_RULES 256
 #define MAX_LEVEL 32
@@ -130,64 +164,21 @@ struct event {                // one drop or would-drop, for the ring
     __u8 addr[16];            // the remote address (IPv4 in the first 4 bytes)
 };
 
-struct {
-    __uint(type, BPF_MAP_TYPE_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, __u32);
-} active SEC(".maps");
+ARRAY(active, __u32, 1);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_ARRAY);
-    __uint(max_entries, 2);
-    __type(key, __u32);
-    __type(value, struct gen_info);
-} gens SEC(".maps");
+ARRAY(gens, struct gen_info, 2);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
-    __uint(max_entries, 2 * 4096);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __type(key, struct addr4_key);
-    __type(value, struct bits);
-} addr4 SEC(".maps");
+LPM_TRIE(addr4, struct addr4_key, struct bits, 2 * 4096);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
-    __uint(max_entries, 2 * 4096);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __type(key, struct addr6_key);
-    __type(value, struct bits);
-} addr6 SEC(".maps");
+LPM_TRIE(addr6, struct addr6_key, struct bits, 2 * 4096);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
-    __uint(max_entries, 2 * 8192);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __type(key, struct port_key);
-    __type(value, struct bits);
-} ports SEC(".maps");
+LPM_TRIE(ports, struct port_key, struct bits, 2 * 8192);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 2 * 1024);
-    __type(key, struct workload_key);
-    __type(value, struct workload_val);
-} workloads SEC(".maps");
+HASH(workloads, struct workload_key, struct workload_val, 2 * 1024);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 2 * MAX_RULES);
-    __type(key, __u32);
-    __type(value, struct counter);
-} counters SEC(".maps");
+PERCPU_ARRAY(counters, struct counter, 2 * MAX_RULES);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, STAT_COUNT);
-    __type(key, __u32);
-    __type(value, __u64);
-} stats SEC(".maps");
+PERCPU_ARRAY(stats, __u64, STAT_COUNT);
 
 union addr {
     __u8 b[16];
@@ -205,17 +196,9 @@ struct sk_state {             // per socket
     union addr remote;
 };
 
-struct {
-    __uint(type, BPF_MAP_TYPE_SK_STORAGE);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __type(key, int);
-    __type(value, struct sk_state);
-} sockets SEC(".maps");
+SK_STORAGE(sockets, struct sk_state);
 
-struct {
-    __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, 1 << 16);
-} events SEC(".maps");
+RINGBUF(events, 16);             // 64 KiB: 1365 events
 
 struct packet {
     __u8 family;
@@ -228,7 +211,7 @@ struct packet {
 };
 
 INLINE void stat(__u32 which) {
-    __u64 *n = bpf_map_lookup_elem(&stats, &which);
+    __u64 *n = LOOKUP(stats, &which);
     if (n)
         *n += 1;
 }
@@ -275,7 +258,7 @@ INLINE void ports_of(struct __sk_buff *skb, struct packet *p, __u32 l4) {
 
 // Global (not inlined) functions are verified once, on their own, instead of once per
 // path into them: the loops in them would multiply the paths through the rest.
-__attribute__((noinline)) int parse(struct __sk_buff *skb, struct packet *p) {
+GLOBAL int parse(struct __sk_buff *skb, struct packet *p) {
     // 0, or -1: not IP (p == NULL cannot be, but the verifier asks)
     if (!p)
         return -1;
@@ -328,7 +311,7 @@ __attribute__((noinline)) int parse(struct __sk_buff *skb, struct packet *p) {
 
 // The OR of the workload bitmaps of the socket's ancestors at ``levels``; 0 when none
 // is a selected workload (the packet is not policed).
-__attribute__((noinline)) int workload_bits(struct __sk_buff *skb, __u32 gen, __u32 levels,
+GLOBAL int workload_bits(struct __sk_buff *skb, __u32 gen, __u32 levels,
                                             struct workload_val *w) {
     int policed = 0;
     if (!w)
@@ -342,7 +325,7 @@ __attribute__((noinline)) int workload_bits(struct __sk_buff *skb, __u32 gen, __
                                  .gen = gen};
         if (!k.cgroup)
             break;              // the socket's cgroup is above this level
-        struct workload_val *v = bpf_map_lookup_elem(&workloads, &k);
+        struct workload_val *v = LOOKUP(workloads, &k);
         if (!v)
             continue;
         policed = 1;
@@ -375,7 +358,7 @@ INLINE __u32 direction_of(struct sk_state *st, const struct packet *p, int ingre
 
 INLINE void count(__u32 gen, int bit, __u32 len) {
     __u32 index = gen * MAX_RULES + (bit & (MAX_RULES - 1));
-    struct counter *n = bpf_map_lookup_elem(&counters, &index);
+    struct counter *n = LOOKUP(counters, &index);
     if (n) {
         n->packets += 1;
         n->bytes += len;
@@ -392,18 +375,18 @@ INLINE int same_flow(const struct sk_state *st, const struct packet *p, int ingr
 
 INLINE int judge(struct __sk_buff *skb, int ingress) {
     __u32 zero = 0;
-    __u32 *gen_p = bpf_map_lookup_elem(&active, &zero);
+    __u32 *gen_p = LOOKUP(active, &zero);
     if (!gen_p)
         return 1;
     __u32 gen = *gen_p & 1;
-    struct gen_info *gi = bpf_map_lookup_elem(&gens, &gen);
+    struct gen_info *gi = LOOKUP(gens, &gen);
     if (!gi || !gi->levels)
         return 1;
 
     struct bpf_sock *sk = skb->sk;
     if (sk)
         sk = bpf_sk_fullsock(sk);
-    struct sk_state *st = sk ? bpf_sk_storage_get(&sockets, sk, 0, 0) : 0;
+    struct sk_state *st = sk ? SK_STORAGE_GET(sockets, sk, 0) : 0;
     struct packet p = {};
     int parsed = 1;             // not yet
     if (st && st->epoch == gi->epoch) {
@@ -425,7 +408,7 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
         return 1;               // not IP (the cgroup_skb hooks see only IP)
     }
     if (!st && sk)
-        st = bpf_sk_storage_get(&sockets, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        st = SK_STORAGE_GET(sockets, sk, BPF_SK_STORAGE_GET_F_CREATE);
     __u32 dir = direction_of(st, &p, ingress);
     const union addr *remote = ingress ? &p.saddr : &p.daddr;
     __u16 port;
@@ -439,15 +422,15 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
     if (p.family == 4) {
         struct addr4_key k = {.prefixlen = 64, .gen = gen};
         __builtin_memcpy(k.addr, remote->b, 4);
-        a = bpf_map_lookup_elem(&addr4, &k);
+        a = LOOKUP(addr4, &k);
     } else {
         struct addr6_key k = {.prefixlen = 160, .gen = gen};
         __builtin_memcpy(k.addr, remote->b, 16);
-        a = bpf_map_lookup_elem(&addr6, &k);
+        a = LOOKUP(addr6, &k);
     }
     struct port_key pk = {.prefixlen = 56, .gen = gen, .proto = p.proto,
                           .port = {port >> 8, port & 0xff}};
-    struct bits *pb = bpf_map_lookup_elem(&ports, &pk);
+    struct bits *pb = LOOKUP(ports, &pk);
     if (!a || !pb) {
         stat(STAT_UNMATCHED);
         return 1;
@@ -485,7 +468,7 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
                           .direction = dir, .packet_ingress = ingress,
                           .family = p.family, .proto = p.proto, .port = port};
         __builtin_memcpy(e.addr, remote->b, 16);
-        if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
+        if (RINGBUF_OUTPUT(events, &e, sizeof(e)))
             stat(STAT_EVENTS_LOST);
     }
     return verdict == VERDICT_DROP ? 0 : 1;
@@ -497,4 +480,6 @@ int edge_egress(struct __sk_buff *skb) { return judge(skb, 0); }
 SEC("cgroup_skb/ingress")
 int edge_ingress(struct __sk_buff *skb) { return judge(skb, 1); }
 
+#ifndef BCC_SEC
 char LICENSE[] SEC("license") = "Apache-2.0";
+#endif

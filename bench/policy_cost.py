@@ -11,9 +11,9 @@ attached to that cgroup only, so nothing else on the machine is policed.
 
 1. **load**, in a fresh process each time (``--rounds``): RSS and time for importing
    the datapath (ctypes, libbpf), for :meth:`Datapath.open` (the kernel's verifier
-   runs here, once per boot and build) and for the first apply; versus bcc, which
-   would compile the C at run time (not measured here: python3-bpfcc is not a
-   dependency; see ../shared/reference §2.6).
+   runs here, once per boot and build) and for the first apply. Then the bcc backend
+   (``edge/policy/bpf/bcc_load.py``, when python3-bpfcc and the kernel headers are
+   there): its compile and load times and the peak RSS of the process that compiles.
 2. **update**: :meth:`Datapath.apply` of policies of 12, 64 and 250 rules, 100 times
    each: median, p99 and max.
 3. **throughput**: iperf3 client and server both in the policed workload, TCP over
@@ -42,7 +42,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-from edge.policy.datapath import Datapath, cgroup2_root
+from edge.policy.datapath import BCC_PYTHON, Datapath, cgroup2_root, object_path
 from edge.policy.spec import NetworkPolicy, Peer, PolicySettings, PortSpec, Rule
 from edge.policy.tables import compile_tables
 
@@ -128,6 +128,23 @@ def load_cost(fs: Path, root: Path, base: str, rounds: int) -> list[dict[str, fl
     return out
 
 
+def bcc_cost(fs: Path, rounds: int) -> list[dict[str, float]] | str:
+    if not Path(f"/lib/modules/{os.uname().release}/build").exists():
+        return "skipped: no kernel headers at /lib/modules/$(uname -r)/build"
+    source = object_path().with_name("policy.bpf.c")
+    out = []
+    for i in range(rounds):
+        maps = fs / f"bcc{i}"
+        done = subprocess.run([BCC_PYTHON, str(source.with_name("bcc_load.py")),
+                               str(source), str(maps), str(maps)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode:
+            return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+        out.append(json.loads(done.stdout))
+        shutil.rmtree(maps)
+    return out
+
+
 def update_cost(dp: Datapath, base: str) -> dict[str, dict[str, float]]:
     out = {}
     for n in (12, 64, 250):
@@ -207,6 +224,7 @@ def main() -> int:
                               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     with sandbox() as (fs, root, base):
         result["load"] = load_cost(fs, root, base, a.rounds)
+        result["load_bcc"] = bcc_cost(fs, a.rounds)
         dp = Datapath.open(fs / "update", root, root / base)
         try:
             result["update"] = update_cost(dp, base)

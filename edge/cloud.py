@@ -125,6 +125,44 @@ def plugin_entries(manifests: tuple[Path, ...], key: Any) -> list[dict[str, Any]
     return entries
 
 
+def policy_entries(paths: tuple[Path, ...]) -> list[dict[str, Any]]:
+    """The NetworkPolicy documents of YAML files (several per file, ``---``), checked
+    the way a gateway checks a bundle's ``policies``; every problem printed (naming
+    the file and document) and exit status 2 when there is one."""
+    import yaml  # noqa: PLC0415
+
+    from edge.config.policy import bundle_policies  # noqa: PLC0415
+    from edge.config.sources import Report  # noqa: PLC0415
+
+    report = Report()
+    entries: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+                    if d is not None]
+        except (OSError, yaml.YAMLError) as e:
+            raise click.ClickException(f"{path}: {e}") from e
+        bundle_policies(docs, str(path), report)
+        entries += docs
+    if not report.problems:  # names given twice across the files
+        bundle_policies(entries, "--policy", report)
+    try:
+        report.raise_if_errors()
+    except ConfigError as e:
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        sys.exit(2)
+    return entries
+
+
+def _policy_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--policy", "policies", multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A file of NetworkPolicy documents the bundle carries (repeat); they "
+             "replace the gateway's agent-file policies.")(f)
+
+
 def _plugin_option(f: Callable[..., None]) -> Callable[..., None]:
     return click.option(
         "--plugin", "plugins", multiple=True,
@@ -487,11 +525,13 @@ def _private_key(key_path: Path) -> Any:
               path_type=Path), default=None,
               help="A YAML file of agent-file sections the bundle overrides.")
 @_plugin_option
+@_policy_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
          version: int | None, expires_s: int, agent_path: Path | None,
-         plugins: tuple[Path, ...], sources: tuple[Path, ...]) -> None:
+         plugins: tuple[Path, ...], policies: tuple[Path, ...],
+         sources: tuple[Path, ...]) -> None:
     """Sign a bundle of SOURCES (manifest files/directories, or one bundle .json) and
     publish it retained on each node's desired topic."""
     import yaml  # noqa: PLC0415
@@ -511,6 +551,8 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
         everything = _content_or_exit(sources)
     if plugins:
         everything = {**everything, "plugins": plugin_entries(plugins, key)}
+    if policies:
+        everything = {**everything, "policies": policy_entries(policies)}
     for node in nodes:
         body = {"agent": agent or {}, **for_node(everything, node)}
         topic = prefix.format(node=node) + "/desired"
@@ -518,7 +560,8 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
                                               expires_s=expires_s)))
         lines.append(f"{node}: version {version} -> {topic} ({len(body.get('devices', []))} "
                      f"devices, {len(body.get('deviceModels', []))} models, "
-                     f"{len(body.get('plugins', []))} plugins)")
+                     f"{len(body.get('plugins', []))} plugins, "
+                     f"{len(body.get('policies', []))} policies)")
     publish_retained(host, port, messages)
     for line in lines:
         click.echo(line)
@@ -536,11 +579,13 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
               help="Seconds a stage may take to commit (health window included).")
 @_bundle_options
 @_plugin_option
+@_policy_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Path,
             broker: str, prefix: str, version: int | None, timeout_s: float, expires_s: int,
-            plugins: tuple[Path, ...], sources: tuple[Path, ...]) -> None:
+            plugins: tuple[Path, ...], policies: tuple[Path, ...],
+            sources: tuple[Path, ...]) -> None:
     """Push a bundle of SOURCES to the canary nodes, then in stages once each stage has
     committed it; on the first failure stop, and roll the nodes that took it back."""
     from edge.rollout import Rollout  # noqa: PLC0415
@@ -550,6 +595,8 @@ def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Pa
     content: dict[str, Any] = dict(_content_or_exit(sources))
     if plugins:
         content["plugins"] = plugin_entries(plugins, key)
+    if policies:
+        content["policies"] = policy_entries(policies)
     ok = Rollout(host, port, prefix, key, click.echo).run(
         list(nodes), content, version=version or int(time.time()), canary=canary,
         stage=stage or canary, timeout_s=timeout_s, expires_s=expires_s)

@@ -42,10 +42,10 @@ def test_push_publishes_a_retained_signed_bundle_per_node(
                    "--agent", str(agent), str(EXAMPLES))
     assert out.returncode == 0, out.stderr
     assert ("demo-gw: version 42 -> edge/v1/demo-gw/desired (3 devices, 3 models, "
-            "0 plugins)") in out.stdout
+            "0 plugins, 0 policies)") in out.stdout
     # the energy meter is bound to demo-gw (spec.nodeName): gw-2 gets only the other two
     assert ("gw-2: version 42 -> edge/v1/gw-2/desired (2 devices, 3 models, "
-            "0 plugins)") in out.stdout
+            "0 plugins, 0 policies)") in out.stdout
     sub = stop_later(Subscriber(broker.port, "edge/v1/+/desired"))  # subscribed afterwards
     got = {m.topic: m for m in sub.wait_for(lambda m: m.retain, count=2)}
     trusted = [load_public_key(public.read_bytes())]
@@ -66,5 +66,23 @@ def test_push_of_invalid_manifests_sends_nothing(tmp_path: Path, stop_later: Sto
                    f"127.0.0.1:{broker.port}", str(bad))
     assert out.returncode == 2
     assert "slaveID" in out.stderr
+    sub = stop_later(Subscriber(broker.port, "edge/v1/+/desired"))
+    assert sub.messages == []
+
+
+def test_push_of_an_invalid_policy_names_it_and_sends_nothing(
+        tmp_path: Path, stop_later: StopLater) -> None:
+    private, _ = keygen(tmp_path)
+    broker = stop_later(start_broker(tmp_path))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: gateway.edge/v1alpha1\nkind: NetworkPolicy\nmetadata: {name: agent}\n"
+        "spec:\n  workload: {systemdUnit: edge.service}\n"
+        "  egress: [{to: [{cidr: 10.0.0.0/8, except: [172.16.0.0/12]}]}]\n")
+    out = edge_cli("cloud", "push", "--node", "gw", "--key", str(private), "--broker",
+                   f"127.0.0.1:{broker.port}", "--policy", str(policy), str(EXAMPLES))
+    assert out.returncode == 2
+    assert f"{policy} policies document 1: spec.egress[0].to[0].except" in out.stderr
+    assert "is not inside its cidr 10.0.0.0/8" in out.stderr
     sub = stop_later(Subscriber(broker.port, "edge/v1/+/desired"))
     assert sub.messages == []

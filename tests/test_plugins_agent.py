@@ -160,7 +160,7 @@ def test_edge_cloud_push_carries_a_plugin_to_a_gateway(
                        "--plugin", str(tmp_path / "derive.yaml"),
                        str(tmp_path / "cloud-manifests"))
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip().endswith("(2 devices, 2 models, 1 plugins)")
+        assert out.stdout.strip().endswith("(2 devices, 2 models, 1 plugins, 0 policies)")
         wait_event(sub, gw.prefix, "plugin_loaded", plugin="derive")
         wait_event(sub, gw.prefix, "config_committed", version=5)
         values = readings(sub, "a", 2, prefix=gw.prefix)[-1]["values"]

@@ -111,7 +111,16 @@ def test_a_pushed_policy_that_cuts_the_uplink_off_is_rolled_back(
         agent = gw.start()
         try:
             wait_event(sub, gw.prefix, "device_state", state="online")
-            gw.push(1, docs, policies=[relay_policy(cg, ns.host4, upstream)])
+            (tmp_path / "relay-policy.yaml").write_text(
+                yaml.safe_dump(relay_policy(cg, ns.host4, upstream)))
+            (tmp_path / "cloud").mkdir()
+            (tmp_path / "cloud" / "m.yaml").write_text(yaml.safe_dump_all(docs))
+            out = edge_cli("cloud", "push", "--node", gw.node, "--key", str(gw.key_file),
+                           "--broker", f"127.0.0.1:{broker.port}", "--version", "1",
+                           "--policy", str(tmp_path / "relay-policy.yaml"),
+                           str(tmp_path / "cloud"))
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip().endswith("0 plugins, 1 policies)")
             wait_event(sub, gw.prefix, "config_committed", version=1, timeout=30)
             applied = wait_event(sub, gw.prefix, "policy_applied")
             assert "1 policy (1 enforce)" in applied["summary"]

@@ -159,3 +159,35 @@ def test_a_pushed_policy_that_cuts_the_uplink_off_is_rolled_back(
         assert not (k.pin.parent / "agent").exists()
         again = edge_cli("policy", "remove", "-c", str(gw.agent_file))
         assert "nothing is pinned" in again.stdout
+
+
+def test_without_a_datapath_the_agent_runs_on_and_says_the_policy_is_unenforced(
+        tmp_path: Path) -> None:
+    b = start_broker(tmp_path)
+    server = ModbusServer({1: Image(hr=[7])})
+    sub = Subscriber(b.port, "edge/v1/#")
+    docs = device_docs("a", server.port, 1, LEVEL)
+    gw = Gateway(tmp_path, b, docs, node="gw-unenf")
+    agent_file = yaml.safe_load(gw.agent_file.read_text())
+    (tmp_path / "not-bpffs").mkdir()
+    agent_file["policy"] = {"mode": "enforce", "pin_dir": str(tmp_path / "not-bpffs" / "edge"),
+                            "policies": [relay_policy("system.slice/x.service", "10.0.0.1",
+                                                      502)]}
+    gw.agent_file.write_text(yaml.safe_dump(agent_file))
+    agent = gw.start()
+    try:
+        event = wait_event(sub, gw.prefix, "policy_unenforced")
+        assert event["reason"] == (f"{tmp_path / 'not-bpffs'} is not on a bpf file system "
+                                   f"(mount one: mount -t bpf bpf {tmp_path / 'not-bpffs'})")
+        wait_event(sub, gw.prefix, "device_state", state="online")  # and it runs on
+        status = edge_cli("policy", "status", "-c", str(gw.agent_file), "--json")
+        body = json.loads(status.stdout)
+        assert body["state"] == "unenforced"
+        assert body["reason"] == event["reason"]
+        assert body["kernel"]["pinned"] is False
+    finally:
+        assert agent.stop() == 0, agent.output()
+        sub.stop()
+        server.stop()
+        b.stop()
+    assert "network policy NOT enforced" in agent.output()

@@ -40,6 +40,7 @@ from edge.policy.tables import MAX_RULES, Tables, bits_bytes
 
 log = logging.getLogger(__name__)
 
+BPFFS: Final = "/sys/fs/bpf"
 PIN: Final = "/sys/fs/bpf/edge"
 OBJECT: Final = "policy.bpf.o"
 SOURCE: Final = "policy.bpf.c"
@@ -101,8 +102,9 @@ def _fs_type(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
 
 
 def ensure_bpffs(pin: Path) -> None:
-    """Makes sure ``pin``'s parent is on a bpf filesystem, mounting one at the parent
-    (``/sys/fs/bpf``) when nothing is mounted there, as systemd does at boot.
+    """Makes sure ``pin``'s parent is on a bpf file system. At the standard place,
+    ``/sys/fs/bpf``, one is mounted when nothing is (as systemd does at boot);
+    anywhere else that is the operator's to do.
 
     Raises:
         OSError: it is another file system, or mounting failed (not root).
@@ -110,6 +112,9 @@ def ensure_bpffs(pin: Path) -> None:
     parent = pin.parent
     if _fs_type(parent) == "bpf":
         return
+    if parent != Path(BPFFS):
+        raise OSError(errno.ENOTDIR, f"{parent} is not on a bpf file system (mount one: "
+                      f"mount -t bpf bpf {parent})")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
     if libc.mount(b"bpf", str(parent).encode(), b"bpf", 0, None) != 0:

@@ -280,7 +280,7 @@ class Enforcer:
 
 
 def _why(e: OSError) -> str:
-    text = str(e)
+    text = e.strerror if e.strerror and e.filename is None else str(e)  # no "[Errno n]"
     if e.errno in (errno.EPERM, errno.EACCES):
         return (f"not permitted ({text}): the datapath needs root, or CAP_BPF, "
                 "CAP_NET_ADMIN and CAP_SYS_ADMIN (for bpffs)")

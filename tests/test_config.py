@@ -1143,7 +1143,8 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
         "plugins": {"dir": base / "plugins"},
         "policy": {"mode": "audit", "policies": [], "failsafe": {
             "loopback": True, "dns": True, "dhcp": True, "broker": True, "ssh": False,
-            "extra": [], "ingress": [], "resolv_conf": Path("/etc/resolv.conf")}},
+            "extra": [], "ingress": [], "resolv_conf": Path("/etc/resolv.conf")},
+            "pin_dir": Path("/sys/fs/bpf/edge"), "backend": "libbpf"},
         "modbus": {"backoff_initial_ms": 500, "backoff_max_ms": 30000, "connect_timeout_ms": 3000,
                    "breaker_failures": 3, "probe_initial_ms": 1000, "probe_max_ms": 60000},
         "sync": {"health_window": 30},

@@ -289,6 +289,30 @@ def verdict(ok: bool | str | None) -> str:
     return {True: "pass", False: "**FAIL**", None: "inconclusive"}[ok]
 
 
+@dataclass(frozen=True)
+class FullTier:
+    """A variant judged by the full-tier RSS budget: ``kind`` (the run's broker
+    field), its column, its label in the summary, its footnote."""
+
+    kind: str
+    column: str
+    label: str
+    note: str
+
+
+FULL_TIER = (
+    FullTier("plugins", "edge, 3 WASM plugins ³", "3 WASM plugins",
+             "³ The same agent once more with three WASM plugins loaded (units on v0, "
+             "derive v_sum = v1 + v2, deadband 0: bench/gen_manifests.py --plugins). The "
+             "deadband drops values that did not change, so completeness is not "
+             "comparable there."),
+    FullTier("policy", "edge, policy enforced ⁴", "policy enforced",
+             "⁴ The same agent once more in a cgroup of its own that an enforced network "
+             "policy selects (bench/gen_manifests.py --policy; run.sh POLICY=1): every "
+             "packet of its Modbus and MQTT connections goes through the datapath."),
+)
+
+
 def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[list[str], list[str]]:
     """(the scenario's markdown, its lines of the budget summary)."""
     title = SCENARIO_TITLES.get(scenario, scenario)
@@ -297,13 +321,13 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
         return [f"## {title}", "", "No edge run yet (`bench/run.sh " + scenario + "`).", ""], []
     judged = {b.name: (b, *b.check(edge, peers)) for b in budgets(scenario, rss_tier)}
     nodelay = variant(runs, edge, "nodelay")
-    plugins = variant(runs, edge, "plugins")
+    full = [(v, run) for v in FULL_TIER if (run := variant(runs, edge, v.kind)) is not None]
     shown = (
-        [edge] + ([nodelay] if nodelay else []) + ([plugins] if plugins else [])
+        [edge] + ([nodelay] if nodelay else []) + [run for _, run in full]
         + [peers[s] for s in PEER_STORAGES if s in peers]
     )
     cols = ["edge"] + (["edge, broker TCP_NODELAY ¹"] if nodelay else [])
-    cols += ["edge, 3 WASM plugins ³"] if plugins else []
+    cols += [v.column for v, _ in full]
     cols += [
         f"peer {s}" + (" (other run)" if s in other else "") for s in PEER_STORAGES if s in peers
     ]
@@ -338,16 +362,11 @@ def scenario_section(runs: list[Run], scenario: str, rss_tier: str) -> tuple[lis
                 f"| {scenario} | {b.name}, broker TCP_NODELAY (diagnostic) | {b.target} "
                 f"| {detail} | {verdict(ok)} |"
             )
-    if plugins is not None:
-        out += [
-            "³ The same agent once more with three WASM plugins loaded (units on v0, derive "
-            "v_sum = v1 + v2, deadband 0: bench/gen_manifests.py --plugins). The deadband "
-            "drops values that did not change, so completeness is not comparable there.",
-            "",
-        ]
+    for v, run in full:
+        out += [v.note, ""]
         b = rss_budget("full")
-        ok, detail = b.check(plugins, peers)
-        summary.append(f"| {scenario} | {b.name}, 3 WASM plugins | {b.target} | {detail} "
+        ok, detail = b.check(run, peers)
+        summary.append(f"| {scenario} | {b.name}, {v.label} | {b.target} | {detail} "
                        f"| {verdict(ok)} |")
     out += [
         "² The machine's CPU during the run (all cores, in % of one core) less the agent, "

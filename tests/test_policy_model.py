@@ -17,7 +17,9 @@ from support import Subscriber, start_broker, start_edge
 from edge.config.errors import ConfigError, Problem
 from edge.config.load import LoadedConfig, load_bundle_config, load_config
 from edge.config.runtime import BundleSource, load_runtime_config
+from edge.policy.evaluator import rules
 from edge.policy.spec import NetworkPolicy, Peer, PortSpec, Rule, unit_cgroup
+from edge.policy.tables import MAX_RULES
 from edge.sync.bundle import load_private_key, new_key_pair, rfc3339, sign
 
 
@@ -300,6 +302,27 @@ def test_bad_policies_in_a_bundle_are_named_by_bundle_and_index(tmp_path: Path) 
         "bundle version 7 policies #4 metadata.name: duplicate NetworkPolicy 'a': already "
         "defined in document 1",
     ]
+
+
+def ports(n: int) -> dict[str, Any]:
+    """An egress rule of ``n`` ports entries: ``n`` rules of the compiled list."""
+    return {"ports": [{"port": port, "protocol": "TCP"} for port in range(1, n + 1)]}
+
+
+TOO_MANY = ("the policy compiles to 257 rules, more than the 256 the datapath holds: every "
+            "ports entry of a rule is a rule of its own, and 9 are failsafe rules and 2 "
+            "default denies (2 per policy); merge rules or ports entries (a port range is "
+            "one entry)")
+
+
+def test_a_policy_the_datapath_cannot_hold_is_refused(tmp_path: Path) -> None:
+    # 9 failsafe rules (loopback ×2, dns UDP and TCP, dhcp ×2, dhcpv6 ×2, broker), the
+    # rule's entries and the policy's 2 default denies
+    cfg = load_config(agent_file(tmp_path, [doc(egress=[ports(245)])]))
+    assert len(rules(cfg.policy)) == MAX_RULES
+    assert errors(tmp_path, doc(egress=[ports(246)])) == [f"policy.policies: {TOO_MANY}"]
+    assert bundle_errors(agent_file(tmp_path, []), bundle(policies=[doc(egress=[ports(246)])])
+                         ) == [f"bundle version 7 #None policies: {TOO_MANY}"]
 
 
 def test_a_bundles_policies_replace_the_agent_files(tmp_path: Path, signer: Ed25519PrivateKey

@@ -29,7 +29,9 @@ from edge.config.sources import (
     or_list,
     read_yaml_file,
 )
+from edge.policy.evaluator import rules
 from edge.policy.spec import PolicySettings
+from edge.policy.tables import MAX_RULES, TooManyRules
 from edge.wasm.spec import PluginSpec
 
 LOCAL_ONLY = ("node", "devices", "trust")
@@ -104,6 +106,18 @@ def _why_no_device(agent: AgentFile, manifests: Manifests) -> str:
     return f"no device will be polled: {reason}"
 
 
+def _fits_datapath(policy: PolicySettings, where: Where, field: str, report: Report) -> None:
+    """An error at ``field`` when ``policy`` compiles to more rules than the datapath's
+    bitmaps have bits (:data:`~edge.policy.tables.MAX_RULES`)."""
+    flat = rules(policy)
+    if len(flat) > MAX_RULES:
+        failsafe = sum(r.section == "failsafe" for r in flat)
+        report.error(where, field, f"{TooManyRules(len(flat))}: every ports entry of a rule "
+                     f"is a rule of its own, and {failsafe} are failsafe rules and "
+                     f"{2 * len(policy.policies)} default denies (2 per policy); merge rules "
+                     "or ports entries (a port range is one entry)")
+
+
 def load_config(path: str | Path) -> LoadedConfig:
     """Load the agent file at ``path`` and every manifest under its ``devices``.
 
@@ -135,6 +149,8 @@ def load_config(path: str | Path) -> LoadedConfig:
         report.warning(Where(str(path)), "devices", _why_no_device(agent, manifests))
     policy = policy_settings(agent, str(path), agent_file_policies(agent.policy, str(path)),
                              report)
+    _fits_datapath(policy, Where(str(path)), "policy.policies", report)
+    report.raise_if_errors()
     return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins,
                         policy)
 
@@ -249,5 +265,7 @@ def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedCon
                        "network policy(ies) (policy.policies) do not apply: a bundle's policies "
                        "replace them, and this one holds none")
     policy = policy_settings(agent, str(path), policies, report)
+    _fits_datapath(policy, Where(label), "policies", report)
+    report.raise_if_errors()
     return LoadedConfig(agent, manifests.devices, report.warnings, manifests.files, plugins,
                         policy)

@@ -48,6 +48,7 @@ from edge.policy.spec import (
     Rule,
     unit_cgroup,
 )
+from edge.policy.tables import MAX_LEVEL
 
 API_VERSION = "gateway.edge/v1alpha1"
 KIND = "NetworkPolicy"
@@ -173,6 +174,9 @@ def _cgroup_path(value: str) -> str:
                      "root, e.g. system.slice/edge.service (no empty, . or .. parts)")
     if any(ord(c) < 32 for c in path):
         raise _error("must not hold control characters")
+    if len(parts) > MAX_LEVEL:
+        raise _error(f"{value!r} is {len(parts)} cgroups deep: the datapath selects "
+                     f"workloads at most {MAX_LEVEL} levels below the cgroup v2 root")
     return path
 
 

@@ -141,7 +141,10 @@ class Enforcer:
             if self._dp is not None:
                 self._dp.close()
                 self._dp = None
-            return self._unenforced(_why(e))
+            held = (f"; the datapath pinned at {self.pin} before still enforces what it "
+                    "was given last (edge policy remove takes it away)"
+                    if (self.pin / "link-egress").exists() else "")
+            return self._unenforced(_why(e) + held)
         log.info("network policy: %s", self.summary())
         return self.state
 

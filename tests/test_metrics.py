@@ -53,6 +53,12 @@ FAMILIES = {
     "edge_config_applied_version": ("gauge", set()),
     "edge_config_events": ("counter", {"kind"}),
     "edge_config_rollbacks": ("counter", set()),
+    "edge_policy_enforced": ("gauge", set()),
+    "edge_policy_state": ("gauge", {"state"}),
+    "edge_policy_updates": ("counter", set()),
+    "edge_policy_drops": ("counter", {"verdict"}),
+    "edge_policy_events_lost": ("counter", set()),
+    "edge_policy_update_seconds": ("gauge", set()),
     "edge_agent_info": ("gauge", {"version"}),
     "process_cpu_seconds": ("counter", set()),
     "process_resident_memory_bytes": ("gauge", set()),
@@ -177,6 +183,52 @@ def test_every_stats_field_lands_in_its_own_metric() -> None:
     assert not any(k[0].startswith("edge_plugin") and ("plugin", "missing") in k[1]
                    for k in v)  # never loaded: nothing counted
     assert value(v, "edge_agent_info", version=__version__) == 1
+
+
+def test_every_policy_status_field_lands_in_its_own_metric() -> None:
+    rule = {"where": "", "what": "", "enforce": True, "direction": "egress",
+            "workload": None}
+    status: dict[str, Any] = {
+        "state": "enforced", "reason": "", "pin": "/sys/fs/bpf/edge", "applied_ms": 1,
+        "update_ms": 12.5, "updates": 3, "workloads": {"system.slice/edge.service": 7},
+        "rules": [rule | {"id": 1, "policy": None, "section": "failsafe",
+                          "action": "allow", "packets": 10, "bytes": 1000},
+                  rule | {"id": 2, "policy": "agent", "section": "default",
+                          "action": "deny", "packets": 2, "bytes": 120}],
+        "datapath": {"events_lost": 4, "unmatched": 0, "unparsed": 0},
+        "drops": {"drop": 2, "something_new": 1}, "recent": []}
+    stats = {"devices": {}, "outbox": {"rows": 0, "bytes": 0, "oldest_age_s": 0,
+                                       "dropped": {}},
+             "uplink": {"connected": True, "reconnects": 0, "inflight": 0, "published": 0,
+                        "acked": 0},
+             "config": {"version": "abc", "applied": 0, "events": {}}, "plugins": {}}
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(lambda: stats, lambda: status))
+    families, v = samples(generate_latest(registry).decode())
+    assert value(v, "edge_policy_enforced") == 1
+    assert {s: value(v, "edge_policy_state", state=s) for s in (
+        "off", "enforced", "unenforced")} == {"off": 0, "enforced": 1, "unenforced": 0}
+    failsafe = {"rule": "1", "policy": "", "section": "failsafe", "action": "allow"}
+    deny = {"rule": "2", "policy": "agent", "section": "default", "action": "deny"}
+    assert value(v, "edge_policy_rule_packets_total", **failsafe) == 10
+    assert value(v, "edge_policy_rule_bytes_total", **failsafe) == 1000
+    assert value(v, "edge_policy_rule_packets_total", **deny) == 2
+    assert value(v, "edge_policy_rule_bytes_total", **deny) == 120
+    assert families["edge_policy_rule_packets"].type == "counter"
+    assert "zeroed whenever the policy is applied again" in families[
+        "edge_policy_rule_packets"].documentation
+    assert value(v, "edge_policy_updates_total") == 3
+    assert {k: value(v, "edge_policy_drops_total", verdict=k) for k in (
+        "drop", "would-drop", "something_new")} == {"drop": 2, "would-drop": 0,
+                                                    "something_new": 1}
+    assert value(v, "edge_policy_events_lost_total") == 4
+    assert value(v, "edge_policy_update_seconds") == 0.0125
+    # not in the kernel (the datapath was removed, or never loaded): no rule counters
+    status["state"] = "unenforced"
+    _, v = samples(generate_latest(registry).decode())
+    assert value(v, "edge_policy_enforced") == 0
+    assert value(v, "edge_policy_state", state="unenforced") == 1
+    assert not any(name.startswith("edge_policy_rule_") for name, _ in v)
 
 
 async def test_a_running_agent_scraped_twice(tmp_path: Path, stop_later: StopLater) -> None:

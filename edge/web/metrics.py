@@ -32,8 +32,19 @@ Outbox: ``edge_outbox_rows``, ``edge_outbox_bytes``, ``edge_outbox_oldest_age_se
 ``edge_plugin_fallbacks_total{outcome}`` (counter; batches ``passed`` on untouched or
 ``dropped`` because it failed or is quarantined), ``edge_plugin_quarantined`` (gauge, 1
 while quarantined) and ``edge_plugin_call_seconds`` (summary; quantiles 0.5 and 0.99 over
-its last 1024 calls). ``edge_agent_info{version}`` (gauge, 1).
-Labels known in advance (error kinds, drop reasons, config event kinds) are always
+its last 1024 calls). Network policy (one :meth:`~edge.policy.enforcer.Enforcer.status`
+per scrape, which reads the kernel's counters): ``edge_policy_enforced`` (gauge, 1 while
+the kernel holds the configured policy), ``edge_policy_state{state}`` (gauge, one series
+per state ``off``, ``enforced``, ``unenforced``: 1 for the current one),
+``edge_policy_rule_packets_total`` and ``edge_policy_rule_bytes_total`` (counters, only
+while enforced; labels ``rule`` (the id), ``policy`` ("" for failsafe rules), ``section``,
+``action``; at most 256 rules; zeroed when the policy is applied again, which
+``edge_policy_updates_total`` counts), ``edge_policy_drops_total{verdict}`` (counter;
+drop events read, ``drop`` and ``would-drop``), ``edge_policy_events_lost_total``
+(counter; events the kernel could not hand over) and ``edge_policy_update_seconds``
+(gauge; how long the last apply took). ``edge_agent_info{version}`` (gauge, 1).
+Labels known in advance (error kinds, drop reasons, config event kinds, policy states
+and verdicts) are always
 exported, at 0 until something happens, so that ``rate()`` sees the first one.
 """
 
@@ -82,6 +93,12 @@ DROP_REASONS: Final = ("max_bytes", "ttl", "disk_full", "corrupt")
 CONFIG_EVENTS: Final = ("config_applied", "config_committed", "config_rolled_back",
                         "config_refused")
 """Configuration event kinds (:mod:`edge.sync.controller`)."""
+
+POLICY_STATES: Final = ("off", "enforced", "unenforced")
+""":data:`edge.policy.enforcer.State`."""
+
+VERDICTS: Final = ("drop", "would-drop")
+"""Drop event verdicts (:data:`edge.policy.datapath.Verdict`)."""
 
 _LE: Final = (*(repr(float(b)) for b in LATENCY_BOUNDS_S), "+Inf")
 """The ``le`` labels, spelt like the library's own histograms' (``0.005``, ``1.0``)."""
@@ -225,12 +242,66 @@ def _plugins(plugins: Mapping[str, Stats]) -> Iterator[Metric]:
     yield from (calls, failures, fallbacks, quarantined, seconds)
 
 
+_RESET: Final = ("; zeroed whenever the policy is applied again (a restart, a workload's "
+                 "new cgroup: edge_policy_updates_total goes up), so read it with rate() "
+                 "or increase(), which take resets in their stride")
+
+
+def _policy(st: Stats) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "edge_policy_enforced", "1 while the kernel holds the configured network policy "
+        "(state enforced), else 0: no policy configured (off) or not in the kernel "
+        "(unenforced, see edge_policy_state)", value=1 if st["state"] == "enforced" else 0)
+    state = GaugeMetricFamily(
+        "edge_policy_state", "The network policy's state, one series per state, 1 for "
+        "the current one: off (no policy configured), enforced (the kernel holds it), "
+        "unenforced (configured but not in the kernel: not policed)", labels=["state"])
+    for name in (*POLICY_STATES, *sorted({st["state"]} - set(POLICY_STATES))):
+        state.add_metric([name], 1 if st["state"] == name else 0)
+    yield state
+    labels = ["rule", "policy", "section", "action"]
+    packets = CounterMetricFamily(
+        "edge_policy_rule_packets", "Packets the kernel matched to the rule (rule: its id, "
+        "the position in match order, renumbered when the policy changes; policy: \"\" "
+        "for failsafe rules)" + _RESET, labels=labels)
+    size = CounterMetricFamily(
+        "edge_policy_rule_bytes", "Bytes of the packets the kernel matched to the rule "
+        "(labels as edge_policy_rule_packets_total)" + _RESET, labels=labels)
+    for r in st["rules"] if st["state"] == "enforced" else ():  # else: not in the kernel
+        values = [str(r["id"]), r["policy"] or "", r["section"], r["action"]]
+        packets.add_metric(values, r["packets"])
+        size.add_metric(values, r["bytes"])
+    yield packets
+    yield size
+    yield CounterMetricFamily(
+        "edge_policy_updates", "Times the policy was put into the kernel since the agent "
+        "started (each one zeroes the rule counters)", value=st["updates"])
+    drops = CounterMetricFamily(
+        "edge_policy_drops", "Drop events read from the kernel since the agent started, by "
+        "verdict: drop (dropped by an enforcing policy), would-drop (an audit policy's: "
+        "reported, passed); one per packet", labels=["verdict"])
+    for verdict, n in _counts(VERDICTS, st["drops"]):
+        drops.add_metric([verdict], n)
+    yield drops
+    yield CounterMetricFamily(
+        "edge_policy_events_lost", "Drop events the kernel could not hand over (its ring "
+        "was full); kept in the pinned datapath, so it goes on over agent restarts",
+        value=st["datapath"].get("events_lost", 0))
+    yield GaugeMetricFamily(
+        "edge_policy_update_seconds", "How long the last apply of the policy into the "
+        "kernel took, seconds (0 before the first)", value=st["update_ms"] / 1000)
+
+
 class AgentCollector(Collector):
     """The metrics of one :meth:`~edge.agent.Agent.stats` snapshot per scrape (see the
-    module docstring for names, types and labels); ``stats`` returns that snapshot."""
+    module docstring for names, types and labels); ``stats`` returns that snapshot,
+    ``policy`` (if given) the network policy's status
+    (:meth:`~edge.policy.enforcer.Enforcer.status`)."""
 
-    def __init__(self, stats: Callable[[], Stats]) -> None:
+    def __init__(self, stats: Callable[[], Stats],
+                 policy: Callable[[], Stats] | None = None) -> None:
         self._stats = stats
+        self._policy = policy
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family of one snapshot."""
@@ -240,6 +311,8 @@ class AgentCollector(Collector):
         yield from _uplink(s["uplink"])
         yield from _config(s["config"])
         yield from _plugins(s["plugins"])
+        if self._policy is not None:
+            yield from _policy(self._policy())
         agent = GaugeMetricFamily(
             "edge_agent_info", "The running agent: its version in the label, always 1",
             labels=["version"])
@@ -254,7 +327,8 @@ def registry_for(agent: Agent) -> CollectorRegistry:
     the agent's event loop, as :func:`metrics_handler` does: ``stats()`` reads state
     that the loop changes."""
     registry = CollectorRegistry()
-    registry.register(AgentCollector(agent.stats))
+    # agent.policy looked up at each scrape: whichever enforcer the agent holds then
+    registry.register(AgentCollector(agent.stats, lambda: agent.policy.status()))  # noqa: PLW0108
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

@@ -177,6 +177,29 @@ async def test_metrics_are_served_in_the_prometheus_text_format(running: Running
     assert readings["default/tank"] > 0
 
 
+async def test_without_a_policy_the_policy_is_off(running: Running) -> None:
+    """No policy configured (and no datapath pinned from before): nothing is loaded,
+    nothing is counted; tests/test_web_policy.py has the other states."""
+    assert await running.get("/api/v1/policy") == {
+        "state": "off", "reason": "no policy is configured", "pin": "/sys/fs/bpf/edge",
+        "applied_ms": 0, "update_ms": 0.0, "updates": 0, "workloads": {}, "rules": [],
+        "datapath": {}, "drops": {}, "recent": []}
+    r = await running.client.get("/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(await r.text()) for s in f.samples}
+    policy = {k: v for k, v in samples.items() if k[0].startswith("edge_policy_")}
+    assert policy == {
+        ("edge_policy_enforced", ()): 0,
+        ("edge_policy_state", (("state", "off"),)): 1,
+        ("edge_policy_state", (("state", "enforced"),)): 0,
+        ("edge_policy_state", (("state", "unenforced"),)): 0,
+        ("edge_policy_updates_total", ()): 0,
+        ("edge_policy_drops_total", (("verdict", "drop"),)): 0,
+        ("edge_policy_drops_total", (("verdict", "would-drop"),)): 0,
+        ("edge_policy_events_lost_total", ()): 0,
+        ("edge_policy_update_seconds", ()): 0}
+
+
 async def test_a_rollback_through_the_api_needs_a_login_with_its_csrf_token_or_a_token(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:

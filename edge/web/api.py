@@ -12,6 +12,8 @@ reading, twin), ``devices/{namespace}/{name}/trend`` (``?since=`` ms),
 ``readings`` (the latest of every device), ``events`` (``?limit=``, newest last),
 ``stats`` (:meth:`edge.agent.Agent.stats`), ``plugins`` (each plugin's counters, in
 the order they run, and why the plugin directory's last change was not taken),
+``policy`` (:meth:`edge.policy.enforcer.Enforcer.status`: the network policy's state,
+its rules in match order with the kernel's counters, the recent drops, newest last),
 ``config`` and ``config/versions``,
 ``config/versions/{version}``, ``config/diff?old=&new=``. Version 0 is the agent
 file alone: its content is not kept (``{"version": 0}``), and its ``devices`` is the
@@ -114,6 +116,7 @@ class Api:
             web.get(f"{p}/events", self.events),
             web.get(f"{p}/stats", self.stats),
             web.get(f"{p}/plugins", self.plugins),
+            web.get(f"{p}/policy", self.policy),
             web.get(f"{p}/config", self.config),
             web.get(f"{p}/config/versions", self.versions),
             web.get(f"{p}/config/versions/{{version}}", self.version),
@@ -209,6 +212,10 @@ class Api:
         stats = host.stats() if host is not None else {}
         return _json({"plugins": [{"name": name, **s} for name, s in stats.items()],
                       "problems": host.problems if host is not None else []})
+
+    async def policy(self, request: web.Request) -> web.Response:
+        # the kernel's counters are read here, once per request (256 map lookups)
+        return _json(self.agent.policy.status())
 
     async def config(self, request: web.Request) -> web.Response:
         cfg = self.agent.cfg

@@ -84,6 +84,50 @@ _SCHEMAS: dict[str, Any] = {
         "description": "one plugin: its counters since the agent started, over every "
         "version under its name; a plugin whose configured version never loaded has only "
         "name, state and load_error"},
+    "PolicyRule": {**_obj({
+        "id": {"type": "integer", "minimum": 1, "maximum": 256},
+        "where": _STR, "what": _STR, "action": {"type": "string", "enum": ["allow", "deny"]},
+        "enforce": _BOOL, "direction": {"type": "string", "enum": ["egress", "ingress"]},
+        "workload": _nullable(_STR), "policy": _nullable(_STR),
+        "section": {"type": "string", "enum": ["failsafe", "egressDeny", "ingressDeny",
+                                               "egress", "ingress", "default"]},
+        "packets": _INT, "bytes": _INT}),
+        "description": "one compiled rule, in match order (id = position, 1-based; "
+        "renumbered when the policy changes): where it comes from, what it matches, its "
+        "action, whether it is in force (failsafe rules always are; false: an audit "
+        "policy's), the workload (cgroup path; null: every policed workload), the "
+        "policy (null for failsafe rules) and section, and the packets and bytes the "
+        "kernel counted for it since the policy was last applied"},
+    "PolicyDrop": {**_obj({
+        "time_ms": _MS, "verdict": {"type": "string", "enum": ["drop", "would-drop"]},
+        "workload": _STR, "rule": _INT, "where": _STR,
+        "direction": {"type": "string", "enum": ["egress", "ingress"]},
+        "address": _STR, "protocol": _STR, "port": _INT}),
+        "description": "one packet dropped (drop: an enforcing policy) or reported and "
+        "passed (would-drop: an audit policy): the workload (the socket's cgroup path, or "
+        "\"cgroup <id>\"), the deciding rule, the connection's direction, the remote "
+        "address, the protocol and the rule's port (remote for egress, the workload's "
+        "own for ingress; 0 for ICMP)"},
+    "Policy": _obj({
+        "state": {"type": "string", "enum": ["off", "enforced", "unenforced"]},
+        "reason": _STR, "pin": _STR,
+        "applied_ms": {"type": "integer", "description": "when the policy was last put "
+                       "into the kernel, ms since the Unix epoch (UTC); 0: never"},
+        "update_ms": {"type": "number", "description": "how long that took, ms"},
+        "updates": {"type": "integer", "description": "times the policy was put into the "
+                    "kernel since the agent started (each zeroes the rule counters)"},
+        "workloads": {"type": "object", "additionalProperties": _nullable(_INT),
+                      "description": "cgroup path -> cgroup id (null: no such cgroup now, "
+                      "i.e. not running)"},
+        "rules": {"type": "array", "items": _ref("PolicyRule")},
+        "datapath": {**_obj({"events_lost": _INT, "unmatched": _INT, "unparsed": _INT},
+                            []),
+                     "description": "the datapath's own counters (empty without one)"},
+        "drops": {"type": "object", "additionalProperties": _INT,
+                  "description": "drop events read since the agent started, by verdict"},
+        "recent": {"type": "array", "items": _ref("PolicyDrop"),
+                   "description": "the last drop events, newest last"},
+    }),
     "Session": _obj({"user": _STR, "via": {"type": "string", "enum": ["session", "token"]},
                      "csrf": _nullable(_STR)}),
     "Version": _obj({"version": _INT, "state": {"type": "string", "enum": [
@@ -173,6 +217,11 @@ def openapi() -> dict[str, Any]:
                 "the plugin directory's last change was not taken (empty when it was)",
                 _obj({"plugins": {"type": "array", "items": _ref("Plugin")},
                       "problems": {"type": "array", "items": _STR}})),
+            "/api/v1/policy": _get(
+                "the network policy: its state (off: none configured; enforced: the "
+                "kernel holds it; unenforced: configured but not in the kernel, and "
+                "reason says why), its rules in match order with the kernel's counters, "
+                "the workloads' cgroups and the recent drops", _ref("Policy")),
             "/api/v1/config": _get("the running configuration",
                                    _obj({"version": _STR, "applied": _INT,
                                          "files": {"type": "array", "items": _STR}},

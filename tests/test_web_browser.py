@@ -5,16 +5,21 @@ mosquitto. Screenshots of every page go to EDGE_TEST_ARTIFACTS (default
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import StopLater
+from policy_kernel import Probe, kernel
 from support import (
     device_docs,
     free_port,
@@ -24,7 +29,14 @@ from support import (
     write_agent_file,
 )
 
+from edge.agent import Agent
+from edge.config.runtime import build_runtime_config
+from edge.policy.datapath import Datapath
+from edge.policy.enforcer import Enforcer
+from edge.policy.spec import NetworkPolicy, Peer, PolicySettings, PortSpec, Rule
+from edge.policy.tables import compile_tables
 from edge.web.auth import hash_password
+from edge.web.server import WebServer
 
 SHIPPED = Path(__file__).resolve().parent.parent / "plugins"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -107,7 +119,10 @@ def test_the_pages_show_live_values_without_a_reload_and_a_login_works(
     page.wait_for_selector("td:has-text('device_state')")
     shot(page, "events")
     page.click("text=Policy")
-    page.wait_for_selector("text=not built in this version")
+    page.wait_for_selector("#state:has-text('No policy configured')")
+    assert "nothing is policed" in page.inner_text("#state")
+    assert page.query_selector("#rules") is None
+    shot(page, "policy-off")
     page.click("nav >> text=Plugins")
     page.wait_for_selector("td:has-text('derive 1.0.0')")
     page.wait_for_selector("td.online:has-text('running')")
@@ -179,3 +194,102 @@ def test_the_page_fits_a_phone(page_url: str, browser: Any) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390  # no sideways scrolling of the page itself (tables scroll inside)
     shot(page, "phone-device")
+
+
+@contextlib.contextmanager
+def agent_in_a_thread(path: Path, policy: Enforcer) -> Iterator[str]:
+    """The agent of the agent file ``path`` with ``policy`` as its network policy, and
+    its web server, in this process (in a thread with its own event loop, while the
+    browser is driven from this one); the page's URL."""
+    cfg = build_runtime_config(path)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    failed: list[BaseException] = []
+
+    async def main() -> None:
+        agent = Agent(cfg)
+        agent.policy = policy
+        agent.services.append(WebServer(agent, agent.history, cfg.web).run)
+        await agent.run(stop)
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:
+            failed.append(e)
+        finally:  # as asyncio.run ends: what is left (the pages' live streams) cancelled
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.close()
+
+    thread = threading.Thread(target=run, name="agent")
+    thread.start()
+    try:
+        wait_port(cfg.web.port)
+        yield f"http://127.0.0.1:{cfg.web.port}/"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+    assert not failed, failed
+
+
+def test_the_policy_page_shows_the_kernel_s_counters_and_drops_live(
+    tmp_path: Path, stop_later: StopLater, browser: Any
+) -> None:
+    """A policy enforced in the real kernel (tests/policy_kernel.py), probes in its
+    workloads' cgroups connecting to 127.0.0.1 (allowed, dropped, audited): the page
+    shows the state, the rules with their counters and the drops, on a phone too; when
+    the datapath is removed it says, without a reload, that nothing is enforced."""
+    broker = stop_later(start_broker(tmp_path))
+    path = write_agent_file(tmp_path, broker.port, [])
+    with kernel(tmp_path) as k:
+        server = stop_later(Probe(None))  # listens, in this test's own cgroup (not policed)
+        enforced = stop_later(Probe(k.root / k.cgroup("plc-gateway")))
+        audited = stop_later(Probe(k.root / k.cgroup("historian")))
+        allowed = server.ask(op="listen", proto="tcp", host="127.0.0.1")["port"]
+        denied = server.ask(op="listen", proto="tcp", host="127.0.0.1")["port"]
+        loopback = (Peer(IPv4Network("127.0.0.1/32")),)
+        settings = PolicySettings("enforce", (
+            NetworkPolicy("plc", f"{k.base}/plc-gateway",
+                          egress=(Rule(loopback, (PortSpec("TCP", allowed),)),)),
+            NetworkPolicy("historian", f"{k.base}/historian", mode="audit",
+                          egress=(Rule(loopback, (PortSpec("TCP", allowed),)),)),
+        ), failsafe=(), pin_dir=str(k.pin))
+        k.dp.apply(compile_tables(settings))  # attached below the harness's base cgroup
+        with agent_in_a_thread(path, Enforcer(settings)) as url:
+            assert "ok" in enforced.ask(op="tcp", host="127.0.0.1", port=allowed, size=3000)
+            assert "error" in enforced.ask(op="tcp", host="127.0.0.1", port=denied,
+                                           timeout=0.5)
+            assert "ok" in audited.ask(op="tcp", host="127.0.0.1", port=denied)
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url + "#/policy")
+            page.wait_for_selector("#state:has-text('Enforced')", timeout=15_000)
+            page.wait_for_selector("#drops .verdict.drop", timeout=10_000)
+            page.wait_for_selector("#drops .verdict.would-drop")
+            assert "2 policies: plc (enforce), historian (audit), 6 rules" in page.inner_text(
+                "#state")
+            assert page.inner_text("#drops .verdict.drop") == "dropped"
+            assert page.inner_text("#drops .verdict.would-drop") == "would drop (audit)"
+            rows = page.query_selector_all("#rules tr")
+            assert len(rows) == 7  # the header, then the rules in match order
+            first = [c.inner_text() for c in rows[1].query_selector_all("td")]
+            assert first[:4] == ["1", "allow", "egress", "enforce"]
+            assert int(first[4].replace(",", "")) > 0  # the kernel's packets
+            assert "policy 'plc' egress[0].ports[0]" in first[6]
+            assert "audit" in page.inner_text("#rules")
+            assert "not running" not in page.inner_text("#workloads")
+            shot(page, "policy-enforced")
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+            phone.goto(url + "#/policy")
+            phone.wait_for_selector("#drops .verdict.drop", timeout=15_000)
+            assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+            shot(phone, "phone-policy")
+            page.evaluate("window.notReloaded = true")
+            Datapath.remove(k.pin)  # edge policy remove: the agent sees it within a second
+            page.wait_for_selector("#state.alert:has-text('NOT enforced')", timeout=10_000)
+            assert "the datapath was removed" in page.inner_text("#state")
+            assert page.evaluate("window.notReloaded") is True
+            assert page.inner_text("#rules tr:nth-child(2) td.num") == "–"  # not counted now
+            shot(page, "policy-unenforced")

@@ -264,9 +264,92 @@ function pagePlugins() {
   live("", {overview: load});
 }
 
-function pageNotYet(what, text) {
-  view.innerHTML = `<h2>${esc(what)}</h2><p class="notice">${esc(text)}</p>`;
-  live("", {});
+// a rule's mode: failsafe rules always hold, the others as their policy's mode
+const ruleMode = (r) => (r.section === "failsafe" ? "always" : r.enforce ? "enforce" : "audit");
+const count = (n) => Number(n).toLocaleString("en-US");
+
+function policyState(p) {
+  const modes = {};  // policy name -> its mode, from its rules
+  for (const r of p.rules) if (r.policy != null) modes[r.policy] = ruleMode(r);
+  const names = Object.entries(modes).map(([n, m]) => `${esc(n)} (${m})`).join(", ");
+  const held = `${Object.keys(modes).length} polic${Object.keys(modes).length === 1 ? "y" : "ies"}${
+    names ? ": " + names : ""}, ${p.rules.length} rules`;
+  if (p.state === "enforced") {
+    return `<div class="notice ok" id="state"><b class="enforced">Enforced</b>: the kernel holds
+      the policy (${held}). Denied connections of the selected workloads are dropped
+      (audit policies only report them).</div>`;
+  }
+  if (p.state === "unenforced") {
+    return `<div class="notice alert" id="state"><b class="unenforced">NOT enforced</b>: ${esc(p.reason)}
+      <br>A policy is configured (${held}) but the kernel does not hold it: connections are
+      <b>not policed</b>.</div>`;
+  }
+  return `<div class="notice" id="state"><b>No policy configured</b>: nothing is policed.
+    ${p.reason && p.reason !== "no policy is configured" ? `<br><small>${esc(p.reason)}</small>` : ""}
+    <br><small>Policies come from the agent file's <code>policy.policies</code> or a desired
+    bundle's <code>policies</code> (README: "Network policy").</small></div>`;
+}
+
+const DROPS_SHOWN = 50;  // of the 200 the agent keeps
+
+function policyRules(p, counted) {
+  return `<h2>Rules</h2><p class="muted">In match order: the first rule that matches a
+    connection decides. ${counted ? "Counters since the policy was last applied."
+      : "Not in the kernel: nothing is counted."}</p>
+    <div class="scroll"><table id="rules" class="stack"><tr class="head"><th>#</th><th>Action</th>
+    <th>Direction</th><th>Mode</th><th class="num">Packets</th><th class="num">Bytes</th><th>Rule</th></tr>
+    ${p.rules.map((r) => `<tr><td class="id">${r.id}</td>
+      <td class="${r.action === "deny" ? "bad" : ""}">${esc(r.action)}</td>
+      <td>${esc(r.direction)}</td><td class="mode-${ruleMode(r)}">${ruleMode(r)}</td>
+      <td class="num" data-label="packets">${counted ? count(r.packets) : "–"}</td>
+      <td class="num" data-label="bytes">${counted ? bytes(r.bytes) : "–"}</td>
+      <td class="wide">${esc(r.where)}<br><small class="muted">${esc(r.what)}${r.workload
+        ? " · " + esc(r.workload) : ""}</small></td></tr>`).join("")}</table></div>`;
+}
+
+function policyDrops(p) {
+  const d = p.datapath, drops = p.drops;
+  const lost = d.events_lost ? ` · <span class="bad">${count(d.events_lost)} events lost</span>` : "";
+  const shown = p.recent.slice(-DROPS_SHOWN).reverse();
+  return `<h2>Recent drops</h2>
+    <p class="muted">${count(drops.drop || 0)} dropped, ${count(drops["would-drop"] || 0)} would-drop
+    (audit: reported, passed) since the agent started${lost}; one per packet, newest first${
+      p.recent.length > shown.length ? ` (the last ${shown.length})` : ""}.</p>
+    ${shown.length ? `<div class="scroll"><table id="drops" class="stack"><tr class="head"><th>When</th>
+      <th>Verdict</th><th>Direction</th><th>Remote</th><th>Workload</th><th>Rule</th></tr>
+      ${shown.map((e) => `<tr><td>${when(e.time_ms)}</td>
+        <td><span class="verdict ${e.verdict === "drop" ? "drop" : "would-drop"}">${e.verdict === "drop"
+          ? "dropped" : "would drop (audit)"}</span></td><td>${esc(e.direction)}</td>
+        <td>${esc(e.address)} ${esc(e.protocol)}${e.port ? " " + e.port : ""}</td>
+        <td class="wide"><code>${esc(e.workload)}</code></td>
+        <td class="wide">#${e.rule} <small class="muted">${esc(e.where)}</small></td></tr>`).join("")}
+      </table></div>` : `<p class="muted">None.</p>`}`;
+}
+
+function pagePolicy() {
+  const draw = (p) => {
+    const counted = p.state === "enforced";
+    const applied = p.applied_ms ? `${counted ? "Applied" : "Last applied"} ${when(p.applied_ms)}
+      in ${p.update_ms.toFixed(1)} ms (${p.updates === 1 ? "once" : p.updates + " times"} since the
+      agent started; each zeroes the counters) · pinned at <code>${esc(p.pin)}</code>`
+      : "Never put into the kernel.";
+    // an unenforced policy's cgroups were never looked up: its workloads from the rules
+    const workloads = Object.entries(p.workloads).length ? Object.entries(p.workloads)
+      : [...new Set(p.rules.map((r) => r.workload).filter((w) => w != null))].map((w) => [w, undefined]);
+    view.innerHTML = `<h2>Network policy</h2>${policyState(p)}
+      ${p.state === "off" && !p.rules.length ? "" : `<p class="muted">${applied}</p>`}
+      ${workloads.length ? `<h2>Workloads</h2><div class="scroll"><table id="workloads">
+        <tr><th>Workload (cgroup)</th><th>cgroup id</th></tr>
+        ${workloads.map(([path, id]) => `<tr><td><code>${esc(path)}</code></td>
+          <td class="${id === null ? "offline" : ""}">${id === undefined ? "– (not looked up: not enforced)"
+            : id === null ? "not running (no such cgroup now)" : esc(id)}</td></tr>`).join("")}
+        </table></div>` : ""}
+      ${p.rules.length ? policyRules(p, counted) : ""}
+      ${p.state === "off" && !p.recent.length ? "" : policyDrops(p)}`;
+  };
+  const load = fresh(() => api("policy").then(fresh(draw)).catch(fresh(failed)));
+  load();
+  live("", {overview: load});
 }
 
 function pageMissing(hash) {
@@ -328,9 +411,7 @@ function route() {
   }
   const pages = {
     "/": pageOverview, "/devices": pageDevices, "/config": pageConfig, "/events": pageEvents,
-    "/policy": () => pageNotYet("Network policy", "The eBPF network policy is not built in this " +
-      "version of edge: nothing is enforced, and nothing is shown here."),
-    "/plugins": pagePlugins,
+    "/policy": pagePolicy, "/plugins": pagePlugins,
   };
   (pages[hash] || (() => pageMissing(hash)))();
 }

@@ -189,7 +189,8 @@ def test_every_policy_status_field_lands_in_its_own_metric() -> None:
     rule = {"where": "", "what": "", "enforce": True, "direction": "egress",
             "workload": None}
     status: dict[str, Any] = {
-        "state": "enforced", "reason": "", "pin": "/sys/fs/bpf/edge", "applied_ms": 1,
+        "state": "enforced", "reason": "", "pin": "/sys/fs/bpf/edge", "gen": 1,
+        "applied_ms": 1,
         "update_ms": 12.5, "updates": 3, "workloads": {"system.slice/edge.service": 7},
         "rules": [rule | {"id": 1, "policy": None, "section": "failsafe",
                           "action": "allow", "packets": 10, "bytes": 1000},

@@ -59,8 +59,11 @@ async def running(tmp_path: Path, stop_later: StopLater) -> AsyncIterator[Runnin
     docs = device_docs("tank", server.port, 1, PROPS) + device_docs("dead", free_port(), 1,
                                                                     PROPS[:1])
     cfg = build_runtime_config(write_agent_file(tmp_path, broker.port, docs))
-    cfg = dataclasses.replace(cfg, web=dataclasses.replace(
-        cfg.web, users=(("admin", PASSWORD_HASH),), tokens=(TOKEN_HASH,)))
+    cfg = dataclasses.replace(
+        cfg, web=dataclasses.replace(cfg.web, users=(("admin", PASSWORD_HASH),),
+                                     tokens=(TOKEN_HASH,)),
+        # not the machine's pin: a datapath another test left there is no business here
+        policy=dataclasses.replace(cfg.policy, pin_dir=str(tmp_path / "bpffs" / "edge")))
     agent = Agent(cfg)
     web = WebServer(agent, agent.history, cfg.web)
     stop = asyncio.Event()
@@ -181,9 +184,10 @@ async def test_without_a_policy_the_policy_is_off(running: Running) -> None:
     """No policy configured (and no datapath pinned from before): nothing is loaded,
     nothing is counted; tests/test_web_policy.py has the other states."""
     assert await running.get("/api/v1/policy") == {
-        "state": "off", "reason": "no policy is configured", "pin": "/sys/fs/bpf/edge",
-        "applied_ms": 0, "update_ms": 0.0, "updates": 0, "workloads": {}, "rules": [],
-        "datapath": {}, "drops": {}, "recent": []}
+        "state": "off", "reason": "no policy is configured",
+        "pin": running.agent.cfg.policy.pin_dir, "gen": None, "applied_ms": 0,
+        "update_ms": 0.0, "updates": 0, "workloads": {}, "rules": [], "datapath": {},
+        "drops": {}, "recent": []}
     r = await running.client.get("/metrics")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(await r.text()) for s in f.samples}

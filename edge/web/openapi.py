@@ -111,6 +111,8 @@ _SCHEMAS: dict[str, Any] = {
     "Policy": _obj({
         "state": {"type": "string", "enum": ["off", "enforced", "unenforced"]},
         "reason": _STR, "pin": _STR,
+        "gen": {"type": "integer", "nullable": True, "description": "the generation of "
+                "the tables in the kernel (0 or 1; null before the first apply)"},
         "applied_ms": {"type": "integer", "description": "when the policy was last put "
                        "into the kernel, ms since the Unix epoch (UTC); 0: never"},
         "update_ms": {"type": "number", "description": "how long that took, ms"},

@@ -63,6 +63,8 @@ def page_url(tmp_path: Path, stop_later: StopLater) -> str:
     agent: dict[str, Any] = yaml.safe_load(path.read_text())
     agent["web"] = {"listen": f"127.0.0.1:{web}",
                     "users": [{"name": "admin", "password_hash": hash_password("s3cret pw")}]}
+    # no policy: off, whatever is pinned at the machine's /sys/fs/bpf/edge (not touched)
+    agent["policy"] = {"pin_dir": str(tmp_path / "bpffs" / "edge")}
     path.write_text(yaml.safe_dump(agent))
     plugins = tmp_path / "plugins"  # the shipped derive, on the agent's plugins.dir
     plugins.mkdir()

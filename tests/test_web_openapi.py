@@ -43,6 +43,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     agent: dict[str, Any] = yaml.safe_load(path.read_text())
     web = free_port()
     agent["web"] = {"listen": f"127.0.0.1:{web}", "tokens": [TOKEN_HASH]}
+    agent["policy"] = {"pin_dir": str(tmp / "bpffs" / "edge")}  # not the machine's pin
     path.write_text(yaml.safe_dump(agent))
     log = (tmp / "agent.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(path)], cwd=tmp,

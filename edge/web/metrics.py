@@ -44,8 +44,8 @@ drop events read, ``drop`` and ``would-drop``), ``edge_policy_events_lost_total`
 (counter; events the kernel could not hand over) and ``edge_policy_update_seconds``
 (gauge; how long the last apply took). ``edge_agent_info{version}`` (gauge, 1).
 Labels known in advance (error kinds, drop reasons, config event kinds, policy states
-and verdicts) are always
-exported, at 0 until something happens, so that ``rate()`` sees the first one.
+and verdicts) are always exported, at 0 until something happens, so that ``rate()``
+sees the first one.
 """
 
 from __future__ import annotations
@@ -285,7 +285,8 @@ def _policy(st: Stats) -> Iterator[Metric]:
     yield drops
     yield CounterMetricFamily(
         "edge_policy_events_lost", "Drop events the kernel could not hand over (its ring "
-        "was full); kept in the pinned datapath, so it goes on over agent restarts",
+        "was full); kept in the pinned datapath, so it goes on over agent restarts (a new "
+        "build of the datapath starts it at 0)",
         value=st["datapath"].get("events_lost", 0))
     yield GaugeMetricFamily(
         "edge_policy_update_seconds", "How long the last apply of the policy into the "

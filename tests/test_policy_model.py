@@ -369,9 +369,12 @@ def test_the_config_version_changes_with_policies_only(tmp_path: Path) -> None:
 
 
 def test_the_running_agent_holds_policies_without_the_validators(tmp_path: Path) -> None:
-    """`edge run` with policies: validated in the child, the agent maps no pydantic."""
+    """`edge run` with policies: validated in the child, the agent maps no pydantic.
+    (Its datapath pin is on no bpffs: the policy is unenforced, nothing is left in the
+    kernel.)"""
     broker = start_broker(tmp_path)
-    path = agent_file(tmp_path, [doc(egress=[{"to": [{"cidr": "10.0.0.0/8"}]}])])
+    path = agent_file(tmp_path, [doc(egress=[{"to": [{"cidr": "10.0.0.0/8"}]}])],
+                      pin_dir=str(tmp_path / "edge-pin"))
     path.write_text(path.read_text().replace("1883", str(broker.port)))
     sub = Subscriber(broker.port, "edge/v1/gw/state")
     agent = start_edge(["run", "-c", str(path)], tmp_path)

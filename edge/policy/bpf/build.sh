@@ -3,8 +3,9 @@
 #
 # Compiles policy.bpf.c into the eBPF object the agent loads (default: policy.bpf.o
 # next to it). Little-endian BPF (-target bpfel: amd64, arm64 and armhf gateways alike),
-# BTF kept (libbpf needs it for the maps), DWARF stripped; deterministic: the same
-# source and clang give the same bytes, which tests/test_policy_datapath.py checks.
+# BTF kept (libbpf needs it for the maps), DWARF stripped, the checkout's directory
+# mapped to "." (BTF names the source file); deterministic: the same source and clang
+# give the same bytes in any checkout, which tests/test_policy_datapath.py checks.
 # Needs (Debian): clang llvm linux-libc-dev
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +20,7 @@ ARCH_INC="/usr/include/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)"
 TMP="$(mktemp "${OUT}.XXXXXX")"
 trap 'rm -f "$TMP"' EXIT
 (cd "$HERE" && "$CLANG" -O2 -g -target bpfel -std=gnu11 -Wall -Wextra -Werror \
-   -I"$ARCH_INC" -c policy.bpf.c -o "$TMP")
+   -fdebug-prefix-map="$HERE"=. -I"$ARCH_INC" -c policy.bpf.c -o "$TMP")
 "$STRIP" -g "$TMP"
 mv "$TMP" "$OUT"
 trap - EXIT

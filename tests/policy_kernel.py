@@ -65,6 +65,10 @@ class Kernel:
         (self.root / path).mkdir(parents=True, exist_ok=True)
         return path
 
+    def cgroup_id(self, path: str) -> int:
+        """The cgroup v2 id of ``path`` (what the datapath's events carry)."""
+        return os.stat(self.root / path).st_ino
+
     def reopen(self) -> Datapath:
         """A new Datapath on the same pins (as a restarted agent makes)."""
         self.dp.close()
@@ -153,24 +157,30 @@ class Probe:
 @dataclass
 class Netns:
     """A network namespace ``name`` joined by a veth pair: this side has ``host4`` /
-    ``host6``, the namespace ``peer4`` / ``peer6``."""
+    ``host6``, the namespace ``peer4`` / ``peer6`` and, in ``peers4`` / ``peers6``,
+    those and the extra addresses asked for (``.3``, ``.4``, … / ``::3``, ``::4``, …)."""
 
     name: str
     host4: str
     peer4: str
     host6: str
     peer6: str
+    peers4: tuple[str, ...] = ()
+    peers6: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
-def netns() -> Iterator[Netns]:
+def netns(extra: int = 0) -> Iterator[Netns]:
     """A namespace and veth pair made for one test (addresses in 10.231.0.0/16 and
-    fd00:231::/64, private to this machine), removed afterwards."""
+    fd00:231::/32, private to this machine), removed afterwards; ``extra`` more
+    addresses of each family on the namespace's side."""
     n = os.getpid() % 250 + 1
     name = f"edge-t{os.getpid()}"
     host, peer = f"eth{os.getpid()}"[:15], f"etp{os.getpid()}"[:15]
     ns = Netns(name, f"10.231.{n}.1", f"10.231.{n}.2", f"fd00:231:{n:x}::1",
-               f"fd00:231:{n:x}::2")
+               f"fd00:231:{n:x}::2",
+               tuple(f"10.231.{n}.{2 + i}" for i in range(extra + 1)),
+               tuple(f"fd00:231:{n:x}::{2 + i:x}" for i in range(extra + 1)))
     steps = [
         ["ip", "netns", "add", name],
         ["ip", "link", "add", host, "type", "veth", "peer", "name", peer],
@@ -182,6 +192,9 @@ def netns() -> Iterator[Netns]:
         ["ip", "-n", name, "-6", "addr", "add", f"{ns.peer6}/64", "dev", peer, "nodad"],
         ["ip", "-n", name, "link", "set", peer, "up"],
         ["ip", "-n", name, "link", "set", "lo", "up"],
+        *(["ip", "-n", name, "addr", "add", f"{a}/24", "dev", peer] for a in ns.peers4[1:]),
+        *(["ip", "-n", name, "-6", "addr", "add", f"{a}/64", "dev", peer, "nodad"]
+          for a in ns.peers6[1:]),
     ]
     try:
         for step in steps:

@@ -16,8 +16,10 @@
 // Verdicts are per connection in the direction it was opened: a TCP socket that sent a
 // SYN without ACK opened it outwards (egress: the remote port counts); any other TCP
 // socket was opened by the remote end (ingress: the local port counts). UDP and other
-// sockets were opened by their first packet's direction. Replies are judged as part of
-// their connection, by the rules of its direction, so a policy update applies to open
+// sockets were opened by their first packet's direction. That is noted for every socket
+// below the attachment, policed or not (yet), so a connection opened before a policy
+// selected its workload keeps its direction. Replies are judged as part of their
+// connection, by the rules of its direction, so a policy update applies to open
 // connections at once.
 //
 // Updates are atomic: the tables hold two generations (the gen in every key); user
@@ -93,6 +95,8 @@ static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define SOCK_STREAM 1
+#define TCP_SYN_SENT 2        // enum tcp_state (BPF_TCP_SYN_SENT)
 #define TCP_SYN 0x02
 #define TCP_ACK 0x10
 
@@ -342,13 +346,22 @@ INLINE int tcp_syn(const struct packet *p, int ingress) {  // a new outgoing con
     return !ingress && p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
+// Who opened the connection, noted for every socket whether it is policed or not (yet),
+// from the socket alone (no parse): a TCP socket sending in SYN_SENT (its SYN) opened
+// it outwards; any other socket by its first packet. 0: nothing to note.
+INLINE __u32 opener(const struct bpf_sock *sk, int ingress) {
+    if (sk->protocol == IPPROTO_TCP && sk->type == SOCK_STREAM)
+        return !ingress && sk->state == TCP_SYN_SENT ? OPENED_EGRESS : OPENED_UNKNOWN;
+    return ingress ? OPENED_INGRESS : OPENED_EGRESS;
+}
+
 INLINE __u32 direction_of(struct sk_state *st, const struct packet *p, int ingress) {
+    __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
     if (p->proto == IPPROTO_TCP) {
         if (tcp_syn(p, ingress) && st)
             st->opened = OPENED_EGRESS;
         return st && st->opened == OPENED_EGRESS ? OPENED_EGRESS : OPENED_INGRESS;
     }
-    __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
     if (!st)
         return here;
     if (st->opened == OPENED_UNKNOWN)
@@ -374,6 +387,21 @@ INLINE int same_flow(const struct sk_state *st, const struct packet *p, int ingr
 }
 
 INLINE int judge(struct __sk_buff *skb, int ingress) {
+    struct bpf_sock *sk = skb->sk;
+    if (sk)
+        sk = bpf_sk_fullsock(sk);
+    struct sk_state *st = sk ? SK_STORAGE_GET(sockets, sk, 0) : 0;
+    // before anything else: a connection opened while no policy selected its workload
+    // (or before its cgroup was in the tables) is judged in its own direction once one
+    // does
+    __u32 opened = sk ? opener(sk, ingress) : OPENED_UNKNOWN;
+    if (opened != OPENED_UNKNOWN) {
+        if (!st)
+            st = SK_STORAGE_GET(sockets, sk, BPF_SK_STORAGE_GET_F_CREATE);
+        if (st && st->opened == OPENED_UNKNOWN)
+            st->opened = opened;
+    }
+
     __u32 zero = 0;
     __u32 *gen_p = LOOKUP(active, &zero);
     if (!gen_p)
@@ -383,10 +411,6 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
     if (!gi || !gi->levels)
         return 1;
 
-    struct bpf_sock *sk = skb->sk;
-    if (sk)
-        sk = bpf_sk_fullsock(sk);
-    struct sk_state *st = sk ? SK_STORAGE_GET(sockets, sk, 0) : 0;
     struct packet p = {};
     int parsed = 1;             // not yet
     if (st && st->epoch == gi->epoch) {

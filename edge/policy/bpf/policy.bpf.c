@@ -18,7 +18,9 @@
 // socket was opened by the remote end (ingress: the local port counts). UDP and other
 // sockets were opened by their first packet's direction. That is noted for every socket
 // below the attachment, policed or not (yet), so a connection opened before a policy
-// selected its workload keeps its direction. Replies are judged as part of their
+// selected its workload keeps its direction. ICMP goes by the message: a request (or
+// any message but a reply or an error) opens an exchange in its own direction, a reply
+// or an error belongs to one opened the other way. Replies are judged as part of their
 // connection, by the rules of its direction, so a policy update applies to open
 // connections at once.
 //
@@ -93,8 +95,10 @@ static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
 #define MAX_LEVEL 32
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
+#define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define IPPROTO_ICMPV6 58
 #define SOCK_STREAM 1
 #define TCP_SYN_SENT 2        // enum tcp_state (BPF_TCP_SYN_SENT)
 #define TCP_SYN 0x02
@@ -208,6 +212,7 @@ struct packet {
     __u8 family;
     __u8 proto;
     __u8 tcp_flags;
+    __u8 icmp_type;           // 0xff: not ICMP, or no ICMP header (a later fragment)
     __u16 sport;              // host order; 0 without ports
     __u16 dport;
     union addr saddr;
@@ -254,6 +259,9 @@ INLINE void ports_of(struct __sk_buff *skb, struct packet *p, __u32 l4) {
         if (bpf_skb_load_bytes(skb, l4, h, 4))
             return;
     } else {
+        if ((p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) &&
+            bpf_skb_load_bytes(skb, l4, h, 1) == 0)
+            p->icmp_type = h[0];
         return;
     }
     p->sport = ((__u16)h[0] << 8) | h[1];
@@ -266,6 +274,7 @@ GLOBAL int parse(struct __sk_buff *skb, struct packet *p) {
     // 0, or -1: not IP (p == NULL cannot be, but the verifier asks)
     if (!p)
         return -1;
+    p->icmp_type = 0xff;
     if (skb->protocol == __builtin_bswap16(ETH_P_IP)) {
         __u8 h[20];
         if (bpf_skb_load_bytes(skb, 0, h, 20))
@@ -346,17 +355,33 @@ INLINE int tcp_syn(const struct packet *p, int ingress) {  // a new outgoing con
     return !ingress && p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
+INLINE int icmp(const struct packet *p) {
+    return p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
+}
+
+INLINE int icmp_answer(const struct packet *p) {  // a reply or an error
+    __u8 t = p->icmp_type;
+    if (p->proto == IPPROTO_ICMP)   // echo, timestamp, information, mask replies; errors
+        return t == 0 || t == 14 || t == 16 || t == 18 || t == 3 || t == 4 || t == 5 ||
+               t == 11 || t == 12;
+    return t == 129 || t == 140 || (t >= 1 && t <= 4);  // echo, node information; errors
+}
+
 // Who opened the connection, noted for every socket whether it is policed or not (yet),
 // from the socket alone (no parse): a TCP socket sending in SYN_SENT (its SYN) opened
-// it outwards; any other socket by its first packet. 0: nothing to note.
+// it outwards; any other socket but an ICMP one by its first packet. 0: nothing to note.
 INLINE __u32 opener(const struct bpf_sock *sk, int ingress) {
     if (sk->protocol == IPPROTO_TCP && sk->type == SOCK_STREAM)
         return !ingress && sk->state == TCP_SYN_SENT ? OPENED_EGRESS : OPENED_UNKNOWN;
+    if (sk->protocol == IPPROTO_ICMP || sk->protocol == IPPROTO_ICMPV6)
+        return OPENED_UNKNOWN;  // by the message (direction_of)
     return ingress ? OPENED_INGRESS : OPENED_EGRESS;
 }
 
 INLINE __u32 direction_of(struct sk_state *st, const struct packet *p, int ingress) {
     __u32 here = ingress ? OPENED_INGRESS : OPENED_EGRESS;
+    if (icmp(p))  // a raw socket takes in every echo reply (and error) until connected
+        return icmp_answer(p) ? (ingress ? OPENED_EGRESS : OPENED_INGRESS) : here;
     if (p->proto == IPPROTO_TCP) {
         if (tcp_syn(p, ingress) && st)
             st->opened = OPENED_EGRESS;
@@ -383,7 +408,8 @@ INLINE int same_flow(const struct sk_state *st, const struct packet *p, int ingr
     return st->proto == p->proto && st->remote.q[0] == remote->q[0]
         && st->remote.q[1] == remote->q[1]
         && st->local_port == (ingress ? p->dport : p->sport)
-        && st->remote_port == (ingress ? p->sport : p->dport) && !tcp_syn(p, ingress);
+        && st->remote_port == (ingress ? p->sport : p->dport) && !tcp_syn(p, ingress)
+        && !icmp(p);          // ICMP's direction is by the message, not the flow
 }
 
 INLINE int judge(struct __sk_buff *skb, int ingress) {

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,12 +110,22 @@ def kernel(tmp: Path) -> Iterator[Kernel]:
 
 
 def _remove_cgroups(top: Path) -> None:
-    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(
-            p.parts)):
+    """Removes the test's cgroups, deepest first. A process still in one (a probe the
+    test did not stop, a relay's child) was started by the test: it is killed by its
+    PID first, as a cgroup with a process in it cannot be removed."""
+    dirs = [top, *(p for p in top.rglob("*") if p.is_dir())]
+    deadline = time.monotonic() + 5
+    for d in sorted(dirs, key=lambda p: -len(p.parts)):
+        while True:
+            pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+            if not pids or time.monotonic() > deadline:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
         with contextlib.suppress(OSError):
             d.rmdir()
-    with contextlib.suppress(OSError):
-        top.rmdir()
 
 
 class Probe:

@@ -170,9 +170,10 @@ def check(k: Kernel, s: PolicySettings, gen: int, cases: list[Case],
           answers: list[dict[str, Any]], events: list[Event],
           moved: dict[int, int]) -> None:
     """Every answer is the evaluator's; each event is of one denied case and names its
-    deciding rule (a denied UDP datagram or ICMP echo exactly one); the counters moved
-    on the deciding rules only: for a deny one packet per event, for UDP and ICMP
-    exactly two packets per allowed exchange and one per denied datagram."""
+    deciding rule (a denied UDP datagram or ICMP echo exactly one; an audited TCP or
+    UDP flow one, for its first packet); the counters moved on the deciding rules only:
+    for a drop one packet per event, for UDP and ICMP exactly two packets per exchange
+    that passes and one per dropped datagram."""
     by_key: dict[tuple[object, ...], list[Event]] = {}
     for e in events:
         by_key.setdefault(event_key(e), []).append(e)
@@ -195,8 +196,21 @@ def check(k: Kernel, s: PolicySettings, gen: int, cases: list[Case],
         verdict = "drop" if v.enforced else "would-drop"
         assert mine, f"no event for {c}: {v.reason}"
         assert {(e.rule, e.verdict, e.gen) for e in mine} == {(v.rule.id, verdict, gen)}, c
+        opening = [e for e in mine if e.packet_ingress == (c.direction == "ingress")]
+        if not v.enforced and c.proto != "icmp":
+            # audit: the flow goes on, reported once per socket, for its first packet
+            # (the one enforce would drop): an accepted TCP connection twice, its SYN on
+            # the listening socket and its first packet on the accepted one. ICMP is
+            # judged per message, each one reported.
+            sockets = 2 if (c.proto, c.direction) == ("tcp", "ingress") else 1
+            assert mine == opening, (c, mine)
+            assert len(mine) == sockets, (c, mine)
+            if c.proto == "tcp":
+                allowed_tcp[v.rule.id] += 1
+            else:
+                expected[v.rule.id] += 2
+            continue
         if c.proto != "tcp":
-            opening = [e for e in mine if e.packet_ingress == (c.direction == "ingress")]
             assert len(opening) == 1, (c, mine)
             assert len(mine) == (1 if v.enforced else 2), (c, mine)
         expected[v.rule.id] += len(mine)

@@ -27,11 +27,12 @@
 // Updates are atomic: the tables hold two generations (the gen in every key); user
 // space fills the inactive one and then flips `active`. A packet reads `active` once.
 //
-// A socket remembers the allow that decided its last packet (sk storage), with the
-// epoch of the tables (one more at every update) and the packet's addresses and ports:
-// a packet of the same flow under the same epoch is counted against that rule without
-// the lookups. A TCP SYN (a new connection) is always judged in full, and so is every
-// packet that is dropped or reported.
+// A socket remembers the rule that let its last packet pass (an allow, or an audit
+// would-drop) in sk storage, with the epoch of the tables (one more at every update)
+// and the packet's addresses and ports: a packet of the same flow under the same epoch
+// is counted against that rule without the lookups (and an audit would-drop is
+// reported once per flow, for its first packet, which is what enforce would drop). A
+// TCP SYN (a new connection) is always judged in full, and so is every dropped packet.
 //
 // Built by edge/policy/bpf/build.sh with clang -target bpfel and loaded through libbpf
 // (edge/policy/libbpf.py); or compiled at run time by bcc (edge/policy/bpf/bcc_load.py,
@@ -504,7 +505,7 @@ INLINE int judge(struct __sk_buff *skb, int ingress) {
     }
 
     count(gen, bit, skb->len);
-    if (!verdict && st) {       // the flow's verdict until the next update
+    if (verdict != VERDICT_DROP && st) {  // the flow's verdict until the next update
         st->epoch = gi->epoch;
         st->rule = bit;
         st->proto = p.proto;

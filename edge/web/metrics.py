@@ -279,7 +279,8 @@ def _policy(st: Stats) -> Iterator[Metric]:
     drops = CounterMetricFamily(
         "edge_policy_drops", "Drop events read from the kernel since the agent started, by "
         "verdict: drop (dropped by an enforcing policy), would-drop (an audit policy's: "
-        "reported, passed); one per packet", labels=["verdict"])
+        "reported, passed); one per dropped packet, one per flow for would-drop",
+        labels=["verdict"])
     for verdict, n in _counts(VERDICTS, st["drops"]):
         drops.add_metric([verdict], n)
     yield drops

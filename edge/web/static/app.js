@@ -313,7 +313,7 @@ function policyDrops(p) {
   const shown = p.recent.slice(-DROPS_SHOWN).reverse();
   return `<h2>Recent drops</h2>
     <p class="muted">${count(drops.drop || 0)} dropped, ${count(drops["would-drop"] || 0)} would-drop
-    (audit: reported, passed) since the agent started${lost}; one per packet, newest first${
+    (audit: reported, passed) since the agent started${lost}; one per dropped packet, one per flow for audit, newest first${
       p.recent.length > shown.length ? ` (the last ${shown.length})` : ""}.</p>
     ${shown.length ? `<div class="scroll"><table id="drops" class="stack"><tr class="head"><th>When</th>
       <th>Verdict</th><th>Direction</th><th>Remote</th><th>Workload</th><th>Rule</th></tr>

@@ -33,10 +33,37 @@ def _settings_of(config_path: Path) -> RuntimeConfig:
     from edge.cli import runtime_or_exit  # noqa: PLC0415 (edge.cli imports this module)
 
     cfg = runtime_or_exit(config_path, warn=False)
+    cfg = _running(config_path, cfg)
     for w in cfg.warnings:
         if w.field.startswith(("policy", "uplink.host")):
             click.echo(str(w), err=True)
     return cfg
+
+
+def _running(config_path: Path, cfg: RuntimeConfig) -> RuntimeConfig:
+    """The configuration the agent runs: the newest committed bundle on top of the
+    agent file (its policies replace the file's), or the file alone."""
+    from edge.config.errors import ConfigError  # noqa: PLC0415
+    from edge.config.runtime import BundleSource, load_runtime_config  # noqa: PLC0415
+    from edge.store.history import History, history_file  # noqa: PLC0415
+
+    path = history_file(cfg.store.path)
+    if not path.exists():
+        return cfg
+    committed = History(path).committed()
+    if committed is None or not committed.version:
+        return cfg
+    try:
+        bundle = load_runtime_config(config_path, source=BundleSource(
+            content=committed.content))
+    except ConfigError as e:
+        click.echo(f"note: the committed bundle version {committed.version} does not "
+                   f"validate with {config_path} ({e.problems[0].message}): the agent "
+                   "file alone is used here", err=True)
+        return cfg
+    click.echo(f"note: the agent runs bundle version {committed.version}: its policies "
+               "are the ones used here", err=True)
+    return bundle
 
 
 def _rule_json(rule: FlatRule) -> dict[str, Any]:
@@ -180,7 +207,7 @@ def _status(cfg: RuntimeConfig) -> dict[str, Any]:
     try:
         dp = Datapath.open(pin, load=False)
     except OSError as e:
-        body["kernel"] = {"pinned": False, "reason": str(e)}
+        body["kernel"] = {"pinned": False, "reason": e.strerror or str(e)}
         return body
     try:
         counters = dp.counters()
@@ -221,12 +248,15 @@ def status(config_path: Path, as_json: bool) -> None:
             mode = ("always" if r["section"] == "failsafe"
                     else "enforce" if r["enforce"] else "audit")
             click.echo(f"{r['id']:>4}  {r['action']:<6} {r['direction']:<7} {mode:<7} "
-                       f"{r['packets']:>9} {r['bytes']:>11}  {r['where']}: {r['what']}")
+                       f"{r.get('packets', '–'):>9} {r.get('bytes', '–'):>11}  "
+                       f"{r['where']}: {r['what']}")
     if body.get("recent"):
-        click.echo("recent drops (newest last):")
+        click.echo(f"recent drops (newest last; as the agent last wrote them, "
+                   f"{_clock(body['as_of_ms'])}):")
         for d in body["recent"][-20:]:
+            port = "" if d["protocol"] == "ICMP" else f" {d['port']}"
             click.echo(f"  {_clock(d['time_ms'])} {d['verdict']:<10} {d['direction']:<7} "
-                       f"{d['workload']} {d['address']} {d['protocol']} {d['port']}: "
+                       f"{d['workload']} {d['address']} {d['protocol']}{port}: "
                        f"#{d['rule']} {d['where']}")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from policy_kernel import Kernel, Netns, kernel, netns
+from policy_kernel import Kernel, Netns, Probe, kernel, netns
 from support import (
     Broker,
     Gateway,
@@ -138,6 +138,11 @@ def test_a_pushed_policy_that_cuts_the_uplink_off_is_rolled_back(
                          ".ports[0]")
             assert allow["what"] == f"to {ns.host4}/32; TCP {upstream}"
             assert allow["packets"] > 0  # the uplink goes through it again
+            explained = edge_cli("policy", "explain", "-c", str(gw.agent_file), "--workload",
+                                 cg, "--egress", ns.host4, str(upstream), "tcp")
+            assert "note: the agent runs bundle version 1" in explained.stderr
+            assert explained.stdout.splitlines()[1] == (
+                f"rule: #{allow['id']} policy 'relay' egress[0].ports[0] (enforce)")
             # version 2's drops are kept across the restart that rolled it back
             drops = [d for d in body["recent"] if d["verdict"] == "drop"]
             assert drops, body["recent"]
@@ -185,9 +190,35 @@ def test_without_a_datapath_the_agent_runs_on_and_says_the_policy_is_unenforced(
         assert body["state"] == "unenforced"
         assert body["reason"] == event["reason"]
         assert body["kernel"]["pinned"] is False
+        text = edge_cli("policy", "status", "-c", str(gw.agent_file))
+        assert text.returncode == 0, text.stderr
+        assert f"kernel: nothing pinned ({event['reason']})" in text.stdout
+        assert "–" in text.stdout  # no counters: nothing in the kernel
     finally:
         assert agent.stop() == 0, agent.output()
         sub.stop()
         server.stop()
         b.stop()
     assert "network policy NOT enforced" in agent.output()
+
+
+def test_a_drop_below_a_workload_is_named_by_its_cgroup_path(k: Kernel) -> None:
+    from edge.policy.enforcer import Enforcer  # noqa: PLC0415
+    from edge.policy.spec import NetworkPolicy, PolicySettings  # noqa: PLC0415
+
+    app = k.cgroup("app")
+    sub = k.cgroup("app/sub")
+    settings = PolicySettings("enforce", (NetworkPolicy("app", app),),
+                              pin_dir=str(k.pin.parent / "enforcer"))
+    enforcer = Enforcer(settings)
+    probe = Probe(k.root / sub)
+    try:
+        assert enforcer.start() == "enforced", enforcer.reason
+        assert probe.ask(op="udp", host="127.0.0.1", port=9, timeout=0.5) == {
+            "error": "EPERM"}
+        enforcer.poll()
+        assert [(d.workload, d.verdict, d.where) for d in enforcer.recent] == [
+            (sub, "drop", "policy 'app' default deny (egress)")]
+    finally:
+        probe.stop()
+        enforcer.close()

@@ -114,6 +114,9 @@ P = "policy.policies[0].spec."
      f"{P}workload.cgroup: 'system.slice/../edge.service' is not a cgroup path: give the "
      "path under the cgroup v2 root, e.g. system.slice/edge.service (no empty, . or .. "
      "parts)"),
+    ({"workload": {"cgroup": "/sys/fs/cgroup/unified/nc/app"}},
+     f"{P}workload.cgroup: '/sys/fs/cgroup/unified/nc/app' is a file system path: give "
+     "the path under the cgroup v2 root, here 'nc/app'"),
     ({"workload": {"cgroup": "/".join(["x"] * 32)}},
      f"{P}workload.cgroup: '{'/'.join(['x'] * 32)}' is 32 cgroups deep: the datapath "
      "selects workloads at most 31 levels below the cgroup v2 root"),

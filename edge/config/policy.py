@@ -174,6 +174,10 @@ def _cgroup_path(value: str) -> str:
                      "root, e.g. system.slice/edge.service (no empty, . or .. parts)")
     if any(ord(c) < 32 for c in path):
         raise _error("must not hold control characters")
+    if path.startswith("sys/fs/cgroup/"):
+        under = path.removeprefix("sys/fs/cgroup/").removeprefix("unified/")
+        raise _error(f"{value!r} is a file system path: give the path under the cgroup v2 "
+                     f"root, here {under!r}")
     if len(parts) > MAX_LEVEL:
         raise _error(f"{value!r} is {len(parts)} cgroups deep: the datapath selects "
                      f"workloads at most {MAX_LEVEL} levels below the cgroup v2 root")

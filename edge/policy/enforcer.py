@@ -26,6 +26,7 @@ drops.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -50,6 +51,8 @@ STATE_EVERY_S: Final = 5.0
 WATCH_S: Final = 1.0
 """How often the workloads' cgroups are looked up again (a restarted systemd unit gets
 a new cgroup, with a new id) and the event ring is read."""
+NAME_SEARCH: Final = 1000
+"""Directories looked through to name a cgroup below a workload (a drop event's)."""
 State = Literal["off", "enforced", "unenforced"]
 _PROTOCOLS: Final = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMP"}
 
@@ -220,7 +223,7 @@ class Enforcer:
         where = rules[e.rule - 1] if 0 < e.rule <= len(rules) else f"rule #{e.rule}"
         now_ns = time.monotonic_ns()
         drop = Drop(int(time.time() * 1000 - (now_ns - e.ts_ns) / 1e6), e.verdict,
-                    self._names.get(e.cgroup, f"cgroup {e.cgroup}"),
+                    self._name_of(e.cgroup),
                     e.rule, where, e.direction, str(e.address),
                     _PROTOCOLS.get(e.protocol, str(e.protocol)), e.port)
         self.recent.append(drop)
@@ -228,6 +231,25 @@ class Enforcer:
         self._state_dirty = True
         if self.on_drop is not None:
             self.on_drop(drop)
+
+    def _name_of(self, cgroup: int) -> str:
+        """The path of cgroup id ``cgroup``: a workload's, or one below a workload
+        (looked for in their trees, at most :data:`NAME_SEARCH` directories), else
+        ``cgroup <id>`` (it is gone)."""
+        if cgroup not in self._names and self._dp is not None:
+            seen = 0
+            for path in self.cgroups:
+                for top, dirs, _ in os.walk(self._dp.cgroup_root / path):
+                    for d in dirs:
+                        full = Path(top) / d
+                        with contextlib.suppress(OSError):
+                            ino = full.stat().st_ino
+                            self._names.setdefault(ino, str(full.relative_to(
+                                self._dp.cgroup_root)))
+                    seen += len(dirs)
+                    if cgroup in self._names or seen > NAME_SEARCH:
+                        break
+        return self._names.get(cgroup, f"cgroup {cgroup}")
 
     def status(self) -> dict[str, Any]:
         """The status (JSON-ready): ``state``, ``reason``, ``pin``, ``gen`` (the

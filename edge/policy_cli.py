@@ -125,8 +125,8 @@ def _connection(direction: Direction, value: tuple[str, str, str]) -> tuple[str,
               help="Or the system unit whose cgroup it is (edge.service: "
                    "system.slice/edge.service).")
 @click.option("--egress", nargs=3, metavar="ADDRESS PORT PROTOCOL",
-              help="A connection the workload opens to ADDRESS:PORT (tcp, udp, icmp with "
-                   "PORT -).")
+              help="A connection the workload opens to ADDRESS:PORT (tcp, udp; icmp, or "
+                   "icmpv6 for IPv6, with PORT -).")
 @click.option("--ingress", nargs=3, metavar="ADDRESS PORT PROTOCOL",
               help="A connection from ADDRESS to the workload's PORT.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")

@@ -280,8 +280,8 @@ class PolicyConfig(_Section):
     """``policy``: the mode of policies that name none (``audit`` reports what would be
     dropped, ``enforce`` drops it), the policies, additions to the failsafe set,
     ``pin_dir``, where the datapath is pinned (in a bpf file system), and ``backend``:
-    ``libbpf`` loads the prebuilt object (about 20 ms, under 2 MB in the agent), ``bcc``
-    compiles the C source at run time in a process of its own (seconds and 130 MB
+    ``libbpf`` loads the prebuilt object (about 40 ms, under 2 MB in the agent), ``bcc``
+    compiles the C source at run time in a process of its own (about 1.5 s and 130 MB
     there; needs Debian's python3-bpfcc and the kernel's headers). The last two are the
     agent file's only."""
 

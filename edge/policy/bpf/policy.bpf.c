@@ -44,7 +44,8 @@
 #define PERCPU_ARRAY(name, V, n) BPF_PERCPU_ARRAY(name, V, n)
 #define HASH(name, K, V, n) BPF_HASH(name, K, V, n)
 #define LPM_TRIE(name, K, V, n) BPF_LPM_TRIE(name, K, V, n)
-#define SK_STORAGE(name, V) BPF_SK_STORAGE(name, V)
+#define SK_STORAGE(name, V) \
+        BPF_F_TABLE("sk_storage", int, V, name, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE)
 #define RINGBUF(name, pages) BPF_RINGBUF_OUTPUT(name, pages)
 // (bcc_load.py writes LOOKUP(m, k) as m.lookup(k) and so on before bcc sees the text:
 // bcc rewrites map calls of that form only, and not from macros)
@@ -61,7 +62,8 @@
 #define PERCPU_ARRAY(name, V, n) MAP(BPF_MAP_TYPE_PERCPU_ARRAY, name, __u32, V, n, 0)
 #define HASH(name, K, V, n) MAP(BPF_MAP_TYPE_HASH, name, K, V, n, 0)
 #define LPM_TRIE(name, K, V, n) MAP(BPF_MAP_TYPE_LPM_TRIE, name, K, V, n, BPF_F_NO_PREALLOC)
-#define SK_STORAGE(name, V) MAP(BPF_MAP_TYPE_SK_STORAGE, name, int, V, 0, BPF_F_NO_PREALLOC)
+#define SK_STORAGE(name, V) \
+        MAP(BPF_MAP_TYPE_SK_STORAGE, name, int, V, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE)
 #define RINGBUF(name, pages) struct { \
         __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, (pages) * 4096); } name \
         SEC(".maps")
@@ -205,7 +207,7 @@ struct sk_state {             // per socket
     union addr remote;
 };
 
-SK_STORAGE(sockets, struct sk_state);
+SK_STORAGE(sockets, struct sk_state);  // an accepted socket starts as its listener is
 
 RINGBUF(events, 16);             // 64 KiB: 1365 events
 

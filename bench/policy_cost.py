@@ -26,7 +26,6 @@ attached to that cgroup only, so nothing else on the machine is policed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -42,7 +41,14 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-from edge.policy.datapath import BCC_PYTHON, Datapath, cgroup2_root, object_path
+from edge.policy.datapath import (
+    BCC_PYTHON,
+    Datapath,
+    cgroup2_root,
+    mount_bpffs,
+    object_path,
+    unmount,
+)
 from edge.policy.spec import NetworkPolicy, Peer, PolicySettings, PortSpec, Rule
 from edge.policy.tables import compile_tables
 
@@ -74,13 +80,6 @@ print(json.dumps(out))
 """
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return libc
-
-
 @contextmanager
 def sandbox() -> Iterator[tuple[Path, Path, str]]:
     """(bpffs dir, cgroup v2 root, the bench's workload cgroup path), removed after."""
@@ -90,15 +89,16 @@ def sandbox() -> Iterator[tuple[Path, Path, str]]:
     tmp = Path(tempfile.mkdtemp(prefix="edge-policy-bench-"))
     fs = tmp / "bpffs"
     fs.mkdir()
-    libc = _libc()
-    if libc.mount(b"bpf", str(fs).encode(), b"bpf", 0, None):
-        raise SystemExit(f"cannot mount bpffs: {os.strerror(ctypes.get_errno())}")
+    try:
+        mount_bpffs(fs)
+    except OSError as e:
+        raise SystemExit(str(e)) from e
     base = f"edge-policy-bench-{os.getpid()}"
     (root / base / "w").mkdir(parents=True)
     try:
         yield fs, root, base
     finally:
-        libc.umount2(str(fs).encode(), 2)
+        unmount(fs)
         for d in (root / base / "w", root / base):
             d.rmdir()
         shutil.rmtree(tmp)

@@ -9,7 +9,6 @@ named after this process's PID, the probes are ended by their PID.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from edge.policy.datapath import Datapath, cgroup2_root
+from edge.policy.datapath import Datapath, cgroup2_root, mount_bpffs, unmount
 
 PROBE = Path(__file__).with_name("policy_probe.py")
 REQUIRED = os.environ.get("EDGE_REQUIRE_BPF") == "1"
@@ -35,19 +34,6 @@ def skip_or_fail(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"EDGE_REQUIRE_BPF=1 but {reason}")
     pytest.skip(reason)
-
-
-def _mount(source: str, target: Path, fstype: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
-    if libc.mount(source.encode(), str(target).encode(), fstype.encode(), 0, None):
-        raise OSError(ctypes.get_errno(), f"mount {fstype} on {target}")
-
-
-def _umount(target: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    libc.umount2(str(target).encode(), 2)  # MNT_DETACH
 
 
 @dataclass
@@ -91,7 +77,7 @@ def kernel(tmp: Path) -> Iterator[Kernel]:
     base = f"edge-test-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     (root / base).mkdir()
     try:
-        _mount("bpf", fs, "bpf")
+        mount_bpffs(fs)
     except OSError as e:
         (root / base).rmdir()
         skip_or_fail(f"cannot mount a bpf file system: {e}")
@@ -105,7 +91,7 @@ def kernel(tmp: Path) -> Iterator[Kernel]:
         k.dp.close()
     finally:
         Datapath.remove(fs / "edge")
-        _umount(fs)
+        unmount(fs)
         _remove_cgroups(root / base)
 
 

@@ -75,30 +75,55 @@ def object_path() -> Path:
     return Path(__file__).with_name("bpf") / OBJECT
 
 
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup`` on a unified host,
-    ``/sys/fs/cgroup/unified`` on a hybrid one), None without one (proc(5)
-    mountinfo: the fifth field is the mount point, the field after ``-`` the type)."""
-    found: list[str] = []
+def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """``(mount point, file system type)`` of every mount (proc(5) mountinfo: the fifth
+    field is the mount point, the field after ``-`` the type)."""
+    out = []
     with open(mountinfo, encoding="utf-8") as f:
         for line in f:
             head, _, tail = line.partition(" - ")
-            if tail.split(" ", 1)[0] == "cgroup2":
-                found.append(head.split(" ")[4])
+            out.append((head.split(" ")[4], tail.split(" ", 1)[0]))
+    return out
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup`` on a unified host,
+    ``/sys/fs/cgroup/unified`` on a hybrid one), None without one."""
+    found = [point for point, kind in _mounts(mountinfo) if kind == "cgroup2"]
     return Path(min(found, key=len)) if found else None
 
 
-def _fs_type(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    best: tuple[str, str | None] = ("", None)
+def _fs_type(path: Path) -> str | None:
+    """The type of the file system ``path`` is on (the longest mount point above it)."""
     target = str(path)
-    with open(mountinfo, encoding="utf-8") as f:
-        for line in f:
-            head, _, tail = line.partition(" - ")
-            point = head.split(" ")[4]
-            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(
-                    point) >= len(best[0]):
-                best = (point, tail.split(" ", 1)[0])
-    return best[1]
+    under = [(point, kind) for point, kind in _mounts()
+             if target == point or target.startswith(point.rstrip("/") + "/")]
+    return max(under, key=lambda m: len(m[0]))[1] if under else None
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return libc
+
+
+def mount_bpffs(target: Path) -> None:
+    """Mounts a bpf file system (a new instance) at ``target``.
+
+    Raises:
+        OSError: not permitted (needs CAP_SYS_ADMIN), or ``target`` is no directory.
+    """
+    if _libc().mount(b"bpf", str(target).encode(), b"bpf", 0, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mounting a bpf file system at {target} failed: "
+                      f"{os.strerror(code)}")
+
+
+def unmount(target: Path) -> None:
+    """Detaches the file system at ``target`` (MNT_DETACH: what is pinned in a bpffs
+    is freed once nothing holds it)."""
+    _libc().umount2(str(target).encode(), 2)
 
 
 def ensure_bpffs(pin: Path) -> None:
@@ -115,12 +140,7 @@ def ensure_bpffs(pin: Path) -> None:
     if parent != Path(BPFFS):
         raise OSError(errno.ENOTDIR, f"{parent} is not on a bpf file system (mount one: "
                       f"mount -t bpf bpf {parent})")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
-    if libc.mount(b"bpf", str(parent).encode(), b"bpf", 0, None) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{parent} is not a bpf file system and mounting one there "
-                      f"failed: {os.strerror(code)}")
+    mount_bpffs(parent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_strategies import policy_settings as shared_settings
 from support import edge_cli
 
 from edge.config.load import load_config
 from edge.policy.evaluator import FlatRule, evaluate, rules
 from edge.policy.spec import (
     Direction,
-    FailsafeRule,
     NetworkPolicy,
     Peer,
     PolicySettings,
@@ -169,37 +169,13 @@ ADDRESSES = ["10.1.2.3", "10.1.2.4", "10.1.9.9", "10.2.0.1", "11.0.0.1", "fd00:1
 WORKLOADS = ["a", "a/b", "c"]
 
 
-@st.composite
-def peers(draw: st.DrawFn) -> Peer:
-    cidr = ip_network(draw(st.sampled_from(NETS)))
-    inside = [n for n in map(ip_network, NETS) if n.version == cidr.version and n != cidr
-              and n.subnet_of(cidr)]  # type: ignore[arg-type]
-    holes = draw(st.lists(st.sampled_from(inside), max_size=2, unique=True)) if inside else []
-    return Peer(cidr, tuple(holes))
-
-
 port_specs = st.one_of(
     st.just(PortSpec("ICMP")),
     st.builds(PortSpec, st.sampled_from(["TCP", "UDP"])),
     st.tuples(st.sampled_from(["TCP", "UDP"]), st.integers(1, 5), st.integers(0, 2)).map(
         lambda t: PortSpec(t[0], t[1], t[1] + t[2] if t[2] else None)),  # type: ignore[arg-type]
 )
-rule_specs = st.builds(Rule, st.none() | st.lists(peers(), min_size=1, max_size=3).map(tuple),
-                       st.none() | st.lists(port_specs, min_size=1, max_size=3).map(tuple))
-sections = st.lists(rule_specs, max_size=2).map(tuple)
-
-
-@st.composite
-def policy_settings(draw: st.DrawFn) -> PolicySettings:
-    policies = tuple(
-        NetworkPolicy(f"p{i}", draw(st.sampled_from(WORKLOADS)),
-                      draw(st.sampled_from([None, "audit", "enforce"])),
-                      draw(sections), draw(sections), draw(sections), draw(sections))
-        for i in range(draw(st.integers(1, 3))))
-    failsafe = tuple(FailsafeRule(f"f{i}", draw(st.sampled_from(["egress", "ingress"])),
-                                  draw(rule_specs))
-                     for i in range(draw(st.integers(0, 2))))
-    return PolicySettings(draw(st.sampled_from(["audit", "enforce"])), policies, failsafe)
+policy_settings = shared_settings(NETS, WORKLOADS, port_specs, min_policies=1)
 
 
 def _in(rule: Rule, address: str, port: int | None, protocol: str) -> bool:

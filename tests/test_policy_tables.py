@@ -12,6 +12,7 @@ from random import Random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_strategies import policy_settings as shared_settings
 
 from edge.policy.evaluator import DIRECTIONS, evaluate, rules
 from edge.policy.spec import (
@@ -111,15 +112,6 @@ WORKLOADS = ["a", "a/b", "a/b/c", "c"]
 
 
 @st.composite
-def peers(draw: st.DrawFn) -> Peer:
-    cidr = net(draw(st.sampled_from(NETS)))
-    inside = [n for n in map(net, NETS) if n.version == cidr.version and n != cidr
-              and n.subnet_of(cidr)]  # type: ignore[arg-type]
-    holes = draw(st.lists(st.sampled_from(inside), max_size=2, unique=True)) if inside else []
-    return Peer(cidr, tuple(holes))
-
-
-@st.composite
 def port_range(draw: st.DrawFn) -> PortSpec:
     protocol = draw(st.sampled_from(["TCP", "UDP"]))
     first, last = sorted(draw(st.lists(st.sampled_from(BOUNDS), min_size=2, max_size=2)))
@@ -128,22 +120,7 @@ def port_range(draw: st.DrawFn) -> PortSpec:
 
 port_specs = st.one_of(st.just(PortSpec("ICMP")),
                        st.builds(PortSpec, st.sampled_from(["TCP", "UDP"])), port_range())
-rule_specs = st.builds(Rule, st.none() | st.lists(peers(), min_size=1, max_size=3).map(tuple),
-                       st.none() | st.lists(port_specs, min_size=1, max_size=3).map(tuple))
-sections = st.lists(rule_specs, max_size=2).map(tuple)
-
-
-@st.composite
-def policy_settings(draw: st.DrawFn) -> PolicySettings:
-    policies = tuple(
-        NetworkPolicy(f"p{i}", draw(st.sampled_from(WORKLOADS)),
-                      draw(st.sampled_from([None, "audit", "enforce"])),
-                      draw(sections), draw(sections), draw(sections), draw(sections))
-        for i in range(draw(st.integers(0, 3))))
-    failsafe = tuple(FailsafeRule(f"f{i}", draw(st.sampled_from(["egress", "ingress"])),
-                                  draw(rule_specs))
-                     for i in range(draw(st.integers(0, 2))))
-    return PolicySettings(draw(st.sampled_from(["audit", "enforce"])), policies, failsafe)
+policy_settings = shared_settings(NETS, WORKLOADS, port_specs, min_policies=0)
 
 
 def edges(network: IPv4Network | IPv6Network) -> set[str]:

@@ -9,6 +9,7 @@ once the proxy passes, and the good devices keep their cadence meanwhile.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -56,6 +57,9 @@ latency and an interval is the cycle ± the difference of two latencies. One rea
 a pymodbus server on localhost takes a few ms; 60 ms is ten times that, for
 scheduling noise, and well below what being held up by the faulty device would cost:
 a missed cycle (+100 ms) or one of its timeouts (+150 ms)."""
+STALL_S = 0.02
+"""A loop that wakes this much later than asked was held up: by the machine (another
+process, the GIL of the server threads), not by anything a device does."""
 
 
 @contextlib.asynccontextmanager
@@ -146,18 +150,59 @@ async def until(pred: Callable[[], bool], within: float, what: str) -> float:
     return loop.time()
 
 
-def assert_cadence(f: Fleet, key: str, start: float, end: float) -> None:
-    """``key`` made a good reading every cycle between ``start`` and ``end``."""
+class Stalls:
+    """Spans of loop time in which an event loop of this process ran late.
+
+    The good devices' cadence is asserted in the time the process could keep it: a
+    stall of the test's loop or of a server's (seen by a 5 ms ticker on each) excuses
+    the cycles it overlaps, a faulty device holding up a good one does not stall them.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            if (woke := loop.time()) - asked > STALL_S:
+                self.spans.append((asked, woke))
+
+    @contextlib.asynccontextmanager
+    async def watching(self, *servers: ModbusServer) -> AsyncIterator[None]:
+        """Tick on the running loop and on each server's loop while inside."""
+        tickers: list[concurrent.futures.Future[None] | asyncio.Task[None]] = [
+            asyncio.get_running_loop().create_task(self._tick()),
+            *(asyncio.run_coroutine_threadsafe(self._tick(), s.loop) for s in servers)]
+        try:
+            yield
+        finally:
+            for t in tickers:
+                t.cancel()
+
+    def overlap(self, a: float, b: float) -> bool:
+        return any(s < b and e > a for s, e in self.spans)
+
+
+def assert_cadence(f: Fleet, key: str, start: float, end: float, stalls: Stalls) -> None:
+    """``key`` made a good reading every cycle between ``start`` and ``end``.
+
+    An interval that strays from the cycle by more than the slack is allowed only where
+    a stall of the process overlaps it or the cycle before it (a late reading makes
+    the next interval short).
+    """
     times = [t for t, r in f.readings[key] if start <= t <= end]
     assert all(not r.quality for t, r in f.readings[key] if start <= t <= end), key
+    assert times, key
     period = CYCLE_MS / 1000
-    expected = (end - start) / period
-    assert len(times) >= expected - 2, (key, len(times), expected)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps, key
-    assert period - CADENCE_SLACK_S <= min(gaps), (key, min(gaps))
-    assert max(gaps) <= period + CADENCE_SLACK_S, (key, max(gaps))
-    assert f.pollers[key].stats.overruns == 0, key
+    for a, b in itertools.pairwise([start, *times, end]):
+        late = b - a > period + CADENCE_SLACK_S
+        early = b - a < period - CADENCE_SLACK_S and a != start and b != end
+        assert not (late or early) or stalls.overlap(a - period, b), (
+            key, round(a - start, 3), round(b - a, 3), stalls.spans)
+    if not stalls.spans:
+        assert f.pollers[key].stats.overruns == 0, key
 
 
 FRAME_COUNTERS = ("crc_errors", "short_frames", "garbled_frames", "wrong_unit", "wrong_function")
@@ -200,12 +245,14 @@ async def test_fault_opens_the_breaker_of_its_device_only(
 ) -> None:
     target = rtu_server if fault.framing == "rtu" else mbap_server
     async with running(FaultProxy(target.port, framing=fault.framing)) as proxy:
-        await _fault_cycle(fault, proxy, mbap_server)
+        await _fault_cycle(fault, proxy, mbap_server, rtu_server)
 
 
-async def _fault_cycle(fault: Fault, proxy: FaultProxy, mbap_server: ModbusServer) -> None:
+async def _fault_cycle(fault: Fault, proxy: FaultProxy, mbap_server: ModbusServer,
+                       rtu_server: ModbusServer) -> None:
     pool = ConnectionPool(backoff_initial=0.05, backoff_max=0.2, connect_timeout=0.5)
-    async with fleet(pool) as f:
+    stalls = Stalls()
+    async with fleet(pool) as f, stalls.watching(mbap_server, rtu_server):
         good = [
             f.add(spec(f"good-{u}", TcpEndpoint("127.0.0.1", mbap_server.port), u, 0.5), pool)
             for u in GOOD_UNITS
@@ -255,7 +302,7 @@ async def _fault_cycle(fault: Fault, proxy: FaultProxy, mbap_server: ModbusServe
     assert after, "no reading after the breaker closed"
     assert after[-1].values == {"a": 400, "b": 401}
     for p in good:
-        assert_cadence(f, p.device.key, t_fault, t_back)
+        assert_cadence(f, p.device.key, t_fault, t_back, stalls)
         st = p.stats
         assert (st.timeouts, st.frame_errors, st.connection_errors, st.breaker_opened) == (
             0, 0, 0, 0)

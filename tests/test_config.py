@@ -654,7 +654,8 @@ def test_unknown_visitor_key_is_a_warning(tmp_path: Path) -> None:
     _, warnings = load_warned(tmp_path, model_doc(), device)
     assert warnings == [
         "spec.properties[0].visitors.configData.byteOrder: unknown key 'byteOrder' is ignored; "
-        "accepted: register, offset, limit, scale, isSwap, isRegisterSwap, dataType, bit, min, max"
+        "accepted: register, offset, limit, scale, isSwap, isRegisterSwap, dataType, bit, min, "
+        "max, scaleFactor, missing"
     ]
 
 

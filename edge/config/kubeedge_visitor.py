@@ -9,6 +9,7 @@ the model's ``minimum``/``maximum`` with the visitor's ``min``/``max``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from edge.config.kubeedge_docs import Bound, Config, ModelProperty
@@ -18,7 +19,7 @@ from edge.config.sources import Report, Where, or_list
 
 VISITOR_KEYS = (
     "register", "offset", "limit", "scale", "isSwap", "isRegisterSwap",
-    "dataType", "bit", "min", "max",
+    "dataType", "bit", "min", "max", "scaleFactor", "missing",
 )  # fmt: skip
 """Property ``visitors.configData`` keys."""
 GENERIC_TYPES = ("int", "float", "double", "string", "boolean", "bytes")
@@ -276,6 +277,52 @@ def _value_type(raw: RawType, model: ModelProperty, generic: str | None) -> Valu
     return _RAW_VALUE_TYPE.get(raw, ValueType.INT)
 
 
+def _scale_factor(
+    r: ConfigReader, table: Table, raw: RawType, offset: int | None, limit: int,
+    options: ModbusOptions,
+) -> int | None:
+    """``scaleFactor``: the address of the int16 exponent register, read with the
+    property in one request (SunSpec ``sunssf``)."""
+    sf = r.integer("scaleFactor", None, 0, 65535)
+    if sf is None or offset is None:
+        return None
+    if table.is_bit or not raw.is_integer:
+        r.error("scaleFactor", f"a scale factor register applies to integer types of "
+                f"register tables, not to {raw} of {table}")
+        return None
+    if offset <= sf < offset + limit:
+        r.error("scaleFactor", f"scale factor register {sf} is one of the property's own "
+                f"registers ({offset}..{offset + limit - 1})")
+        return None
+    extent = max(offset + limit, sf + 1) - min(offset, sf)
+    if extent > options.max_registers:
+        r.error("scaleFactor", f"scale factor register {sf} is {extent} registers from the "
+                f"property's end: more than one read of {table} carries "
+                f"({options.max_registers})")
+        return None
+    return sf
+
+
+def _missing(r: ConfigReader, table: Table, limit: int) -> int | None:
+    """``missing``: the raw value that means "not implemented" (an integer, or a
+    ``0x`` hex string, of at most ``limit`` registers)."""
+    entry = r.config.get("missing")
+    if entry is None:
+        return None
+    value = entry.value
+    if isinstance(value, str) and value.lower().startswith("0x"):
+        with contextlib.suppress(ValueError):
+            value = int(value, 16)
+    if table.is_bit:
+        r.error("missing", f"a not-implemented value applies to register tables, not {table}")
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 16 * limit:
+        r.error("missing", f"missing must be the raw value of the {limit} register(s) as an "
+                f"unsigned integer (0..{(1 << 16 * limit) - 1:#x}), got {value!r}")
+        return None
+    return value
+
+
 def parse_visitor(
     config: Config,
     where: Where,
@@ -292,7 +339,10 @@ def parse_visitor(
     ``limit`` (1; registers or bits, offset + limit ≤ 65536, ≤ one request),
     ``scale`` (1; non-zero), ``isSwap``, ``isRegisterSwap``, ``dataType`` (explicit
     raw type or KubeEdge generic), ``bit`` (0..15, with ``dataType: bit``), ``min`` /
-    ``max`` (write bounds, combined with the model's ``minimum``/``maximum``). Unknown
+    ``max`` (write bounds, combined with the model's ``minimum``/``maximum``),
+    ``scaleFactor`` (address of an int16 power-of-ten exponent register in the same
+    table, integer types only, read in the same request: SunSpec), ``missing`` (the
+    raw "not implemented" value, an unsigned integer or ``0x…`` string). Unknown
     keys are warnings. Swaps and scale do not apply to bit tables (a scale there is a
     warning). Returns None when anything is wrong (all of it reported).
     """
@@ -326,6 +376,8 @@ def parse_visitor(
         r.warning("scale", f"scale {format_number(scale)} is ignored for {raw} on {table}")
         scale = 1.0
     minimum, maximum = _write_bounds(r, raw, table, limit, scale, model)
+    scale_factor = _scale_factor(r, table, raw, offset, limit, options)
+    missing = _missing(r, table, limit)
     if not r.ok or offset is None:
         return None
     visitor = Visitor(
@@ -337,5 +389,10 @@ def parse_visitor(
         is_swap=is_swap and not bit_table,
         is_register_swap=is_register_swap and not bit_table,
         bit=bit,
+        scale_factor=scale_factor,
+        missing=missing,
     )
-    return PropertyRead(visitor, _value_type(raw, model, generic), minimum, maximum)
+    value_type = _value_type(raw, model, generic)
+    if scale_factor is not None and model.type_name is None:
+        value_type = ValueType.FLOAT  # 10^e with e < 0 makes a decimal
+    return PropertyRead(visitor, value_type, minimum, maximum)

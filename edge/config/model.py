@@ -149,6 +149,13 @@ class Visitor:
     registers, reverse their order if ``is_register_swap``, then swap the two bytes
     of each register if ``is_swap``, decode big-endian as ``raw_type``, multiply by
     ``scale``. ``bit`` is the bit index (0 = least significant) for ``RawType.BIT``.
+
+    ``scale_factor`` (integer raw types only) is the address, in the same table, of an
+    int16 power-of-ten exponent e read in the same request: the value is then
+    raw × scale × 10^e (SunSpec's ``sunssf`` points). ``missing`` is the raw value that
+    means "not implemented" (the registers as the device carries them, first register
+    most significant; SunSpec's 0x8000 for int16, 0xFFFF for uint16, …): such a reading
+    is a bad value, not a number.
     """
 
     table: Table
@@ -159,11 +166,25 @@ class Visitor:
     is_swap: bool = False
     is_register_swap: bool = False
     bit: int | None = None
+    scale_factor: int | None = None
+    missing: int | None = None
 
     @property
     def end(self) -> int:
         """One past the last address this visitor reads."""
         return self.offset + self.limit
+
+    @property
+    def first(self) -> int:
+        """The first address its request must cover: its own or its scale factor's."""
+        sf = self.scale_factor
+        return self.offset if sf is None else min(self.offset, sf)
+
+    @property
+    def last_end(self) -> int:
+        """One past the last address its request must cover (scale factor included)."""
+        sf = self.scale_factor
+        return self.end if sf is None else max(self.end, sf + 1)
 
 
 @dataclass(frozen=True, slots=True)

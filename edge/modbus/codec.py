@@ -69,7 +69,83 @@ _SIGNIFICANT_FLOAT64 = ".15g"
 
 
 def decoder_for(visitor: Visitor) -> Decoder:
-    """Compile the decoder of one property; see the module docstring for the rules.
+    """Compile the decoder of one property (see :func:`_plain_decoder` and the module
+    docstring), with its "not implemented" value and scale factor register if any.
+
+    Raises:
+        CodecError: as :func:`_plain_decoder`; a scale factor on a type that is not a
+            fixed-width integer of a register table. The decoder raises CodecError
+            for the ``missing`` raw value, a missing (0x8000) scale factor and one
+            outside -10..10.
+    """
+    if visitor.scale_factor is None:
+        decoder = _plain_decoder(visitor)
+    else:
+        decoder = _scale_factor_decoder(visitor)
+    if visitor.missing is not None:
+        decoder = _with_missing(visitor, decoder)
+    return decoder
+
+
+SCALE_FACTOR_MISSING = 0x8000
+"""The int16 scale factor value that means "not implemented" (SunSpec ``sunssf``)."""
+SCALE_FACTOR_RANGE = range(-10, 11)
+"""Exponents a scale factor may hold (SunSpec Information Model: -10..10)."""
+_POWERS_OF_TEN: tuple[int, ...] = tuple(10**i for i in range(11))
+
+
+def _scale_factor_decoder(visitor: Visitor) -> Decoder:
+    """raw × scale × 10^e, e the int16 at ``visitor.scale_factor``: an int while the
+    product is integral by construction (e ≥ 0, integral scale), else the float nearest
+    the exact decimal (raw -12345, e -2 → -123.45)."""
+    sf = visitor.scale_factor
+    if visitor.table.is_bit or not visitor.raw_type.is_integer or sf is None:
+        raise CodecError(
+            f"a scale factor register applies to integer types of register tables, "
+            f"not to {visitor.raw_type} of {visitor.table}"
+        )
+    _check_register_limit(visitor)
+    delta = sf - visitor.offset
+    num, den = _scale_fraction(visitor)
+    unscaled = _integer_reader(visitor)
+
+    def scaled(data: Sequence[int] | Sequence[bool], index: int) -> Value:
+        word = int(data[index + delta])
+        if word == SCALE_FACTOR_MISSING:
+            raise CodecError(f"scale factor register {sf} is not implemented (0x8000)")
+        exponent = word - 0x10000 if word & 0x8000 else word
+        if exponent not in SCALE_FACTOR_RANGE:
+            raise CodecError(f"scale factor {exponent} at register {sf} is outside -10..10")
+        raw = unscaled(data, index) * num
+        if exponent >= 0:
+            raw *= _POWERS_OF_TEN[exponent]
+            if den == 1:
+                return raw
+            return raw / den  # one correctly rounded division: the nearest float
+        return raw / (den * _POWERS_OF_TEN[-exponent])
+
+    return scaled
+
+
+def _with_missing(visitor: Visitor, decoder: Decoder) -> Decoder:
+    missing, limit = visitor.missing, visitor.limit
+    if visitor.table.is_bit:
+        raise CodecError(f"a not-implemented value applies to register tables, not {visitor.table}")
+
+    def checked(data: Sequence[int] | Sequence[bool], index: int) -> Value:
+        raw = 0
+        for word in data[index : index + limit]:
+            raw = raw << 16 | int(word)
+        if raw == missing:
+            raise CodecError(f"not implemented by the device (raw value {missing:#x})")
+        return decoder(data, index)
+
+    return checked
+
+
+def _plain_decoder(visitor: Visitor) -> Decoder:
+    """The decoder of a property without scale factor register; see the module
+    docstring for the rules.
 
     Every choice that depends on the visitor (struct formats, swaps, scale) is made
     here, once; the returned function only indexes, unpacks and scales.

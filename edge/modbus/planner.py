@@ -46,7 +46,9 @@ class ReadRequest:
     """One Modbus read: ``count`` registers (or bits) of ``table`` from ``address``.
 
     ``properties`` are sorted by offset; each decodes at index
-    ``prop.visitor.offset - address`` of the response data.
+    ``prop.visitor.offset - address`` of the response data. A property with a scale
+    factor register (``Visitor.scale_factor``) is planned as the extent from
+    ``Visitor.first`` to ``Visitor.last_end``, so its exponent is in the same response.
     """
 
     table: Table
@@ -122,24 +124,25 @@ def _plan_table(
     table: Table, properties: list[PropertySpec], span: int, max_gap: int
 ) -> list[ReadRequest]:
     unit = "bits" if table.is_bit else "registers"
-    ordered = sorted(properties, key=lambda p: (p.visitor.offset, p.visitor.end, p.name))
+    ordered = sorted(properties, key=lambda p: (p.visitor.first, p.visitor.last_end, p.name))
     requests: list[ReadRequest] = []
     members: list[PropertySpec] = []
     start = end = 0
     for prop in ordered:
-        visitor = prop.visitor
-        if visitor.limit > span:
+        first, last_end = prop.visitor.first, prop.visitor.last_end
+        if last_end - first > span:
+            with_sf = "" if prop.visitor.scale_factor is None else " with its scale factor"
             raise ValueError(
-                f"property {prop.name!r} reads {visitor.limit} {unit} of {table}; "
+                f"property {prop.name!r} reads {last_end - first} {unit} of {table}{with_sf}; "
                 f"one request may read at most {span}"
             )
-        if members and visitor.offset - end <= max_gap and max(end, visitor.end) - start <= span:
+        if members and first - end <= max_gap and max(end, last_end) - start <= span:
             members.append(prop)
-            end = max(end, visitor.end)
+            end = max(end, last_end)
             continue
         if members:
             requests.append(ReadRequest(table, start, end - start, tuple(members)))
-        members, start, end = [prop], visitor.offset, visitor.end
+        members, start, end = [prop], first, last_end
     if members:
         requests.append(ReadRequest(table, start, end - start, tuple(members)))
     return requests

@@ -283,14 +283,24 @@ def _refuse(
     )
 
 
+def _not_writable(visitor: Visitor) -> str | None:
+    if not visitor.table.writable:
+        return (f"{visitor.table} cannot be written (only coils, by FC 5/15, "
+                "and holding registers, by FC 6/16/22)")
+    if visitor.scale_factor is not None:
+        return (f"it is scaled by the scale factor register {visitor.scale_factor}; "
+                "writing such a property is not supported")
+    return None
+
+
 def _plan(prop: PropertySpec, value: Value) -> _Plan | tuple[WriteErrorKind, str]:
     """Every check that needs no request: the plan of the write, or (kind, cause)."""
     visitor = prop.visitor
     if prop.access_mode is not AccessMode.READ_WRITE:
         return "read_only", f"its accessMode is {prop.access_mode}, not ReadWrite"
-    if not visitor.table.writable:
-        return "not_writable", (f"{visitor.table} cannot be written (only coils, by FC 5/15, "
-                                "and holding registers, by FC 6/16/22)")
+    problem = _not_writable(visitor)
+    if problem:
+        return "not_writable", problem
     problem = _kind_problem(prop, value)
     if problem:
         return "bad_value", problem

@@ -426,7 +426,7 @@ def test_unknown_protocol_key_is_a_warning_naming_it(tmp_path: Path) -> None:
         "spec.protocol.configData.ipAddress: unknown key 'ipAddress' is ignored; accepted: "
         "communicateMode, ip, port, slaveID, serialPort, baudRate, dataBits, stopBits, parity, "
         "rs485Enabled, serialType, timeout, retries, maxRegistersPerRequest, maxBitsPerRequest, "
-        "maxGap, unitID, serialName"
+        "maxGap, profile, firmware, sunspecChain, unitID, serialName"
     ]
 
 

@@ -34,6 +34,7 @@ from edge.config.kubeedge_docs import (
     validate_shape,
 )
 from edge.config.kubeedge_modbus import Connection, parse_connection
+from edge.config.kubeedge_profile import profiled_properties, use_profile
 from edge.config.kubeedge_v1alpha2 import device_v1alpha2, model_v1alpha2
 from edge.config.kubeedge_v1beta1 import device_v1beta1, model_v1beta1
 from edge.config.kubeedge_visitor import parse_visitor
@@ -257,8 +258,9 @@ def _check_desired(prop: PropertySpec, where: Where, field: str, report: Report)
         report.error(where, field, message)
 
 
-def _methods(device: DeviceDoc, model: ModelDoc, report: Report) -> tuple[MethodSpec, ...]:
-    names = [p.name for p in model.properties]
+def _methods(
+    device: DeviceDoc, model: ModelDoc, names: Sequence[str], report: Report
+) -> tuple[MethodSpec, ...]:
     for method in device.methods:
         for i, name in enumerate(method.property_names):
             if name not in names and name not in model.broken_properties:
@@ -292,10 +294,12 @@ def _model(
 def _device(device: DeviceDoc, model: ModelDoc, report: Report) -> DeviceSpec | None:
     """``device`` (a Modbus one) merged with its ``model``; None when anything is wrong."""
     where = device.where
-    connection = parse_connection(
-        {**model.protocol_config, **device.config}, where, device.config_field, report
-    )
-    model_props = {p.name: p for p in model.properties}
+    config = {**model.protocol_config, **device.config}
+    connection = parse_connection(config, where, device.config_field, report)
+    use = use_profile(config, where, device.config_field, report)
+    if use is None and "profile" in config:
+        return None  # reported
+    model_props = {p.name: p for p in profiled_properties(model, use, report)}
     entries = {}
     for entry in device.properties:
         if entry.name in model_props:
@@ -309,13 +313,13 @@ def _device(device: DeviceDoc, model: ModelDoc, report: Report) -> DeviceSpec | 
                 f"{', '.join(model_props) or 'none'}",
             )
     properties = []
-    for model_prop in model.properties:
+    for model_prop in model_props.values():
         if model_prop.name in device.broken_properties:
             continue  # its entry is invalid, and reported
         prop = _property(model_prop, entries.get(model_prop.name), device, connection, report)
         if prop is not None:
             properties.append(prop)
-    methods = _methods(device, model, report)
+    methods = _methods(device, model, list(model_props), report)
     if connection is None:
         return None
     if not properties and not report.has_errors:

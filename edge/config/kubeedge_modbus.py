@@ -35,6 +35,7 @@ PROTOCOL_KEYS = (
     "communicateMode", "ip", "port", "slaveID", "serialPort", "baudRate", "dataBits",
     "stopBits", "parity", "rs485Enabled", "serialType",
     "timeout", "retries", "maxRegistersPerRequest", "maxBitsPerRequest", "maxGap",
+    "profile", "firmware", "sunspecChain",
 )  # fmt: skip
 """Device ``protocol.configData`` keys (canonical names; ``unitID`` and ``serialName``
 are accepted for ``slaveID`` and ``serialPort``)."""
@@ -257,7 +258,9 @@ def parse_connection(config: Config, where: Where, field: str, report: Report) -
     address or an RFC 1123 host name, without port or scheme; ``rs485Enabled`` and
     ``serialType`` are accepted without effect. Edge's own: ``timeout`` (ms per request,
     1000), ``retries`` (1), ``maxRegistersPerRequest`` (1..125), ``maxBitsPerRequest``
-    (1..2000), ``maxGap`` (16; 0 = no gap fill). Unknown keys are warnings. Returns None
+    (1..2000), ``maxGap`` (16; 0 = no gap fill); ``profile``, ``firmware``,
+    ``sunspecChain`` are read by :mod:`edge.config.kubeedge_profile`. Unknown keys are
+    warnings. Returns None
     when anything is wrong (all of it reported).
     """
     r = ConfigReader(config, where, field, report)

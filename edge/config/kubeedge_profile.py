@@ -1,0 +1,148 @@
+"""A Device (or its DeviceModel) that names a firmware profile (:mod:`edge.profiles`).
+
+``protocol.configData`` of the Device, or the DeviceModel's ``protocolConfigData``
+(the Device's wins), may carry:
+
+* ``profile``: the profile's ``metadata.name`` (e.g. ``eastron-sdm630``);
+* ``firmware``: the device's firmware version as ``edge discover`` prints it; checked
+  against the profile's known ranges, and it selects the properties of that firmware;
+* ``sunspecChain``: for a SunSpec profile, the device's models as discovered, a list
+  of ``{model: <id>, address: <address of its ID register>}``.
+
+The profile fills in the visitors: a DeviceModel without properties gets all of the
+profile's (for that firmware); one with properties gets the profile's visitor for each
+property it names, under the model's own visitor keys and the Device's (so a device
+can override any key, e.g. ``scale`` or ``offset``, and that is checked like any
+visitor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from edge.config.kubeedge_docs import Config, Entry, ModelDoc, ModelProperty
+from edge.config.sources import Report, Where, join_field
+from edge.profiles.profile import (
+    Loaded,
+    applies,
+    firmware_dependent,
+    known_range,
+    model_property,
+    parse_version,
+    shipped,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileUse:
+    """The profile a device uses: its properties for the device's firmware by name,
+    and the names left out because they belong to other firmware (with the range)."""
+
+    profile: Loaded
+    firmware: str | None
+    properties: dict[str, ModelProperty]
+    other_firmware: dict[str, str]
+
+
+def _entry_error(entry: Entry, report: Report, message: str) -> None:
+    report.error(entry.where, entry.field, message)
+
+
+def _firmware(profile: Loaded, entry: Entry | None, report: Report) -> tuple[bool, str | None]:
+    """(ok, the firmware version text) after checking it against the known ranges."""
+    doc = profile.doc
+    firmware = doc.spec.firmware
+    if entry is None:
+        return True, None
+    text = str(entry.value)
+    version = parse_version(text)
+    if version is None:
+        _entry_error(entry, report, f"firmware {text!r} is not a version (e.g. 2.01, 1.3.7)")
+        return False, None
+    if firmware is None:
+        report.warning(entry.where, entry.field,
+                       f"profile {doc.name} has one register map for every firmware; "
+                       f"firmware {text} is not checked")
+        return True, text
+    if known_range(doc, version) is None:
+        _entry_error(entry, report, (
+            f"firmware {text} is outside every range profile {doc.name} knows "
+            f"({'; '.join(firmware.known)}): its register map is not guessed; check "
+            "the device (edge discover) or write a profile for this firmware"))
+        return False, None
+    return True, text
+
+
+def use_profile(
+    config: Config, where: Where, field: str, report: Report,
+    profiles: Mapping[str, Loaded] | None = None,
+) -> ProfileUse | None:
+    """The profile ``config`` names with the properties of the device's firmware; None
+    when it names none or when anything is wrong (reported). ``profiles`` defaults to
+    the shipped ones."""
+    entry = config.get("profile")
+    if entry is None:
+        for key in ("firmware", "sunspecChain"):
+            if key in config:
+                _entry_error(config[key], report, f"{key} is only used with profile")
+        return None
+    known = shipped() if profiles is None else profiles
+    profile = known.get(str(entry.value))
+    if profile is None:
+        _entry_error(entry, report, f"profile {entry.value!r} is not known; profiles: "
+                     f"{', '.join(sorted(known)) or 'none'}")
+        return None
+    doc = profile.doc
+    firmware_entry = config.get("firmware")
+    if firmware_entry is None and firmware_dependent(doc):
+        report.error(where, join_field(field, "firmware"), (
+            f"profile {doc.name}'s register map depends on the firmware (properties "
+            f"{', '.join(firmware_dependent(doc))} exist in some firmware only): give the "
+            "device's firmware (configData firmware, as edge discover prints it)"))
+        return None
+    ok, text = _firmware(profile, firmware_entry, report)
+    if not ok:
+        return None
+    version = parse_version(text) if text else None
+    chosen: dict[str, ModelProperty] = {}
+    other: dict[str, str] = {}
+    for index, prop in enumerate(doc.spec.properties):
+        if applies(prop, version):
+            chosen[prop.name] = model_property(profile, index)
+        else:
+            other[prop.name] = prop.firmware or ""
+    return ProfileUse(profile, text, chosen, other)
+
+
+def profiled_properties(
+    model: ModelDoc, use: ProfileUse | None, report: Report
+) -> Sequence[ModelProperty]:
+    """``model``'s properties with the profile's visitors under their own: all of the
+    profile's when the model lists none. A listed property the profile has only in
+    other firmware, or neither has nor gets a visitor from the model, is an error."""
+    if use is None:
+        return model.properties
+    if not model.properties:
+        return tuple(use.properties.values())
+    doc = use.profile.doc
+    merged: list[ModelProperty] = []
+    for prop in model.properties:
+        base = use.properties.get(prop.name)
+        if base is not None:
+            merged.append(dataclasses.replace(
+                prop, visitor={**(base.visitor or {}), **(prop.visitor or {})},
+                type_name=prop.type_name or base.type_name, unit=prop.unit or base.unit))
+        elif prop.name in use.other_firmware:
+            report.error(prop.where, prop.field, (
+                f"property {prop.name!r} of profile {doc.name} exists in firmware "
+                f"{use.other_firmware[prop.name]} only; this device's firmware is "
+                f"{use.firmware}"))
+        elif prop.visitor:
+            merged.append(prop)
+        else:
+            report.error(prop.where, prop.field, (
+                f"property {prop.name!r} is not in profile {doc.name} and has no visitor "
+                f"of its own; the profile has: {', '.join(use.properties) or 'none'}"))
+    return tuple(merged)

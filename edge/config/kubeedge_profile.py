@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from edge.config.kubeedge_docs import Config, Entry, ModelDoc, ModelProperty
 from edge.config.sources import Report, Where, join_field
 from edge.profiles.profile import (
@@ -32,7 +34,9 @@ from edge.profiles.profile import (
     model_property,
     parse_version,
     shipped,
+    with_properties,
 )
+from edge.profiles.sunspec import Chain, ChainModel, chain_properties, model_definition
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,35 @@ def _firmware(profile: Loaded, entry: Entry | None, report: Report) -> tuple[boo
     return True, text
 
 
+def _named_profile(
+    config: Config, where: Where, field: str, report: Report, known: Mapping[str, Loaded]
+) -> Loaded | None:
+    """The profile ``config`` names, a SunSpec one with its properties made from the
+    device's ``sunspecChain``; None when there is none or it is wrong (reported)."""
+    entry = config.get("profile")
+    if entry is None:
+        for key in ("firmware", "sunspecChain"):
+            if key in config:
+                _entry_error(config[key], report, f"{key} is only used with profile")
+        return None
+    profile = known.get(str(entry.value))
+    if profile is None:
+        _entry_error(entry, report, f"profile {entry.value!r} is not known; profiles: "
+                     f"{', '.join(sorted(known)) or 'none'}")
+        return None
+    if profile.doc.spec.sunspec is not None:
+        chain = _sunspec_chain(profile, config.get("sunspecChain"), where, field, report)
+        if chain is None:
+            return None
+        return with_properties(profile, chain_properties(chain),
+                               f"FirmwareProfile {profile.doc.name} for {where.obj}")
+    if "sunspecChain" in config:
+        _entry_error(config["sunspecChain"], report,
+                     f"sunspecChain is only used with a SunSpec profile, not {profile.doc.name}")
+        return None
+    return profile
+
+
 def use_profile(
     config: Config, where: Where, field: str, report: Report,
     profiles: Mapping[str, Loaded] | None = None,
@@ -82,17 +115,9 @@ def use_profile(
     """The profile ``config`` names with the properties of the device's firmware; None
     when it names none or when anything is wrong (reported). ``profiles`` defaults to
     the shipped ones."""
-    entry = config.get("profile")
-    if entry is None:
-        for key in ("firmware", "sunspecChain"):
-            if key in config:
-                _entry_error(config[key], report, f"{key} is only used with profile")
-        return None
-    known = shipped() if profiles is None else profiles
-    profile = known.get(str(entry.value))
+    profile = _named_profile(config, where, field, report,
+                             shipped() if profiles is None else profiles)
     if profile is None:
-        _entry_error(entry, report, f"profile {entry.value!r} is not known; profiles: "
-                     f"{', '.join(sorted(known)) or 'none'}")
         return None
     doc = profile.doc
     firmware_entry = config.get("firmware")
@@ -114,6 +139,66 @@ def use_profile(
         else:
             other[prop.name] = prop.firmware or ""
     return ProfileUse(profile, text, chosen, other)
+
+
+class _ChainItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: int = Field(ge=1, le=65534)
+    address: int = Field(ge=0, le=65533)
+
+
+def _chain_model(
+    item: object, decoded: Sequence[int], end: int, where: Where, field: str, report: Report
+) -> ChainModel | None:
+    """One ``{model, address}`` of a chain whose previous model ends before ``end``."""
+    try:
+        parsed = _ChainItem.model_validate(item)
+    except ValidationError as err:
+        report.validation_error(err, where, field, model=_ChainItem)
+        return None
+    problem = None
+    length = 0
+    if parsed.model not in decoded:
+        problem = "model", (f"model {parsed.model} is not decoded by this profile; it decodes "
+                            f"{', '.join(map(str, decoded))}")
+    else:
+        length = model_definition(parsed.model).length
+        if parsed.address < end:
+            problem = "address", (f"model {parsed.model} at {parsed.address} overlaps the "
+                                  f"model before it, which ends at {end - 1}")
+        elif parsed.address + 2 + length > 65536:
+            problem = "address", (f"model {parsed.model} ({2 + length} registers) at "
+                                  f"{parsed.address} runs past the last address 65535")
+    if problem:
+        report.error(where, join_field(field, problem[0]), problem[1])
+        return None
+    return ChainModel(parsed.model, parsed.address, length)
+
+
+def _sunspec_chain(
+    profile: Loaded, entry: Entry | None, where: Where, field: str, report: Report
+) -> Chain | None:
+    """The chain ``sunspecChain`` lists: models the profile decodes, each after the
+    one before it ends (ID, L and L registers); None when anything is wrong (reported)."""
+    if entry is None:
+        report.error(where, join_field(field, "sunspecChain"), (
+            f"profile {profile.doc.name} needs the device's SunSpec models: sunspecChain, "
+            "a list of {model, address} as edge discover prints it"))
+        return None
+    if not isinstance(entry.value, list) or not entry.value:
+        _entry_error(entry, report, "sunspecChain must be a non-empty list of {model, address}")
+        return None
+    decoded = profile.doc.spec.sunspec.models if profile.doc.spec.sunspec else []
+    models: list[ChainModel] = []
+    for index, item in enumerate(entry.value):
+        end = models[-1].address + 2 + models[-1].length if models else 0
+        found = _chain_model(item, decoded, end, entry.where, join_field(entry.field, index),
+                             report)
+        if found is None:
+            return None
+        models.append(found)
+    return Chain(models[0].address - 2, tuple(models))
 
 
 def profiled_properties(

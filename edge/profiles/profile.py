@@ -209,6 +209,23 @@ class Loaded:
         return join_field("spec", "properties", index, *keys)
 
 
+def with_properties(profile: Loaded, properties: Sequence[dict[str, object]],
+                    obj: str) -> Loaded:
+    """``profile`` with ``properties`` (profile property mappings, e.g. a SunSpec chain's
+    from :func:`edge.profiles.sunspec.chain_properties`) in place of its own; problems
+    with them are reported against ``obj`` (the Device they were made for).
+
+    Raises:
+        pydantic.ValidationError: a property mapping is not a profile property.
+    """
+    spec = profile.doc.spec.model_copy(update={
+        "properties": [ProfileProperty.model_validate(p) for p in properties],
+        "sunspec": None})
+    loaded = Loaded(profile.doc.model_copy(update={"spec": spec}), profile.file)
+    loaded.where = Where(profile.file, 1, obj)
+    return loaded
+
+
 def visitor_config(profile: Loaded, index: int) -> Config:
     """The visitor ``configData`` entries of property ``index`` (defaults filled in;
     ``limit`` from a fixed-width ``dataType`` when not given), each pointing at its

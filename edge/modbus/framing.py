@@ -29,9 +29,9 @@ from edge.modbus.errors import (
 from edge.modbus.pdu import (
     MAX_PDU,
     MBAP,
+    Answer,
     Buffer,
     Request,
-    Values,
     crc16,
     mbap_adu,
     rtu_adu,
@@ -81,7 +81,7 @@ class ConnectionStats:
     rejected: int = 0
 
 
-Pending = tuple["asyncio.Future[Values | None]", Request, int, asyncio.TimerHandle]
+Pending = tuple["asyncio.Future[Answer]", Request, int, asyncio.TimerHandle]
 """An outstanding request: the future its caller awaits, the request, the unit id,
 the timer that expires it."""
 
@@ -117,7 +117,7 @@ class Link(asyncio.Protocol, abc.ABC):
     @abc.abstractmethod
     def exchange(
         self, req: Request, unit_id: int, deadline: float, timeout: float
-    ) -> asyncio.Future[Values | None]:
+    ) -> asyncio.Future[Answer]:
         """Send ``req`` to ``unit_id``; the future of its outcome, expiring at ``deadline``.
 
         ``timeout`` is the caller's whole budget (``deadline`` was set from it).
@@ -172,14 +172,14 @@ class MbapLink(Link):
 
     def exchange(
         self, req: Request, unit_id: int, deadline: float, timeout: float
-    ) -> asyncio.Future[Values | None]:
+    ) -> asyncio.Future[Answer]:
         pending = self.pending
         tid = (self._tid + 1) & 0xFFFF
         while tid in pending:
             tid = (tid + 1) & 0xFFFF
         self._tid = tid
         self.abandoned.pop(tid, None)
-        fut: asyncio.Future[Values | None] = self.loop.create_future()
+        fut: asyncio.Future[Answer] = self.loop.create_future()
         pending[tid] = (fut, req, unit_id, self.loop.call_at(deadline, self._expire, tid))
         self._send(mbap_adu(tid, unit_id, req.pdu))
         return fut
@@ -319,7 +319,7 @@ class RtuLink(Link):
         self._deadline = 0.0
         self._horizon = 0.0  # until when the current request's answer may come
         self._hold = 0.0  # > 0: the current request is suspect, confirm by this silence
-        self._held: tuple[Values | ModbusError | None] | None = None  # answer on hold
+        self._held: tuple[Answer | ModbusError] | None = None  # answer on hold
         self._hold_timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
 
@@ -373,9 +373,9 @@ class RtuLink(Link):
 
     def exchange(
         self, req: Request, unit_id: int, deadline: float, timeout: float
-    ) -> asyncio.Future[Values | None]:
+    ) -> asyncio.Future[Answer]:
         loop = self.loop
-        fut: asyncio.Future[Values | None] = loop.create_future()
+        fut: asyncio.Future[Answer] = loop.create_future()
         self.current = (fut, req, unit_id, loop.call_at(deadline, self._expire, fut))
         self._deadline = deadline
         self._horizon = loop.time() + LATE_HORIZON * timeout
@@ -405,7 +405,7 @@ class RtuLink(Link):
             return False
         return True
 
-    def _expire(self, fut: asyncio.Future[Values | None]) -> None:
+    def _expire(self, fut: asyncio.Future[Answer]) -> None:
         cur = self.current
         if cur is None or cur[0] is not fut:
             return
@@ -445,9 +445,9 @@ class RtuLink(Link):
             if checked is not None:
                 self._answered(cur, *checked)
 
-    def _check(self, cur: Pending) -> tuple[Values | ModbusError | None, int] | None:
+    def _check(self, cur: Pending) -> tuple[Answer | ModbusError, int] | None:
         """The answer frame at the start of ``buf``: None while incomplete, else its
-        outcome (values, None for a write, the device's exception) and size, or
+        outcome (values or identification, None for a write, the device's exception) and size, or
         ``(ModbusFrameError, 0)`` if it cannot be the answer."""
         buf = self.buf
         if len(buf) < 3:
@@ -471,7 +471,7 @@ class RtuLink(Link):
                 return e, 0
         return ModbusFrameError(f"{self.key}: {wrong}", kind=kind), 0
 
-    def _answered(self, cur: Pending, outcome: Values | ModbusError | None, size: int) -> None:
+    def _answered(self, cur: Pending, outcome: Answer | ModbusError, size: int) -> None:
         """A complete frame arrived for ``cur`` (``size`` 0: not its answer)."""
         buf = self.buf
         if not size:
@@ -535,7 +535,7 @@ class RtuLink(Link):
     def _finish(
         self,
         cur: Pending,
-        outcome: Values | ModbusError | None,
+        outcome: Answer | ModbusError,
         *,
         clean: bool = False,
         keep: bool = False,

@@ -4,11 +4,11 @@ Sources of the formats:
 
 * PDU layouts, quantity limits, exception responses: *MODBUS Application Protocol
   Specification V1.1b3* (2012), §4.1 (PDU ≤ 253 bytes), §6.1–§6.6, §6.11, §6.12,
-  §6.16 (function codes 1, 2, 3, 4, 5, 6, 15, 16, 22) and §7 (exception responses
-  and codes).
-* RTU ADU (address + PDU + CRC, CRC low byte first), CRC-16 and inter-frame silence:
-  *MODBUS over Serial Line Specification and Implementation Guide V1.02* (2006),
-  §2.5.1, §2.5.1.1 and §6.2.2.
+  §6.16 (function codes 1, 2, 3, 4, 5, 6, 15, 16, 22), §6.21 (function code 43 /
+  MEI type 14, Read Device Identification) and §7 (exception responses and codes).
+* RTU ADU (address + PDU + CRC, CRC low byte first, at most 256 bytes), CRC-16 and
+  inter-frame silence: *MODBUS over Serial Line Specification and Implementation
+  Guide V1.02* (2006), §2.5.1, §2.5.1.1 and §6.2.2.
 * MBAP header: *MODBUS Messaging on TCP/IP Implementation Guide V1.0b* (2006), §3.1.3.
 
 Everything here is synchronous and allocation-light: requests are immutable and
@@ -19,7 +19,8 @@ receive buffer (``buf[start:end]`` is the response PDU; it is not copied).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
@@ -30,6 +31,9 @@ Buffer = bytes | bytearray
 
 Values = list[int] | list[bool]
 """Decoded read data: registers as ints 0..65535, bits as bools."""
+
+MAX_RTU_FRAME: Final = 256
+"""Largest RTU ADU in bytes: address + 253-byte PDU + CRC (Serial Line V1.02 §2.5.1)."""
 
 MAX_PDU: Final = 253
 """Largest PDU in bytes (Application Protocol V1.1b3 §4.1)."""
@@ -46,6 +50,8 @@ MBAP = struct.Struct(">HHHB")
 _FC_ADDR_QTY = struct.Struct(">BHH")  # fc, address, quantity|value (requests, echoes)
 _FC_ADDR_QTY_N = struct.Struct(">BHHB")  # fc, address, quantity, byte count (FC 15/16)
 _MASK_WRITE = struct.Struct(">BHHH")  # fc, address, AND mask, OR mask (FC 22)
+_MEI_REQUEST = struct.Struct(">BBBB")  # fc 0x2B, MEI type 0x0E, ReadDevId code, object id
+_MEI_RESPONSE = struct.Struct(">BBBBBBB")  # + conformity, more follows, next id, count
 _CRC = struct.Struct("<H")
 _REGISTERS = tuple(struct.Struct(f">{n}H") for n in range(MAX_READ_REGISTERS + 1))
 _BITS = tuple(tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256))
@@ -55,15 +61,67 @@ _READ_BITS: Final = 0
 _READ_REGISTERS: Final = 1
 _WRITE_SINGLE: Final = 2  # FC 5, 6, 22: the response echoes the whole request
 _WRITE_MULTIPLE: Final = 3  # FC 15, 16: the response echoes fc, address, quantity
+_DEVICE_ID: Final = 4  # FC 43 / MEI 14: an object list (address: object id, count: code)
+
+ENCAPSULATED_INTERFACE: Final = 0x2B
+"""Function code 43, Encapsulated Interface Transport (V1.1b3 §6.19)."""
+MEI_READ_DEVICE_ID: Final = 0x0E
+"""MEI type 14, Read Device Identification (V1.1b3 §6.21)."""
+DEVICE_ID_BASIC: Final = 1
+DEVICE_ID_REGULAR: Final = 2
+DEVICE_ID_EXTENDED: Final = 3
+DEVICE_ID_SPECIFIC: Final = 4
+"""ReadDevId codes (V1.1b3 §6.21): 1 basic, 2 regular, 3 extended stream (each one
+includes the objects of the levels below), 4 one specific object."""
+MORE_FOLLOWS: Final = 0xFF
+"""MoreFollows value: the object list continues, ask again from NextObjectId."""
+
+STANDARD_OBJECTS: Final = {
+    0x00: "VendorName",
+    0x01: "ProductCode",
+    0x02: "MajorMinorRevision",
+    0x03: "VendorUrl",
+    0x04: "ProductName",
+    0x05: "ModelName",
+    0x06: "UserApplicationName",
+}
+"""Names of the standard identification objects (V1.1b3 §6.21, table of object ids):
+0–2 basic (mandatory), 3–6 regular (optional). 0x07–0x7F are reserved, 0x80–0xFF
+are extended (private, device dependent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentification:
+    """One decoded Read Device Identification response (FC 43 / MEI 14, V1.1b3 §6.21).
+
+    ``code`` is the ReadDevId code echoed (1–4); ``conformity_level`` the device's
+    conformity level byte (0x01/0x02/0x03 stream access only, 0x81/0x82/0x83 also
+    individual access); ``more_follows`` is True when the device sent MoreFollows
+    0xFF: the list continues, ask again with ``next_object_id`` (meaningful only
+    then); ``objects`` maps object id (0..255) to its raw value bytes, in the order
+    sent.
+    """
+
+    code: int
+    conformity_level: int
+    more_follows: bool
+    next_object_id: int
+    objects: dict[int, bytes]
+
+
+Answer = Values | DeviceIdentification | None
+"""What :meth:`Request.parse` returns: read data, an identification part, None for a
+write."""
 
 
 class Request:
     """An immutable request PDU together with what its response must look like.
 
     Build one with :func:`read_request`, :func:`write_registers_request`,
-    :func:`write_coils_request` or :func:`mask_write_request`; ``pdu`` is the request
-    PDU (function code first), ``address``/``count`` the 0-based protocol address and
-    the quantity.
+    :func:`write_coils_request`, :func:`mask_write_request` or
+    :func:`device_identification_request`; ``pdu`` is the request PDU (function code
+    first), ``address``/``count`` the 0-based protocol address and the quantity (for
+    FC 43: the object id and the ReadDevId code).
     """
 
     __slots__ = ("_kind", "address", "count", "function_code", "pdu")
@@ -76,16 +134,21 @@ class Request:
         self.pdu = pdu
 
     def __repr__(self) -> str:
+        if self._kind == _DEVICE_ID:
+            return (f"Request(fc={self.function_code}, mei={MEI_READ_DEVICE_ID}, "
+                    f"code={self.count}, object_id={self.address})")
         return f"Request(fc={self.function_code}, address={self.address}, count={self.count})"
 
-    def parse(self, buf: Buffer, start: int, end: int) -> Values | None:
+    def parse(self, buf: Buffer, start: int, end: int) -> Answer:
         """Check the response PDU ``buf[start:end]`` against this request and decode it.
 
         Returns the registers (``list[int]``, exactly ``count``) or bits
-        (``list[bool]``, exactly ``count``, first address first) of a read, None for a
-        write. Raises :class:`ModbusExceptionError` for an exception response and
+        (``list[bool]``, exactly ``count``, first address first) of a read, a
+        :class:`DeviceIdentification` for FC 43, None for a write. Raises
+        :class:`ModbusExceptionError` for an exception response and
         :class:`ModbusFrameError` for a wrong function code, a wrong length or byte
-        count, or a write echo that does not match the request.
+        count, a write echo that does not match the request, or a malformed
+        identification response (see :func:`device_identification_request`).
         """
         size = end - start
         if size < 2:
@@ -101,6 +164,8 @@ class Request:
             raise ModbusFrameError(f"function code {fc} in response to {self.function_code}",
                                    kind=FrameErrorKind.WRONG_FUNCTION)
         kind = self._kind
+        if kind == _DEVICE_ID:
+            return self._parse_identification(buf, start, end)
         if kind <= _READ_REGISTERS:
             byte_count = buf[start + 1]
             expected = 2 * self.count if kind == _READ_REGISTERS else (self.count + 7) >> 3
@@ -129,6 +194,46 @@ class Request:
                 kind=FrameErrorKind.GARBLED,
             )
         return None
+
+    def _parse_identification(self, buf: Buffer, start: int, end: int) -> DeviceIdentification:
+        size = end - start
+        if size < _MEI_RESPONSE.size:
+            raise ModbusFrameError(
+                f"device identification response of {size} bytes, expected at least "
+                f"{_MEI_RESPONSE.size}", kind=FrameErrorKind.SHORT)
+        _, mei, code, conformity, more, next_id, n = _MEI_RESPONSE.unpack_from(buf, start)
+        if mei != MEI_READ_DEVICE_ID:
+            raise ModbusFrameError(f"MEI type {mei} in response to MEI type {MEI_READ_DEVICE_ID}",
+                                   kind=FrameErrorKind.WRONG_FUNCTION)
+        if code != self.count:
+            raise ModbusFrameError(f"ReadDevId code {code} in response to code {self.count}",
+                                   kind=FrameErrorKind.GARBLED)
+        if more not in (0, MORE_FOLLOWS):
+            raise ModbusFrameError(f"MoreFollows 0x{more:02X}, expected 0x00 or 0xFF",
+                                   kind=FrameErrorKind.GARBLED)
+        objects: dict[int, bytes] = {}
+        pos = start + _MEI_RESPONSE.size
+        for i in range(n):
+            if pos + 2 > end:
+                raise ModbusFrameError(
+                    f"device identification response ends after {i} of {n} objects",
+                    kind=FrameErrorKind.SHORT)
+            object_id, length = buf[pos], buf[pos + 1]
+            pos += 2
+            if pos + length > end:
+                raise ModbusFrameError(
+                    f"object 0x{object_id:02X} of {length} bytes runs past the end of the "
+                    f"response ({end - pos} bytes left)", kind=FrameErrorKind.SHORT)
+            if object_id in objects:
+                raise ModbusFrameError(f"object 0x{object_id:02X} sent twice",
+                                       kind=FrameErrorKind.GARBLED)
+            objects[object_id] = bytes(buf[pos : pos + length])
+            pos += length
+        if pos != end:
+            raise ModbusFrameError(
+                f"{end - pos} bytes after the {n} objects of a device identification response",
+                kind=FrameErrorKind.GARBLED)
+        return DeviceIdentification(code, conformity, more == MORE_FOLLOWS, next_id, objects)
 
 
 def _check_range(address: int, count: int, limit: int, what: str) -> None:
@@ -220,6 +325,52 @@ def mask_write_request(address: int, and_mask: int, or_mask: int) -> Request:
     )
 
 
+@lru_cache(maxsize=1024)
+def device_identification_request(code: int, object_id: int) -> Request:
+    """Read Device Identification (FC 43 / MEI 14, V1.1b3 §6.21) from ``object_id``.
+
+    ``code``: 1 basic, 2 regular, 3 extended stream, 4 one specific object;
+    ``object_id`` 0..255 (0 to start a stream). Request PDU: 0x2B, 0x0E, code u8,
+    object id u8 (4 bytes). Response PDU: 0x2B, 0x0E, code, conformity level,
+    MoreFollows (0x00 or 0xFF), NextObjectId, NumberOfObjects, then that many
+    ``{id u8, length u8, value}``; :meth:`Request.parse` returns it as a
+    :class:`DeviceIdentification` and raises :class:`ModbusFrameError` when the
+    response is shorter than 7 bytes or an object runs past its end (``SHORT``), for
+    another MEI type (``WRONG_FUNCTION``), another code echoed, a MoreFollows other
+    than 0x00/0xFF, an object id sent twice or bytes after the last object
+    (``GARBLED``); an exception response (0xAB: 1 unsupported, 2 bad object id) is
+    a :class:`ModbusExceptionError`. Raises ValueError for a code outside 1..4 or an
+    object id outside 0..255. Results are cached: equal arguments give the same object.
+    """
+    if not DEVICE_ID_BASIC <= code <= DEVICE_ID_SPECIFIC:
+        raise ValueError(f"ReadDevId code {code} outside 1..4")
+    if not 0 <= object_id <= 0xFF:
+        raise ValueError(f"object id {object_id} outside 0..255")
+    return Request(
+        _DEVICE_ID, ENCAPSULATED_INTERFACE, object_id, code,
+        _MEI_REQUEST.pack(ENCAPSULATED_INTERFACE, MEI_READ_DEVICE_ID, code, object_id),
+    )
+
+
+def identification_text(objects: Mapping[int, bytes]) -> dict[str, str]:
+    """The identification objects by name, their values as text.
+
+    Names: :data:`STANDARD_OBJECTS` for 0–6, ``0xNN`` (two upper-case hex digits) for
+    any other id. V1.1b3 §6.21 types the standard objects as ASCII strings; values are
+    decoded as UTF-8 (a superset of ASCII) and, where that fails, as Latin-1 (which
+    decodes any byte, so nothing is lost or replaced), then stripped of surrounding
+    whitespace and NUL padding. Order follows ``objects``.
+    """
+    out: dict[str, str] = {}
+    for object_id, raw in objects.items():
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        out[STANDARD_OBJECTS.get(object_id, f"0x{object_id:02X}")] = text.strip(" \t\r\n\0")
+    return out
+
+
 def mbap_adu(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:
     """MBAP header + PDU (TCP/IP Guide V1.0b §3.1.3); protocol id 0, length = 1 + len(pdu)."""
     return MBAP.pack(transaction_id, 0, len(pdu) + 1, unit_id) + pdu
@@ -263,8 +414,13 @@ def rtu_response_length(buf: Buffer, start: int = 0) -> int | None:
 
     Needs the first 3 bytes (unit id, function code, byte count or address high).
     Exception (fc ≥ 0x80): 5; reads (fc 1–4): 5 + byte count; writes (5, 6, 15, 16): 8;
-    mask write (22): 10. Returns None for any other function code: the frame cannot be
-    delimited.
+    mask write (22): 10. Read Device Identification (fc 43, MEI type 14): 10 (unit,
+    7-byte header, CRC) + 2 + length of each object, walked as far as the buffer
+    holds; while the header or the object list is incomplete the result is a lower
+    bound larger than the bytes at hand (the caller waits for more and asks again).
+    Returns None when the frame cannot be delimited: any other function code or MEI
+    type, or an object list that would make the frame longer than
+    :data:`MAX_RTU_FRAME`.
     """
     fc = buf[start + 1]
     if fc & 0x80:
@@ -275,7 +431,25 @@ def rtu_response_length(buf: Buffer, start: int = 0) -> int | None:
         return 8
     if fc == 22:
         return 10
+    if fc == ENCAPSULATED_INTERFACE and buf[start + 2] == MEI_READ_DEVICE_ID:
+        return _rtu_identification_length(buf, start)
     return None
+
+
+def _rtu_identification_length(buf: Buffer, start: int) -> int | None:
+    """:func:`rtu_response_length` of an FC 43 / MEI 14 response."""
+    header = 1 + _MEI_RESPONSE.size  # unit id + response header
+    have = len(buf) - start
+    if have < header:
+        return header + 2
+    pos = header  # relative to start
+    for _ in range(buf[start + header - 1]):
+        if pos + 2 > have:
+            return pos + 4  # at least the object's id and length, and the CRC
+        pos += 2 + buf[start + pos + 1]
+        if pos + 2 > MAX_RTU_FRAME:
+            return None
+    return pos + 2
 
 
 def rtu_silence(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:

@@ -32,6 +32,10 @@ Failure model (what a caller sees):
   :class:`ModbusTimeoutError` saying so, unsent. Serial lines also keep t3.5 of
   silence after every frame and flush their input before each request.
 * :class:`ModbusExceptionError` — the device's exception response.
+* Read Device Identification (:meth:`Connection.read_device_identification`) is a
+  sequence of requests; a device whose object list does not end (MoreFollows with a
+  NextObjectId that does not advance, or too many rounds) is a
+  :class:`ModbusFrameError` (``GARBLED``).
 * :class:`ModbusConnectionError` — connect refused/failed/timed out, connection lost
   (reset, broken pipe, EOF, serial port gone); every request in flight fails with it.
   The endpoint is then down for a jittered exponential backoff (equal jitter: a delay
@@ -66,8 +70,12 @@ from edge.modbus.errors import (
 )
 from edge.modbus.framing import ConnectionStats, Link, MbapLink, RtuLink
 from edge.modbus.pdu import (
+    DEVICE_ID_BASIC,
+    DEVICE_ID_EXTENDED,
+    Answer,
+    DeviceIdentification,
     Request,
-    Values,
+    device_identification_request,
     mask_write_request,
     read_request,
     rtu_silence,
@@ -225,6 +233,66 @@ class Connection:
                 self.mask_write_unsupported.add(unit_id)
             raise
 
+    async def read_device_identification(
+        self,
+        unit_id: int,
+        *,
+        code: int = DEVICE_ID_BASIC,
+        timeout: float,  # noqa: ASYNC109
+        max_rounds: int = 16,
+    ) -> dict[int, bytes]:
+        """Read Device Identification (FC 43 / MEI 14, Application Protocol V1.1b3 §6.21).
+
+        ``code``: 1 basic (objects 0–2: VendorName, ProductCode, MajorMinorRevision),
+        2 regular (also 3–6), 3 extended (also 0x80–0xFF); the device sends what it
+        has of that level. Asks from object 0 and, while the device answers
+        MoreFollows 0xFF, again from its NextObjectId, merging the objects. Returns
+        the raw object values by object id (0..255), in the order received; name and
+        decode them with :func:`edge.modbus.pdu.identification_text`.
+
+        ``timeout`` (seconds) bounds the whole sequence. ``max_rounds`` bounds the
+        requests: a device still saying MoreFollows after that many, or giving a
+        NextObjectId that is not above the object id of the request it answers (it
+        would loop), fails with :class:`ModbusFrameError` (``GARBLED``). A device
+        without identification answers ILLEGAL FUNCTION (exception 1,
+        :class:`ModbusExceptionError`). Raises ValueError for a code outside 1..3 or
+        ``max_rounds`` < 1, and the other ModbusError subclasses of the module doc.
+        """
+        if not DEVICE_ID_BASIC <= code <= DEVICE_ID_EXTENDED:
+            raise ValueError(f"ReadDevId code {code} outside 1..3 (streams)")
+        if max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        objects: dict[int, bytes] = {}
+        object_id = 0
+        for _ in range(max_rounds):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ModbusTimeoutError(
+                    f"{self._key} unit {unit_id}: device identification incomplete after "
+                    f"{timeout} s (next object 0x{object_id:02X})"
+                )
+            part = await self._call(unit_id, device_identification_request(code, object_id), left)
+            assert isinstance(part, DeviceIdentification)
+            objects.update(part.objects)
+            if not part.more_follows:
+                return objects
+            if part.next_object_id <= object_id:
+                raise ModbusFrameError(
+                    f"{self._key} unit {unit_id}: device identification loops: asked from "
+                    f"object 0x{object_id:02X}, told to go on from 0x{part.next_object_id:02X}",
+                    kind=FrameErrorKind.GARBLED,
+                )
+            object_id = part.next_object_id
+        raise ModbusFrameError(
+            f"{self._key} unit {unit_id}: device identification still not complete after "
+            f"{max_rounds} requests (next object 0x{object_id:02X})",
+            kind=FrameErrorKind.GARBLED,
+        )
+
     def unit_lock(self, unit_id: int) -> asyncio.Lock:
         """The lock that serialises this process's multi-request sequences on one unit
         id behind this endpoint (a write and its read-back, :mod:`edge.modbus.writer`).
@@ -257,7 +325,7 @@ class Connection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.closed), _CLOSE_WAIT)
 
-    async def _call(self, unit_id: int, req: Request, timeout: float) -> Values | None:  # noqa: ASYNC109
+    async def _call(self, unit_id: int, req: Request, timeout: float) -> Answer:  # noqa: ASYNC109
         if not (1 <= unit_id <= 247 if self._rtu else 0 <= unit_id <= 255):
             raise ValueError(f"unit id {unit_id} out of range for {self._key}")
         if timeout <= 0:

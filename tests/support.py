@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -340,15 +340,24 @@ class Image:
 
 
 class ModbusServer:
-    """A pymodbus 3 server (TCP, RTU over TCP, or serial RTU) in a thread of its own."""
+    """A pymodbus 3 server (TCP, RTU over TCP, or serial RTU) in a thread of its own.
+
+    ``identity`` (object id → value) is what it answers Read Device Identification
+    (FC 43 / MEI 14) with, for every unit; None: ILLEGAL FUNCTION. Served by edge's
+    simulator PDU (:func:`edge.modbus.simulator.identification_pdu`), per server:
+    pymodbus's own ``identity=`` is process-wide.
+    """
 
     def __init__(self, units: dict[int, Image], *, framing: str = "socket",
-                 port: int | None = None, serial_port: str | None = None) -> None:
+                 port: int | None = None, serial_port: str | None = None,
+                 identity: Mapping[int, str | bytes] | None = None) -> None:
         import asyncio  # noqa: PLC0415
 
         from pymodbus.framer import FramerType  # noqa: PLC0415
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer  # noqa: PLC0415
         from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: PLC0415
+
+        from edge.modbus.simulator import identification_pdu  # noqa: PLC0415
 
         def block(values: list[Any], kind: DataType) -> list[SimData]:
             return [SimData(0, values=list(values), datatype=kind)]
@@ -363,14 +372,17 @@ class ModbusServer:
         self.loop = asyncio.new_event_loop()
         self.server: Any = None
         started = threading.Event()
+        custom = [identification_pdu(identity)]
 
         async def main() -> None:
             if serial_port:
-                self.server = ModbusSerialServer(devices, port=serial_port, baudrate=19200)
+                self.server = ModbusSerialServer(devices, port=serial_port, baudrate=19200,
+                                                 custom_pdu=custom)
             else:
                 framer = FramerType.SOCKET if framing == "socket" else FramerType.RTU
                 self.server = ModbusTcpServer(devices, framer=framer,
-                                              address=("127.0.0.1", self.port))
+                                              address=("127.0.0.1", self.port),
+                                              custom_pdu=custom)
             await self.server.serve_forever(background=True)
             started.set()
 

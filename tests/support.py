@@ -344,7 +344,7 @@ class ModbusServer:
 
     ``identity`` (object id → value) is what it answers Read Device Identification
     (FC 43 / MEI 14) with, for every unit; None: ILLEGAL FUNCTION. Served by edge's
-    simulator PDU (:func:`edge.modbus.simulator.identification_pdu`), per server:
+    simulator PDU (:func:`edge.modbus.sim_identification.identification_pdu`), per server:
     pymodbus's own ``identity=`` is process-wide.
     """
 
@@ -357,7 +357,7 @@ class ModbusServer:
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer  # noqa: PLC0415
         from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: PLC0415
 
-        from edge.modbus.simulator import identification_pdu  # noqa: PLC0415
+        from edge.modbus.sim_identification import identification_pdu  # noqa: PLC0415
 
         def block(values: list[Any], kind: DataType) -> list[SimData]:
             return [SimData(0, values=list(values), datatype=kind)]

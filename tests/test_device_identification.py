@@ -37,7 +37,8 @@ from edge.modbus.client import (
     ModbusFrameError,
     ModbusTimeoutError,
 )
-from edge.modbus.simulator import identification_pdu, identification_response, run_simulator
+from edge.modbus.sim_identification import identification_pdu, identification_response
+from edge.modbus.simulator import run_simulator
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 

@@ -173,18 +173,66 @@ def check(config_path: Path) -> None:
 )
 @click.argument("manifests", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--period", default=60.0, show_default=True, help="Seconds per value cycle.")
+@click.option("--profile", metavar="NAME",
+              help="Simulate one device of this firmware profile instead (edge profiles list).")
+@click.option("--firmware", metavar="VERSION",
+              help="With --profile: the firmware it reports (default: the newest known).")
+@click.option("--models", metavar="ID,ID,...", default="1,103,203", show_default=True,
+              help="With a SunSpec profile: the model chain.")
+@click.option("--base", type=click.Choice(["40000", "0", "50000"]), default="40000",
+              show_default=True, help="With a SunSpec profile: where the SunS marker is.")
+@click.option("--listen", metavar="HOST:PORT", default="127.0.0.1:5020", show_default=True,
+              help="With --profile: the Modbus TCP address to serve.")
+@click.option("--rtu-over-tcp", is_flag=True, help="With --profile: RTU framing over TCP.")
+@click.option("--serial", "serial_port", metavar="PORT",
+              help="With --profile: serve RTU on this serial port instead of TCP.")
+@click.option("--baud", type=int, default=9600, show_default=True, help="With --serial.")
+@click.option("--unit", type=click.IntRange(1, 247), default=1, show_default=True,
+              help="With --profile: the unit id.")
 @click.option("--log-level", default="info", show_default=True)
 def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: float,
+             profile: str | None, firmware: str | None, models: str, base: str, listen: str,
+             rtu_over_tcp: bool, serial_port: str | None, baud: int, unit: int,
              log_level: str) -> None:
     """Serve simulated Modbus devices for the manifests' TCP endpoints (pymodbus server).
 
     Every device is served at the host:port and unit id of its manifest, with values
-    that change over time inside each property's minimum..maximum.
+    that change over time inside each property's minimum..maximum. With --profile, one
+    device that answers as the profile says: its identification and firmware
+    registers, FC 43 identification, plausible values (a SunSpec profile: a model
+    chain), for the demo, for tests and for trying edge discover.
     """
-    from edge.config.load import load_config, load_manifests  # noqa: PLC0415
     from edge.modbus.simulator import SimulatorError, run_simulator  # noqa: PLC0415
 
     _setup_logging(log_level)
+    identification: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    if profile is not None:
+        if config_path is not None or manifests:
+            raise click.UsageError("--profile simulates one device: give no manifests or -c")
+        sim = _simulated_profile(profile, firmware, models, int(base), listen, rtu_over_tcp,
+                                 serial_port, baud, unit)
+        devices: tuple[Any, ...] = (sim.device,)
+        identification[sim.device.endpoint.key] = sim.identification
+        constants[sim.device.key] = sim.constants
+        what = (f"SunSpec models {models} at {base}" if sim.chain
+                else f"firmware {sim.firmware}" if sim.firmware else "")
+        click.echo(f"simulating profile {profile} ({what}) on {sim.device.endpoint.key} "
+                   f"unit {unit}", err=True)
+    else:
+        devices = _manifest_devices(config_path, manifests)
+    try:
+        _run_until_signal(lambda stop: run_simulator(
+            devices, stop, period_s=period, identification=identification,
+            constants=constants))
+    except SimulatorError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+
+
+def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...]) -> tuple[Any, ...]:
+    from edge.config.load import load_config, load_manifests  # noqa: PLC0415
+
     try:
         if config_path is not None:
             devices = load_config(config_path).devices
@@ -196,11 +244,38 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         raise SystemExit(2) from None
     if not devices:
         raise click.UsageError("no devices to simulate: give -c edge.yaml or manifest paths")
+    return tuple(devices)
+
+
+def _simulated_profile(profile: str, firmware: str | None, models: str, base: int,
+                       listen: str, rtu_over_tcp: bool, serial_port: str | None, baud: int,
+                       unit: int) -> Any:
+    from edge.config.model import Framing, SerialEndpoint, TcpEndpoint  # noqa: PLC0415
+    from edge.faultproxy import parse_address  # noqa: PLC0415
+    from edge.profiles.simulate import simulated_profile  # noqa: PLC0415
+
+    endpoint: SerialEndpoint | TcpEndpoint
+    if serial_port is not None:
+        endpoint = SerialEndpoint(serial_port, baud)
+    else:
+        try:
+            host, port = parse_address(listen)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--listen") from None
+        endpoint = TcpEndpoint(host, port, Framing.RTU if rtu_over_tcp else Framing.MBAP)
     try:
-        _run_until_signal(lambda stop: run_simulator(devices, stop, period_s=period))
-    except SimulatorError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
+        chain = tuple(int(m) for m in models.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{models!r} is not a list of model ids",
+                                 param_hint="--models") from None
+    try:
+        return simulated_profile(profile, endpoint=endpoint, unit_id=unit, firmware=firmware,
+                                 models=chain, base=base)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        raise SystemExit(2) from None
+    except (KeyError, ValueError) as e:
+        raise click.UsageError(str(e).strip("'\"")) from None
 
 
 @main.command()

@@ -4,7 +4,8 @@ Every device is served at its manifest's endpoint and unit id: TCP endpoints on
 their host:port (MBAP or RTU-over-TCP framing), serial endpoints on their port
 (e.g. one end of a pty pair). Values are computed when a request is served, from
 the wall clock: numbers follow a sine between the property's minimum and maximum
-(or a small default range) with a period of ``period_s``, booleans and coils toggle
+(or a range that fits its unit: 228–234 V, 49.95–50.05 Hz, …; or a small default
+range) with a period of ``period_s``, booleans and coils toggle
 every period, strings carry the device name and the cycle number. Everything is
 written with the agent's own codec (:func:`edge.modbus.codec.encode`), so a decoded
 value is exactly the simulated one. Registers and coils a client writes (FC
@@ -59,6 +60,14 @@ _FC_TABLE = {
     4: Table.INPUT_REGISTER,
 }
 _DEFAULT_RANGE = {True: (-100.0, 100.0), False: (0.0, 100.0)}  # keyed by "signed"
+_UNIT_RANGE = {
+    "V": (228.0, 234.0), "A": (0.5, 12.0), "W": (-400.0, 2800.0), "VA": (100.0, 2900.0),
+    "var": (-300.0, 300.0), "VAr": (-300.0, 300.0), "Hz": (49.95, 50.05),
+    "kWh": (1520.0, 1540.0), "Wh": (1520000.0, 1540000.0), "kvarh": (210.0, 212.0),
+    "kVArh": (210.0, 212.0), "%": (1.0, 6.0), "Pct": (1.0, 6.0), "C": (30.0, 45.0),
+}
+"""Ranges (min, max) that look like a live low-voltage installation, by unit, for a
+property without minimum/maximum: a meter at 230 V/50 Hz importing and exporting."""
 
 
 def simulated_value(prop: PropertySpec, device: str, t: float, period_s: float) -> Value:
@@ -87,8 +96,9 @@ def _number(prop: PropertySpec, fraction: float) -> float | int:
     """The number ``fraction`` (0..1) of the way through the property's range,
     representable exactly by its raw type and scale."""
     raw = prop.visitor.raw_type
-    lo, hi = _DEFAULT_RANGE[raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)]
-    lo = prop.minimum if prop.minimum is not None else lo
+    signed = raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)
+    lo, hi = _UNIT_RANGE.get(prop.unit or "", _DEFAULT_RANGE[signed])
+    lo = prop.minimum if prop.minimum is not None else lo if signed else max(lo, 0.0)
     hi = prop.maximum if prop.maximum is not None else hi
     x = lo + (hi - lo) * fraction
     scale = prop.visitor.scale
@@ -102,6 +112,10 @@ def _number(prop: PropertySpec, fraction: float) -> float | int:
     return round(x, 3)
 
 
+Constants = Mapping[Table, Mapping[int, int]]
+"""Register words (0..65535) by table and 0-based address."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Served:
     device: str
@@ -112,9 +126,13 @@ class SimulatedUnit:
     """The tables of one unit id, filled on demand by pymodbus's ``action`` hook."""
 
     def __init__(
-        self, device: DeviceSpec, period_s: float, clock: Callable[[], float] = time.time
+        self, device: DeviceSpec, period_s: float, clock: Callable[[], float] = time.time,
+        constants: Constants | None = None,
     ) -> None:
         self.device = device
+        self.constants: Constants = constants or {}
+        """Registers served as they are, by table and address (identification, a
+        SunSpec chain): over the animated values, under what a client wrote."""
         self.period_s = period_s
         self.clock = clock
         self.by_table: dict[Table, list[_Served]] = defaultdict(list)
@@ -151,7 +169,9 @@ class SimulatedUnit:
         """
 
         def block(table: Table) -> list[SimData]:
-            size = max((s.prop.visitor.end for s in self.by_table.get(table, ())), default=1)
+            ends = [s.prop.visitor.end for s in self.by_table.get(table, ())]
+            ends += [a + 1 for a in self.constants.get(table, {})]
+            size = max(ends, default=1)
             if table.is_bit:
                 return [SimData(0, count=size, values=False, datatype=DataType.BITS)]
             return [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]
@@ -209,6 +229,9 @@ class SimulatedUnit:
                 continue
             for k, w in enumerate(encode(v, value)):
                 current[i + k] = int(w)
+        for a, w in self.constants.get(table, {}).items():
+            if address <= a < end:
+                current[a - base] = w
         for a, w in written.items():  # what was written (or held as desired) as it is
             if address <= a < end:
                 current[a - base] = int(w)
@@ -250,6 +273,7 @@ def _servers(
     period_s: float,
     clock: Callable[[], float],
     identification: Mapping[str, Identification] | None = None,
+    constants: Mapping[str, Constants] | None = None,
 ) -> list[tuple[str, Any]]:
     """One pymodbus server per endpoint key; ``identification`` maps endpoint keys to
     the objects that endpoint answers FC 43 with (others: ILLEGAL FUNCTION)."""
@@ -262,7 +286,8 @@ def _servers(
     servers: list[tuple[str, Any]] = []
     for key, group in by_endpoint.items():
         ep = group[0].endpoint
-        sims = [SimulatedUnit(d, period_s, clock).sim_device() for d in group]
+        sims = [SimulatedUnit(d, period_s, clock, (constants or {}).get(d.key)).sim_device()
+                for d in group]
         custom = [identification_pdu((identification or {}).get(key))]
         if isinstance(ep, TcpEndpoint):
             framer = FramerType.SOCKET if ep.framing is Framing.MBAP else FramerType.RTU
@@ -293,6 +318,7 @@ async def run_simulator(
     period_s: float = 10.0,
     clock: Callable[[], float] = time.time,
     identification: Mapping[str, Identification] | None = None,
+    constants: Mapping[str, Constants] | None = None,
 ) -> None:
     """Serve ``devices`` until ``stop`` is set; ``clock`` gives the simulated time (s).
 
@@ -300,14 +326,15 @@ async def run_simulator(
     ``tcp://127.0.0.1:5020``) to the Read Device Identification objects served there
     (FC 43 / MEI 14, basic to extended: see :data:`Identification`); per endpoint, so
     all unit ids behind one endpoint share them. Endpoints not in it (default: all)
-    answer FC 43 with ILLEGAL FUNCTION.
+    answer FC 43 with ILLEGAL FUNCTION. ``constants`` maps device keys to registers
+    served as they are (:data:`Constants`).
 
     Raises:
         SimulatorError: an endpoint could not be served; names it.
         ValueError: ``identification`` names an endpoint not served or has objects
             :data:`Identification` does not allow.
     """
-    servers = _servers(devices, period_s, clock, identification)
+    servers = _servers(devices, period_s, clock, identification, constants)
     started: list[Any] = []
     try:
         for key, server in servers:

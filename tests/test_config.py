@@ -1131,6 +1131,7 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
     assert agent.model_dump() == {
         "node": "gw-01",
         "devices": [],
+        "profiles": [],
         "uplink": {"host": "127.0.0.1", "port": 1883, "qos": 1, "topic_prefix": "edge/v1/{node}",
                    "client_id": None, "keepalive": 30,
                    "tls": {"ca": None, "cert": None, "key": None},
@@ -1258,7 +1259,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: 'gw+#'\n", ["node: must be one MQTT topic level, without '+' '#' (got 'gw+#')"]),
         ("node: ''\n", ["node: must not be empty (got '')"]),
         ("node: gw\nnodes: [a]\n",
-         ["nodes: unknown key 'nodes'; accepted: node, devices, uplink, store, web, trust, "
+         ["nodes: unknown key 'nodes'; accepted: node, devices, profiles, uplink, store, web, trust, "
           "plugins, policy, modbus, sync, log"]),
         ("node: gw\nuplink: {tls: {key: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),

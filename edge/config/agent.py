@@ -440,11 +440,14 @@ class AgentFile(_Section):
     ``node`` names the gateway: one MQTT topic level (no ``/``, ``+``, ``#``, control
     characters), also matched against a Device's ``spec.nodeName``. ``devices`` lists
     KubeEdge manifest files or directories (a single string is one entry); each must
-    exist.
+    exist. ``profiles`` lists directories of firmware profiles of one's own
+    (:mod:`edge.profiles.profile`), named by Devices like the shipped ones.
     """
 
     node: Annotated[str, AfterValidator(_topic_level)]
     devices: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = Field(default_factory=list)
+    profiles: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = Field(
+        default_factory=list)
     uplink: UplinkConfig = UplinkConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()

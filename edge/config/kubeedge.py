@@ -58,6 +58,7 @@ from edge.config.sources import (
     read_yaml_documents,
 )
 from edge.modbus.writer import desired_value, write_problem
+from edge.profiles.profile import Loaded
 
 _Parser = Callable[[Mapping[str, Any], Metadata, Where, Report], ModelDoc | DeviceDoc | None]
 _PARSERS: dict[tuple[str, str], _Parser] = {
@@ -291,12 +292,15 @@ def _model(
     return model if isinstance(model, ModelDoc) else None  # a broken one is reported
 
 
-def _device(device: DeviceDoc, model: ModelDoc, report: Report) -> DeviceSpec | None:
-    """``device`` (a Modbus one) merged with its ``model``; None when anything is wrong."""
+def _device(
+    device: DeviceDoc, model: ModelDoc, report: Report, profiles: Mapping[str, Loaded] | None
+) -> DeviceSpec | None:
+    """``device`` (a Modbus one) merged with its ``model`` (and the firmware profile it
+    names, from ``profiles``: None for the shipped ones); None when anything is wrong."""
     where = device.where
     config = {**model.protocol_config, **device.config}
     connection = parse_connection(config, where, device.config_field, report)
-    use = use_profile(config, where, device.config_field, report)
+    use = use_profile(config, where, device.config_field, report, profiles)
     if use is None and "profile" in config:
         return None  # reported
     model_props = {p.name: p for p in profiled_properties(model, use, report)}
@@ -414,17 +418,21 @@ class Manifests:
     other_protocols: tuple[str, ...]
 
 
-def read_manifests(paths: Sequence[Path], *, node: str | None, report: Report) -> Manifests:
+def read_manifests(
+    paths: Sequence[Path], *, node: str | None, report: Report,
+    profiles: Mapping[str, Loaded] | None = None,
+) -> Manifests:
     """Read manifest files and directories (``*.yaml``/``*.yml``, recursive, sorted) and
     resolve every Device against its DeviceModel (:func:`resolve_documents`)."""
     files = expand_manifest_paths(paths, report)
     documents = [doc for file in files for doc in read_yaml_documents(file, report)]
-    return resolve_documents(documents, node=node, report=report, files=tuple(map(str, files)))
+    return resolve_documents(documents, node=node, report=report, files=tuple(map(str, files)),
+                             profiles=profiles)
 
 
 def resolve_documents(
     documents: Sequence[Document], *, node: str | None, report: Report,
-    files: tuple[str, ...] = (),
+    files: tuple[str, ...] = (), profiles: Mapping[str, Loaded] | None = None,
 ) -> Manifests:
     """Resolve every Device of ``documents`` (from files or a bundle) against its
     DeviceModel into a DeviceSpec.
@@ -433,7 +441,9 @@ def resolve_documents(
     another node is skipped with a warning (None: no filter). Devices of other
     protocols are skipped with a warning; a Device with the endpoint and unit id of
     another is a warning; two Devices on one serial port with different line settings
-    are an error. Problems go to ``report``; ``files`` is passed through.
+    are an error. ``profiles`` are the firmware profiles Devices may name (None: the
+    shipped ones, :func:`edge.profiles.profile.shipped`). Problems go to ``report``;
+    ``files`` is passed through.
     """
     objects, ignored = parse_objects(documents, report)
     models = _index(objects, "DeviceModel", report)
@@ -467,7 +477,7 @@ def resolve_documents(
             )
             other_protocols.append(protocol or "")
             continue
-        spec = _device(device, model, report)
+        spec = _device(device, model, report, profiles)
         if spec is not None:
             built.append((device, spec))
     _check_serial_lines(built, report)

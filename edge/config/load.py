@@ -32,11 +32,12 @@ from edge.config.sources import (
 from edge.policy.evaluator import rules
 from edge.policy.spec import PolicySettings
 from edge.policy.tables import MAX_RULES, TooManyRules
+from edge.profiles.profile import with_local
 from edge.wasm.spec import PluginSpec
 
-LOCAL_ONLY = ("node", "devices", "trust")
+LOCAL_ONLY = ("node", "devices", "profiles", "trust")
 """Agent-file keys a bundle's ``agent`` may not set: the gateway's identity, where its
-local manifests are, and whom it trusts stay with whoever installed it."""
+local manifests and profiles are, and whom it trusts stay with whoever installed it."""
 LOCAL_ONLY_STORE = ("path",)
 LOCAL_ONLY_POLICY = ("failsafe", "pin_dir", "backend")
 """What a bundle cannot loosen or remove: the failsafe set that keeps the gateway
@@ -141,7 +142,8 @@ def load_config(path: str | Path) -> LoadedConfig:
         paths, node = list(agent.devices), agent.node
     else:
         paths, node = _manifest_hint(data, path.parent)
-    manifests = read_manifests(paths, node=node, report=report)
+    profiles = with_local(agent.profiles, report) if agent is not None else None
+    manifests = read_manifests(paths, node=node, report=report, profiles=profiles)
     plugins = load_plugin_dir(agent, path, report) if agent is not None else ()
     if agent is None or report.has_errors:
         raise ConfigError(report.problems)
@@ -156,17 +158,20 @@ def load_config(path: str | Path) -> LoadedConfig:
 
 
 def load_manifests(
-    paths: Sequence[str | Path], *, node: str | None = None
+    paths: Sequence[str | Path], *, node: str | None = None,
+    profile_dirs: Sequence[Path] = (),
 ) -> tuple[tuple[DeviceSpec, ...], tuple[Problem, ...]]:
     """Load KubeEdge manifest files and directories; returns ``(devices, warnings)``.
 
     ``node`` (this gateway's name) skips Devices bound to other nodes; None keeps all.
+    ``profile_dirs`` hold firmware profiles besides the shipped ones.
 
     Raises:
         ConfigError: with every problem (warnings included) when any is an error.
     """
     report = Report()
-    manifests = read_manifests([Path(p) for p in paths], node=node, report=report)
+    manifests = read_manifests([Path(p) for p in paths], node=node, report=report,
+                               profiles=with_local(profile_dirs, report))
     report.raise_if_errors()
     return manifests.devices, report.warnings
 
@@ -251,7 +256,9 @@ def load_bundle_config(path: str | Path, bundle: Mapping[str, Any]) -> LoadedCon
         for name in ("deviceModels", "devices")
         for i, obj in enumerate(bundle.get(name) or [], start=1)
     ]
-    manifests = resolve_documents(documents, node=agent.node if agent else None, report=report)
+    profiles = with_local(agent.profiles, report) if agent is not None else None
+    manifests = resolve_documents(documents, node=agent.node if agent else None, report=report,
+                                  profiles=profiles)
     plugins = load_bundle_plugins(bundle.get("plugins"), agent, label, report) if agent else ()
     policies = bundle_policies(bundle.get("policies"), label, report)
     if agent is None or report.has_errors:

@@ -300,6 +300,12 @@ def read_profiles(dirs: Iterable[Path], report: Report) -> dict[str, Loaded]:
     return found
 
 
+def with_local(dirs: Sequence[Path], report: Report) -> dict[str, Loaded] | None:
+    """The profiles of ``dirs`` and the shipped ones (one name once), or None (the
+    shipped ones) when ``dirs`` is empty."""
+    return read_profiles([*dirs, SHIPPED], report) if dirs else None
+
+
 @functools.cache
 def shipped() -> dict[str, Loaded]:
     """The shipped profiles (read once per process).

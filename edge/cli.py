@@ -1,5 +1,5 @@
 """The ``edge`` command line: run, check, simulate, tail, faultproxy, config, rollback,
-cloud, web, plugin, policy."""
+cloud, web, plugin, policy, profiles."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from edge.config.errors import ConfigError, Problem
 from edge.history_cli import config, rollback
 from edge.plugin_cli import plugin
 from edge.policy_cli import policy
+from edge.profiles_cli import profiles
 from edge.web_cli import web
 
 if TYPE_CHECKING:
@@ -373,3 +374,4 @@ main.add_command(rollback)
 main.add_command(web)
 main.add_command(plugin)
 main.add_command(policy)
+main.add_command(profiles)

@@ -61,9 +61,7 @@ def _specifiers(text: str) -> str:
     try:
         SpecifierSet(text)
     except InvalidSpecifier:
-        raise ValueError(
-            f"{text!r} is not a PEP 440 version range (e.g. '>=2.0,<3')"
-        ) from None
+        raise ValueError("must be PEP 440 version specifiers, e.g. '>=2.0,<3'") from None
     if not text.strip():
         raise ValueError("a firmware range must not be empty")
     return text

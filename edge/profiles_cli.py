@@ -1,0 +1,105 @@
+"""``edge profiles list|show|check|schema``: the firmware profiles (:mod:`edge.profiles`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from edge.profiles.profile import Loaded
+
+_DIRS = click.option("--profiles", "dirs", multiple=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="A directory of profiles of one's own, besides the shipped ones "
+                          "(as the agent file's profiles).")
+
+
+@click.group()
+def profiles() -> None:
+    """Firmware profiles: register maps per vendor, model and firmware."""
+
+
+def _known(dirs: tuple[Path, ...]) -> dict[str, Loaded]:
+    from edge.cli import _print_problems  # noqa: PLC0415 (edge.cli imports this module)
+    from edge.config.sources import Report  # noqa: PLC0415
+    from edge.profiles.profile import shipped, with_local  # noqa: PLC0415
+
+    report = Report()
+    found = with_local(list(dirs), report)
+    if report.has_errors:
+        _print_problems(report.problems)
+        raise SystemExit(2)
+    return shipped() if found is None else found
+
+
+@profiles.command("list")
+@_DIRS
+def list_profiles(dirs: tuple[Path, ...]) -> None:
+    """One line per profile: name, vendor and model, firmware ranges, what it reads."""
+    for name, loaded in sorted(_known(dirs).items()):
+        spec = loaded.doc.spec
+        ranges = "; ".join(spec.firmware.known) if spec.firmware else "any firmware"
+        reads = (f"SunSpec models {', '.join(map(str, spec.sunspec.models))}" if spec.sunspec
+                 else f"{len(spec.properties)} properties")
+        click.echo(f"{name}  {spec.vendor} {spec.model}  firmware {ranges}  {reads}  "
+                   f"({loaded.file})")
+
+
+@profiles.command()
+@click.argument("name")
+@click.option("--firmware", metavar="VERSION", help="Only the properties of this firmware.")
+@_DIRS
+def show(name: str, firmware: str | None, dirs: tuple[Path, ...]) -> None:
+    """The properties of profile NAME: register, address, type, unit, firmware range."""
+    from edge.profiles.profile import applies, parse_version  # noqa: PLC0415
+
+    known = _known(dirs)
+    if name not in known:
+        raise click.UsageError(f"profile {name!r} is not known; profiles: "
+                               f"{', '.join(sorted(known))}")
+    spec = known[name].doc.spec
+    version = parse_version(firmware) if firmware else None
+    if firmware and version is None:
+        raise click.BadParameter(f"{firmware!r} is not a version", param_hint="--firmware")
+    click.echo(f"{name}: {spec.vendor} {spec.model}. {spec.description}".rstrip())
+    click.echo(f"source: {spec.source}")
+    if spec.sunspec:
+        click.echo("properties: from the device's SunSpec model chain (edge discover)")
+        return
+    defaults = spec.defaults
+    for p in spec.properties:
+        if firmware and not applies(p, version):
+            continue
+        table = p.table or defaults.table
+        raw = p.data_type or defaults.data_type
+        click.echo(f"  {p.name:32} {table} {p.offset:#06x} {raw} {p.unit or '-'}"
+                   + (f"  firmware {p.firmware}" if p.firmware else ""))
+
+
+@profiles.command()
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check(files: tuple[Path, ...]) -> None:
+    """Check profile FILES as the agent will read them; exit 2 on any error."""
+    from edge.cli import _print_problems  # noqa: PLC0415
+    from edge.config.sources import Report  # noqa: PLC0415
+    from edge.profiles.profile import read_profile  # noqa: PLC0415
+
+    report = Report()
+    for file in files:
+        if read_profile(file, report) is not None and not report.has_errors:
+            click.echo(f"{file}: valid")
+    _print_problems(report.problems)
+    if report.has_errors:
+        raise SystemExit(2)
+
+
+@profiles.command()
+def schema() -> None:
+    """Print the JSON Schema of a profile (firmware_profiles/profile.schema.json)."""
+    from edge.profiles.profile import json_schema  # noqa: PLC0415
+
+    click.echo(json.dumps(json_schema(), indent=2, sort_keys=True))

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,8 @@ def check(config_path: Path) -> None:
 )
 @click.argument("manifests", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--period", default=60.0, show_default=True, help="Seconds per value cycle.")
+@click.option("--at", "frozen_at", type=float, metavar="UNIX_TIME",
+              help="Serve the values of this moment, unchanging (for tests that compare).")
 @click.option("--profile", metavar="NAME",
               help="Simulate one device of this firmware profile instead (edge profiles list).")
 @click.option("--firmware", metavar="VERSION",
@@ -192,9 +195,9 @@ def check(config_path: Path) -> None:
               help="With --profile: the unit id.")
 @click.option("--log-level", default="info", show_default=True)
 def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: float,
-             profile: str | None, firmware: str | None, models: str, base: str, listen: str,
-             rtu_over_tcp: bool, serial_port: str | None, baud: int, unit: int,
-             log_level: str) -> None:
+             frozen_at: float | None, profile: str | None, firmware: str | None, models: str,
+             base: str, listen: str, rtu_over_tcp: bool, serial_port: str | None, baud: int,
+             unit: int, log_level: str) -> None:
     """Serve simulated Modbus devices for the manifests' TCP endpoints (pymodbus server).
 
     Every device is served at the host:port and unit id of its manifest, with values
@@ -225,7 +228,8 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
     try:
         _run_until_signal(lambda stop: run_simulator(
             devices, stop, period_s=period, identification=identification,
-            constants=constants))
+            constants=constants,
+            clock=time.time if frozen_at is None else lambda: frozen_at))
     except SimulatorError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None

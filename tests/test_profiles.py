@@ -242,7 +242,7 @@ def test_a_model_names_properties_and_a_device_overrides_a_visitor(tmp_path: Pat
      "spec.protocol.configData.firmware: firmware 'new' is not a version (e.g. 2.01, 1.3.7)"),
     ({"profile": "acme-m2", "firmware": "1.0"}, None,
      "spec.protocol.configData.profile: profile 'acme-m2' is not known; profiles: acme-m1, "
-     "sunspec"),
+     "eastron-sdm120, eastron-sdm630, sunspec"),
     ({"firmware": "1.2", "sunspecChain": [{"model": 1, "address": 40002}]}, None,
      "spec.protocol.configData.sunspecChain: sunspecChain is only used with a SunSpec "
      "profile, not acme-m1"),

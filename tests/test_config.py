@@ -1259,8 +1259,8 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: 'gw+#'\n", ["node: must be one MQTT topic level, without '+' '#' (got 'gw+#')"]),
         ("node: ''\n", ["node: must not be empty (got '')"]),
         ("node: gw\nnodes: [a]\n",
-         ["nodes: unknown key 'nodes'; accepted: node, devices, profiles, uplink, store, web, trust, "
-          "plugins, policy, modbus, sync, log"]),
+         ["nodes: unknown key 'nodes'; accepted: node, devices, profiles, uplink, store, web, "
+          "trust, plugins, policy, modbus, sync, log"]),
         ("node: gw\nuplink: {tls: {key: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),
         ("node: gw\nuplink: {qos: 2, port: 0, topic_prefix: 'a/#'}\n",

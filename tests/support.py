@@ -331,12 +331,15 @@ def iter_json(messages: list[Message]) -> Iterator[Any]:
 
 @dataclass
 class Image:
-    """The register image of one unit id: address i of each table holds ``table[i]``."""
+    """The register image of one unit id: address i of each table holds ``table[i]``;
+    holding register ``hr_start + i`` holds ``hr[i]`` (addresses below ``hr_start``
+    answer ILLEGAL DATA ADDRESS)."""
 
     co: list[bool] = field(default_factory=lambda: [False])
     di: list[bool] = field(default_factory=lambda: [False])
     hr: list[int] = field(default_factory=lambda: [0])
     ir: list[int] = field(default_factory=lambda: [0])
+    hr_start: int = 0
 
 
 class ModbusServer:
@@ -359,12 +362,12 @@ class ModbusServer:
 
         from edge.modbus.sim_identification import identification_pdu  # noqa: PLC0415
 
-        def block(values: list[Any], kind: DataType) -> list[SimData]:
-            return [SimData(0, values=list(values), datatype=kind)]
+        def block(values: list[Any], kind: DataType, start: int = 0) -> list[SimData]:
+            return [SimData(start, values=list(values), datatype=kind)]
 
         devices = [
             SimDevice(id=unit, simdata=(block(img.co, DataType.BITS), block(img.di, DataType.BITS),
-                                        block(img.hr, DataType.REGISTERS),
+                                        block(img.hr, DataType.REGISTERS, img.hr_start),
                                         block(img.ir, DataType.REGISTERS)))
             for unit, img in units.items()
         ]

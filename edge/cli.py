@@ -1,5 +1,5 @@
 """The ``edge`` command line: run, check, simulate, tail, faultproxy, config, rollback,
-cloud, web, plugin, policy, profiles."""
+cloud, web, plugin, policy, profiles, discover."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import click
 from edge import __version__
 from edge.cloud import cloud
 from edge.config.errors import ConfigError, Problem
+from edge.discover_cli import discover
 from edge.history_cli import config, rollback
 from edge.plugin_cli import plugin
 from edge.policy_cli import policy
@@ -379,3 +380,4 @@ main.add_command(web)
 main.add_command(plugin)
 main.add_command(policy)
 main.add_command(profiles)
+main.add_command(discover)

@@ -9,17 +9,18 @@ shipped Eastron profiles are written elsewhere); the SunSpec values expected are
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import REPO, Image, ModbusServer, edge_cli, free_port
+from support import REPO, Image, ModbusServer, edge_cli, free_port, start_pty_pair
 
 from edge.config import kubeedge_profile
 from edge.config.load import load_manifests
-from edge.config.model import DeviceSpec, TcpEndpoint
+from edge.config.model import DeviceSpec, Framing, TcpEndpoint
 from edge.config.sources import Report
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
@@ -33,14 +34,15 @@ Serve = Callable[..., ModbusServer]
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    """``serve(hr, hr_start=0, identity=None, ir=None)``: a pymodbus server (unit 1),
-    stopped at teardown."""
+    """``serve(hr, hr_start=0, identity=None, ir=None, framing="socket",
+    serial_port=None)``: a pymodbus server (unit 1), stopped at teardown."""
     started: list[ModbusServer] = []
 
     def start(hr: list[int], hr_start: int = 0, identity: Mapping[int, str] | None = None,
-              ir: list[int] | None = None) -> ModbusServer:
+              ir: list[int] | None = None, framing: str = "socket",
+              serial_port: str | None = None) -> ModbusServer:
         server = ModbusServer({1: Image(hr=hr, hr_start=hr_start, ir=ir or [0])},
-                              identity=identity)
+                              identity=identity, framing=framing, serial_port=serial_port)
         started.append(server)
         return server
 
@@ -50,11 +52,12 @@ def serve() -> Iterator[Serve]:
 
 
 async def probe(port: int, profiles: Mapping[str, Loaded] | None = None,
-                timeout: float = 1.0) -> Discovery:  # noqa: ASYNC109
+                timeout: float = 1.0, framing: Framing = Framing.MBAP,  # noqa: ASYNC109
+                ) -> Discovery:
     pool = ConnectionPool(backoff_initial=0.05, backoff_max=0.1)
     try:
-        return await discover(pool.get(TcpEndpoint("127.0.0.1", port)), 1, timeout=timeout,
-                              profiles=profiles)
+        return await discover(pool.get(TcpEndpoint("127.0.0.1", port, framing)), 1,
+                              timeout=timeout, profiles=profiles)
     finally:
         await pool.close()
 
@@ -245,6 +248,24 @@ async def test_register_profile_and_known_firmware(serve: Serve, profiles_dir: P
     assert reading.values == {"voltage": 230.0, "energy": 1234.56, "setpoint": 42}
 
 
+async def test_register_profile_over_rtu_over_tcp(serve: Serve, profiles_dir: Path,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(meter_registers(0x0070, 0x0203), ir=IR, framing="rtu")
+    profiles = loaded_profiles(profiles_dir)
+    d = await probe(server.port, profiles, framing=Framing.RTU)
+    assert (d.profile, d.firmware, d.endpoint_key) == ("test-meter", "2.3",
+                                                       f"rtu+tcp://127.0.0.1:{server.port}")
+    text = manifests(d, name="meter-rtu")
+    config = list(yaml.safe_load_all(text))[1]["spec"]["protocol"]["configData"]
+    assert config["communicateMode"] == "RTUoverTCP"
+    monkeypatch.setattr(kubeedge_profile, "shipped", lambda: {**shipped(), **profiles})
+    (device,) = load_text(tmp_path, text)
+    assert device.endpoint == TcpEndpoint("127.0.0.1", server.port, Framing.RTU)
+    reading = await poll_once(device)
+    assert reading.values == {"voltage": 230.0, "energy": 1234.56, "setpoint": 42}
+
+
 async def test_older_firmware_leaves_its_properties_out(serve: Serve,
                                                         profiles_dir: Path) -> None:
     server = serve(meter_registers(0x0070, 0x0103))
@@ -323,7 +344,9 @@ def test_cli_register_profile(serve: Serve, profiles_dir: Path) -> None:
     out = edge_cli("discover", "--tcp", f"127.0.0.1:{server.port}", "--profiles",
                    str(profiles_dir), "--timeout", "0.5", cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "firmware: \"2.3\"" in out.stdout or "firmware: '2.3'" in out.stdout
+    config = list(yaml.safe_load_all(out.stdout))[1]["spec"]["protocol"]["configData"]
+    assert (config["profile"], config["firmware"]) == ("test-meter", "2.3")
+    assert "found: profile test-meter, firmware 2.3, 3 properties" in out.stderr
 
 
 def test_cli_unknown_firmware_exits_1_without_manifest(serve: Serve,
@@ -345,6 +368,30 @@ def test_cli_nothing_matches_exits_1(serve: Serve) -> None:
     assert out.stdout == ""
     assert ("error: no profile matches this device (FC 43 identification: VendorName "
             "'Nobody', ProductCode 'N-1', MajorMinorRevision '0.1')") in out.stderr
+
+
+def test_cli_serial_sunspec(serve: Serve, tmp_path: Path) -> None:
+    if shutil.which("socat") is None:
+        pytest.skip("socat is not installed: no pty pair")
+    pair = start_pty_pair(tmp_path)
+    try:
+        chain, image = chain_image([1, 203], base=0, seed="rs485")
+        serve(image_words(image, 0), serial_port=pair.b)
+        out = edge_cli("discover", "--serial", pair.a, "--baud", "19200", "--name", "meter",
+                       cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "probed serial://" in out.stderr
+        config = list(yaml.safe_load_all(out.stdout))[1]["spec"]["protocol"]["configData"]
+        assert {k: config[k] for k in ("communicateMode", "serialPort", "baudRate", "parity",
+                                       "dataBits", "stopBits", "slaveID")} == {
+            "communicateMode": "RTU", "serialPort": pair.a, "baudRate": 19200, "parity": "N",
+            "dataBits": 8, "stopBits": 1, "slaveID": 1}
+        assert config["sunspecChain"] == [{"model": 1, "address": 2},
+                                          {"model": 203, "address": 70}]
+        assert [(m.model_id, m.address) for m in chain.models] == [(1, 2), (203, 70)]
+        load_text(tmp_path, out.stdout)
+    finally:
+        pair.stop()
 
 
 @pytest.mark.parametrize("args", [

@@ -78,6 +78,8 @@ from edge.profiles.profile import (
     with_properties,
 )
 from edge.profiles.sunspec import (
+    BASE_ADDRESSES,
+    MARKER,
     SUPPORTED_MODELS,
     Chain,
     SunSpecError,
@@ -219,15 +221,31 @@ def _fmt_words(words: Sequence[int]) -> str:
 
 async def _sunspec(probe: _Probe, profile: Loaded) -> dict[str, Any] | None:
     """The SunSpec part of a Discovery, or None when the device has no chain."""
+    bases: dict[int, str] = {}
+
+    async def read(address: int, count: int) -> Sequence[int]:
+        """A holding-register read that notes what each base address answered."""
+        try:
+            words = await probe.holding(address, count)
+        except ModbusError as e:
+            if address in BASE_ADDRESSES and count == len(MARKER):
+                bases.setdefault(address, f"{address}: {type(e).__name__}: {e}")
+            raise
+        if address in BASE_ADDRESSES and count == len(MARKER):
+            bases.setdefault(address, f"{address}: {_fmt_words(words)}")
+        return words
+
     try:
-        chain = await read_chain(probe.holding)
+        chain = await read_chain(read)
     except SunSpecError as e:
         probe.probes.append(f"SunSpec: {e}")
         if "no SunSpec marker" not in str(e):
             probe.problems.append(f"SunSpec: {e}")
         return None
+    before = [text for base, text in bases.items() if base != chain.base]
     probe.probes.append(
-        f'SunSpec: marker "SunS" at {chain.base}; models '
+        (f"SunSpec: {'; '.join(before)}; " if before else "SunSpec: ")
+        + f'marker "SunS" at {chain.base}; models '
         + ", ".join(f"{m.model_id} at {m.address}" for m in chain.models))
     decoded = set(profile.doc.spec.sunspec.models if profile.doc.spec.sunspec else ())
     usable = Chain(chain.base, tuple(m for m in chain.models

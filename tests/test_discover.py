@@ -18,14 +18,13 @@ import pytest
 import yaml
 from support import REPO, Image, ModbusServer, edge_cli, free_port, start_pty_pair
 
-from edge.config import kubeedge_profile
 from edge.config.load import load_manifests
 from edge.config.model import DeviceSpec, Framing, TcpEndpoint
 from edge.config.sources import Report
 from edge.modbus.client import ConnectionPool
 from edge.modbus.poller import DevicePoller
 from edge.profiles.discover import Discovery, default_name, discover, manifests
-from edge.profiles.profile import Loaded, read_profiles, shipped
+from edge.profiles.profile import Loaded, read_profiles
 from edge.profiles.sunspec import chain_image, chain_properties, expected_values, model_definition
 from edge.reading import Reading
 
@@ -66,11 +65,13 @@ def image_words(image: dict[int, int], start: int) -> list[int]:
     return [image.get(a, 0) for a in range(start, max(image) + 1)]
 
 
-def load_text(tmp_path: Path, text: str) -> tuple[DeviceSpec, ...]:
-    """Load the manifests ``text``; there must be no warning."""
+def load_text(tmp_path: Path, text: str, profile_dirs: tuple[Path, ...] = ()
+              ) -> tuple[DeviceSpec, ...]:
+    """Load the manifests ``text`` (with the profiles of ``profile_dirs`` as well as
+    the shipped ones, as an agent file's ``profiles`` gives them); no warning."""
     path = tmp_path / "discovered.yaml"
     path.write_text(text)
-    devices, warnings = load_manifests([path])
+    devices, warnings = load_manifests([path], profile_dirs=profile_dirs)
     assert warnings == (), [str(w) for w in warnings]
     return devices
 
@@ -175,7 +176,7 @@ async def test_sunspec_at_50000_with_identity(serve: Serve, tmp_path: Path) -> N
 IDENT, FIRMWARE = 0xFC02, 0xFC03
 
 
-def profile_yaml(name: str, equals: int = 0x0070) -> str:
+def profile_yaml(name: str, equals: int = 0x7E57) -> str:
     return f"""\
 apiVersion: gateway.edge/v1alpha1
 kind: FirmwareProfile
@@ -227,9 +228,8 @@ IR = [0x4366, 0x0000, 0x0001, 0xE240]  # 230.0 V; 123456 × 0.01 kWh
 
 
 async def test_register_profile_and_known_firmware(serve: Serve, profiles_dir: Path,
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    server = serve(meter_registers(0x0070, 0x0203), ir=IR)
+                                                   tmp_path: Path) -> None:
+    server = serve(meter_registers(0x7E57, 0x0203), ir=IR)
     profiles = loaded_profiles(profiles_dir)
     d = await probe(server.port, profiles)
     assert d.found
@@ -242,16 +242,14 @@ async def test_register_profile_and_known_firmware(serve: Serve, profiles_dir: P
     assert (config["profile"], config["firmware"]) == ("test-meter", "2.3")
     assert "# profile test-meter, firmware 2.3" in text
     # the agent knows the profile when it is one of its profiles
-    monkeypatch.setattr(kubeedge_profile, "shipped", lambda: {**shipped(), **profiles})
-    (device,) = load_text(tmp_path, text)
+    (device,) = load_text(tmp_path, text, (profiles_dir,))
     reading = await poll_once(device)
     assert reading.values == {"voltage": 230.0, "energy": 1234.56, "setpoint": 42}
 
 
 async def test_register_profile_over_rtu_over_tcp(serve: Serve, profiles_dir: Path,
-                                                  tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    server = serve(meter_registers(0x0070, 0x0203), ir=IR, framing="rtu")
+                                                  tmp_path: Path) -> None:
+    server = serve(meter_registers(0x7E57, 0x0203), ir=IR, framing="rtu")
     profiles = loaded_profiles(profiles_dir)
     d = await probe(server.port, profiles, framing=Framing.RTU)
     assert (d.profile, d.firmware, d.endpoint_key) == ("test-meter", "2.3",
@@ -259,8 +257,7 @@ async def test_register_profile_over_rtu_over_tcp(serve: Serve, profiles_dir: Pa
     text = manifests(d, name="meter-rtu")
     config = list(yaml.safe_load_all(text))[1]["spec"]["protocol"]["configData"]
     assert config["communicateMode"] == "RTUoverTCP"
-    monkeypatch.setattr(kubeedge_profile, "shipped", lambda: {**shipped(), **profiles})
-    (device,) = load_text(tmp_path, text)
+    (device,) = load_text(tmp_path, text, (profiles_dir,))
     assert device.endpoint == TcpEndpoint("127.0.0.1", server.port, Framing.RTU)
     reading = await poll_once(device)
     assert reading.values == {"voltage": 230.0, "energy": 1234.56, "setpoint": 42}
@@ -268,7 +265,7 @@ async def test_register_profile_over_rtu_over_tcp(serve: Serve, profiles_dir: Pa
 
 async def test_older_firmware_leaves_its_properties_out(serve: Serve,
                                                         profiles_dir: Path) -> None:
-    server = serve(meter_registers(0x0070, 0x0103))
+    server = serve(meter_registers(0x7E57, 0x0103))
     d = await probe(server.port, loaded_profiles(profiles_dir))
     assert d.firmware == "1.3"
     assert [p.name for p in d.properties] == ["voltage", "setpoint"]
@@ -276,7 +273,7 @@ async def test_older_firmware_leaves_its_properties_out(serve: Serve,
 
 async def test_firmware_outside_every_range_is_reported(serve: Serve,
                                                        profiles_dir: Path) -> None:
-    server = serve(meter_registers(0x0070, 0x0701))
+    server = serve(meter_registers(0x7E57, 0x0701))
     d = await probe(server.port, loaded_profiles(profiles_dir))
     assert (d.profile, d.firmware, d.firmware_unknown, d.found) == ("test-meter", "7.1",
                                                                    True, False)
@@ -287,13 +284,13 @@ async def test_firmware_outside_every_range_is_reported(serve: Serve,
 
 async def test_two_matching_profiles_are_ambiguous(serve: Serve, profiles_dir: Path) -> None:
     (profiles_dir / "twin.yaml").write_text(profile_yaml("test-twin"))
-    (profiles_dir / "other.yaml").write_text(profile_yaml("test-other", equals=0x0071))
-    server = serve(meter_registers(0x0070, 0x0203))
+    (profiles_dir / "other.yaml").write_text(profile_yaml("test-other", equals=0x7E58))
+    server = serve(meter_registers(0x7E57, 0x0203))
     d = await probe(server.port, loaded_profiles(profiles_dir))
     assert d.profile is None
     assert d.ambiguous == ("test-meter", "test-twin")
     assert any("test-meter, test-twin" in p for p in d.problems)
-    assert any("test-other: HoldingRegister 64514 is 112 (0x0070), not 113" in p
+    assert any("test-other: HoldingRegister 64514 is 32343 (0x7E57), not 32344 (0x7E58)" in p
                for p in d.probes), d.probes
 
 
@@ -340,7 +337,7 @@ def test_cli_sunspec_end_to_end(serve: Serve, tmp_path: Path) -> None:
 
 
 def test_cli_register_profile(serve: Serve, profiles_dir: Path) -> None:
-    server = serve(meter_registers(0x0070, 0x0203))
+    server = serve(meter_registers(0x7E57, 0x0203))
     out = edge_cli("discover", "--tcp", f"127.0.0.1:{server.port}", "--profiles",
                    str(profiles_dir), "--timeout", "0.5", cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -351,7 +348,7 @@ def test_cli_register_profile(serve: Serve, profiles_dir: Path) -> None:
 
 def test_cli_unknown_firmware_exits_1_without_manifest(serve: Serve,
                                                        profiles_dir: Path) -> None:
-    server = serve(meter_registers(0x0070, 0x0701))
+    server = serve(meter_registers(0x7E57, 0x0701))
     out = edge_cli("discover", "--tcp", f"127.0.0.1:{server.port}", "--profiles",
                    str(profiles_dir), cwd=REPO)
     assert out.returncode == 1, out.stderr

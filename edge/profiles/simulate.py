@@ -24,7 +24,14 @@ from edge.config.model import DeviceSpec, Endpoint, Framing, SerialEndpoint, Tab
 from edge.config.sources import Document, Report
 from edge.modbus.codec import encode
 from edge.modbus.simulator import Constants
-from edge.profiles.profile import Firmware, Loaded, Register, parse_version, shipped
+from edge.profiles.profile import (
+    Firmware,
+    Loaded,
+    Register,
+    known_range,
+    parse_version,
+    shipped,
+)
 from edge.profiles.sunspec import Chain, chain_image
 
 DEFAULT_SUNSPEC_MODELS = (1, 103, 203)
@@ -124,13 +131,14 @@ def simulated_profile(
 ) -> SimulatedProfile:
     """The device to serve for profile ``name`` (firmware: the given one, else the
     newest a known range starts at; SunSpec: ``models`` after the marker at ``base``).
+    A firmware outside every known range is reported by the device with the newest
+    map the profile knows: a device newer than its profile, for trying discovery.
 
     Raises:
         KeyError: no such profile (the message lists them).
         ValueError: the firmware cannot be written as the profile reads it, or a
             SunSpec model is not supported.
-        ConfigError: the profile does not give a valid Device for that firmware (e.g.
-            one outside its known ranges).
+        ConfigError: the profile does not give a valid Device.
     """
     known = shipped() if profiles is None else profiles
     profile = known.get(name)
@@ -145,15 +153,20 @@ def simulated_profile(
                                 {0: "edge", 1: "simulated SunSpec device", 2: "1.0.0"},
                                 None, chain)
     constants: dict[Table, dict[int, int]] = {}
+    map_firmware = firmware
     if spec.firmware is not None:
-        firmware = firmware or default_firmware(spec.firmware)
+        newest = default_firmware(spec.firmware)
+        firmware = firmware or newest
+        version = parse_version(firmware)
+        if version is None or known_range(profile.doc, version) is None:
+            map_firmware = newest  # a device newer than its profile: the newest map known
         words = _words(spec.firmware, _firmware_value(spec.firmware, firmware))
         constants.setdefault(spec.firmware.table, {}).update(
             enumerate(words, start=spec.firmware.offset))
     for identify in spec.identification:
         words = _words(identify, identify.equals[0])
         constants.setdefault(identify.table, {}).update(enumerate(words, start=identify.offset))
-    device = _register_device(profile, endpoint, unit_id, firmware)
+    device = _register_device(profile, endpoint, unit_id, map_firmware)
     return SimulatedProfile(device, constants,
                             {0: spec.vendor, 1: spec.model, 2: firmware or "1.0"},
                             firmware, None)

@@ -338,6 +338,7 @@ def _device(
         options=connection.options,
         methods=methods,
         source=_source(where),
+        profile=use.ref if use else None,
     )
 
 

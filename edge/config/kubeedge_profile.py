@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.config.kubeedge_docs import Config, Entry, ModelDoc, ModelProperty
+from edge.config.model import ProfileRef
 from edge.config.sources import Report, Where, join_field
 from edge.profiles.profile import (
     Loaded,
@@ -48,6 +49,13 @@ class ProfileUse:
     firmware: str | None
     properties: dict[str, ModelProperty]
     other_firmware: dict[str, str]
+    chain: Chain | None = None
+
+    @property
+    def ref(self) -> ProfileRef:
+        """What the device keeps of it (:class:`edge.config.model.ProfileRef`)."""
+        chain = tuple((m.model_id, m.address) for m in self.chain.models) if self.chain else ()
+        return ProfileRef(self.profile.doc.name, self.firmware, chain)
 
 
 def _entry_error(entry: Entry, report: Report, message: str) -> None:
@@ -81,7 +89,7 @@ def _firmware(profile: Loaded, entry: Entry | None, report: Report) -> tuple[boo
 
 def _named_profile(
     config: Config, where: Where, field: str, report: Report, known: Mapping[str, Loaded]
-) -> Loaded | None:
+) -> tuple[Loaded, Chain | None] | None:
     """The profile ``config`` names, a SunSpec one with its properties made from the
     device's ``sunspecChain``; None when there is none or it is wrong (reported)."""
     entry = config.get("profile")
@@ -100,12 +108,12 @@ def _named_profile(
         if chain is None:
             return None
         return with_properties(profile, chain_properties(chain),
-                               f"FirmwareProfile {profile.doc.name} for {where.obj}")
+                               f"FirmwareProfile {profile.doc.name} for {where.obj}"), chain
     if "sunspecChain" in config:
         _entry_error(config["sunspecChain"], report,
                      f"sunspecChain is only used with a SunSpec profile, not {profile.doc.name}")
         return None
-    return profile
+    return profile, None
 
 
 def use_profile(
@@ -115,10 +123,11 @@ def use_profile(
     """The profile ``config`` names with the properties of the device's firmware; None
     when it names none or when anything is wrong (reported). ``profiles`` defaults to
     the shipped ones."""
-    profile = _named_profile(config, where, field, report,
-                             shipped() if profiles is None else profiles)
-    if profile is None:
+    named = _named_profile(config, where, field, report,
+                           shipped() if profiles is None else profiles)
+    if named is None:
         return None
+    profile, chain = named
     doc = profile.doc
     firmware_entry = config.get("firmware")
     if firmware_entry is None and firmware_dependent(doc):
@@ -138,7 +147,7 @@ def use_profile(
             chosen[prop.name] = model_property(profile, index)
         else:
             other[prop.name] = prop.firmware or ""
-    return ProfileUse(profile, text, chosen, other)
+    return ProfileUse(profile, text, chosen, other, chain)
 
 
 class _ChainItem(BaseModel):

@@ -284,10 +284,22 @@ class MethodSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ProfileRef:
+    """The firmware profile a device's visitors came from (:mod:`edge.profiles`): its
+    name, the device's firmware as the manifest gives it, and for SunSpec the device's
+    chain as ``(model id, address of its ID register)`` pairs."""
+
+    name: str
+    firmware: str | None = None
+    sunspec_chain: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSpec:
     """One Modbus device instance, ready to poll.
 
-    ``source`` says where it came from (``file: document N``) for messages.
+    ``source`` says where it came from (``file: document N``) for messages; ``profile``
+    the firmware profile it names, if any.
     """
 
     namespace: str
@@ -299,6 +311,7 @@ class DeviceSpec:
     options: ModbusOptions = ModbusOptions()
     methods: tuple[MethodSpec, ...] = ()
     source: str = ""
+    profile: ProfileRef | None = None
 
     @property
     def key(self) -> str:

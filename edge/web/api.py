@@ -157,7 +157,10 @@ class Api:
         s = stats.get(d.key, {})
         return {
             "key": d.key, "namespace": d.namespace, "name": d.name, "model": d.model,
-            "endpoint": _endpoint(d), "unit_id": d.unit_id, "state": s.get("state", "unknown"),
+            "endpoint": _endpoint(d), "unit_id": d.unit_id,
+            "profile": {"name": d.profile.name, "firmware": d.profile.firmware}
+            if d.profile else None,
+            "state": s.get("state", "unknown"),
             "last_poll": s.get("last_poll_ms"), "last_latency_ms": s.get("last_latency_ms"),
             "last_error": s.get("last_error", ""), "breaker": s.get("breaker", "closed"),
             "readings": s.get("readings", 0), "requests": s.get("requests", 0),

@@ -56,7 +56,9 @@ _SCHEMAS: dict[str, Any] = {
     }),
     "Device": _obj({
         "key": _STR, "namespace": _STR, "name": _STR, "model": _STR, "endpoint": _STR,
-        "unit_id": _INT, "state": {"type": "string", "enum": ["unknown", "online", "offline"]},
+        "unit_id": _INT,
+        "profile": _nullable(_obj({"name": _STR, "firmware": _nullable(_STR)})),
+        "state": {"type": "string", "enum": ["unknown", "online", "offline"]},
         "last_poll": _nullable(_MS), "last_latency_ms": _nullable(_NUM), "last_error": _STR,
         "breaker": {"type": "string", "enum": ["closed", "open", "half_open"]},
         "readings": _INT, "requests": _INT,

@@ -87,12 +87,18 @@ function pageOverview() {
   live("", {overview: draw});
 }
 
+// "profile eastron-sdm630, firmware 2.3" after sep, or "" for a device without profile
+function profileText(profile, sep) {
+  if (!profile) return "";
+  return `${sep}profile ${esc(profile.name)}${profile.firmware ? ", firmware " + esc(profile.firmware) : ""}`;
+}
+
 function pageDevices() {
   const draw = (devices) => {
     view.innerHTML = `<h2>Devices</h2><div class="scroll"><table><tr><th>Device</th><th>State</th>
       <th>Endpoint</th><th>Last poll</th><th>Latency</th><th>Errors</th><th>Breaker</th></tr>
       ${devices.map((d) => `<tr><td><a href="#/device/${esc(d.key)}">${esc(d.key)}</a><br>
-        <small class="muted">${esc(d.model)}</small></td>
+        <small class="muted">${esc(d.model)}${profileText(d.profile, " · ")}</small></td>
         <td class="${esc(d.state)}">${esc(d.state)}</td>
         <td>${esc(d.endpoint)} · unit ${d.unit_id}</td><td>${when(d.last_poll)}</td>
         <td>${d.last_latency_ms != null ? d.last_latency_ms.toFixed(1) + " ms" : "–"}</td>
@@ -121,7 +127,7 @@ function pageDevice(key) {
   const draw = () => {
     const latest = device.latest || {values: {}, quality: {}};
     view.innerHTML = `<h2>${esc(device.key)} <span class="${esc(device.state)}">${esc(device.state)}</span></h2>
-      <p class="muted">${esc(device.model)} · ${esc(device.endpoint)} · unit ${device.unit_id} ·
+      <p class="muted">${esc(device.model)}${profileText(device.profile, " · ")} · ${esc(device.endpoint)} · unit ${device.unit_id} ·
         reading ${latest.seq ?? "–"} at <span id="ts">${when(latest.ts)}</span></p>
       <div class="scroll"><table><tr><th>Property</th><th>Value</th><th>Twin</th><th>Trend (5 min)</th></tr>
       ${device.properties.map((p) => {

@@ -225,7 +225,8 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         click.echo(f"simulating profile {profile} ({what}) on {sim.device.endpoint.key} "
                    f"unit {unit}", err=True)
     else:
-        devices = _manifest_devices(config_path, manifests)
+        devices, profile_dirs = _manifest_devices(config_path, manifests)
+        _profile_registers(devices, profile_dirs, identification, constants)
     try:
         _run_until_signal(lambda stop: run_simulator(
             devices, stop, period_s=period, identification=identification,
@@ -236,12 +237,16 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         raise SystemExit(1) from None
 
 
-def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...]) -> tuple[Any, ...]:
+def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...]
+                      ) -> tuple[tuple[Any, ...], list[Path]]:
+    """The devices to simulate and the agent file's profile directories."""
     from edge.config.load import load_config, load_manifests  # noqa: PLC0415
 
+    profile_dirs: list[Path] = []
     try:
         if config_path is not None:
-            devices = load_config(config_path).devices
+            loaded = load_config(config_path)
+            devices, profile_dirs = loaded.devices, list(loaded.agent.profiles)
         else:
             devices, warnings = load_manifests(list(manifests))
             _print_problems(warnings)
@@ -250,7 +255,27 @@ def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...]) -> 
         raise SystemExit(2) from None
     if not devices:
         raise click.UsageError("no devices to simulate: give -c edge.yaml or manifest paths")
-    return tuple(devices)
+    return tuple(devices), profile_dirs
+
+
+def _profile_registers(devices: tuple[Any, ...], profile_dirs: list[Path],
+                       identification: dict[str, Any], constants: dict[str, Any]) -> None:
+    """What the profiles of the devices that name one say holds still (identification,
+    firmware, SunSpec chains), and their FC 43 objects (the first device's on an
+    endpoint)."""
+    from edge.config.sources import Report  # noqa: PLC0415
+    from edge.profiles.profile import with_local  # noqa: PLC0415
+    from edge.profiles.simulate import profile_registers  # noqa: PLC0415
+
+    profiles = with_local(profile_dirs, Report())  # already read without errors
+    for device in devices:
+        try:
+            found = profile_registers(device, profiles)
+        except (KeyError, ValueError) as e:
+            raise click.UsageError(str(e).strip("'\"")) from None
+        if found is not None:
+            constants[device.key], objects = found
+            identification.setdefault(device.endpoint.key, objects)
 
 
 def _simulated_profile(profile: str, firmware: str | None, models: str, base: int,

@@ -2,7 +2,7 @@
 # The demo: simulated Modbus devices -> the edge agent -> a local mosquitto broker,
 # with every message the agent publishes printed until Ctrl-C. Stops what it started,
 # by PID: the agent first, then the console view, the simulator, the broker.
-#   broker 127.0.0.1:1883 (a running broker there is reused), devices on 127.0.0.1:5020-5021
+#   broker 127.0.0.1:1883 (a running broker there is reused), devices on 127.0.0.1:5020-5022
 #   `kill -USR1 <this script's PID>` (printed at start) stops the demo's broker, the same
 #   again starts it: an outage, to watch store-and-forward.
 # The outbox is examples/run/edge.db: seq goes on from the last demo; `rm -r
@@ -45,7 +45,7 @@ outage() {  # USR1: stop the demo's broker, or start it again
   fi
 }
 
-for port in 5020 5021; do
+for port in 5020 5021 5022; do
   if listening "$port"; then
     echo "port 127.0.0.1:$port is already in use; the demo's simulated devices need it" >&2
     exit 1
@@ -68,8 +68,8 @@ fi
 # Ctrl-C reaches this script alone, which stops them in order
 setsid "$EDGE" simulate -c edge.yaml >"$RUN/simulate.log" 2>&1 &
 PIDS+=("$!")
-for _ in $(seq 50); do listening 5020 && listening 5021 && break; sleep 0.1; done
-if ! { listening 5020 && listening 5021; }; then
+for _ in $(seq 50); do listening 5020 && listening 5021 && listening 5022 && break; sleep 0.1; done
+if ! { listening 5020 && listening 5021 && listening 5022; }; then
   echo "the simulator did not start; its log:" >&2; cat "$RUN/simulate.log" >&2; exit 1
 fi
 echo "agent log: $RUN/agent.log -- values as they arrive at the broker (Ctrl-C stops the demo):" >&2

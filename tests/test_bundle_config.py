@@ -66,7 +66,7 @@ def test_a_bundle_replaces_the_devices_and_overrides_agent_settings(
     cfg = load(agent_file, sign(content(), signer), running=6)
     assert cfg.bundle_version == 7
     assert sorted(d.key for d in cfg.devices) == [
-        "default/meter-1", "default/temperature-1", "plant/boiler-1"]
+        "default/inverter-1", "default/meter-1", "default/temperature-1", "plant/boiler-1"]
     assert (cfg.modbus.breaker_failures, cfg.log_level) == (5, "debug")
     assert cfg.node == "demo-gw"
     assert cfg.bundle == content() | {"issued_at": cfg.bundle["issued_at"],

@@ -36,7 +36,7 @@ def test_check_accepts_the_examples() -> None:
     out = edge_cli("check", "-c", str(REPO / "examples" / "edge.yaml"))
     assert out.returncode == 0, out.stderr
     assert "OK" in out.stdout
-    assert "3 device(s), 15 properties, 9 read request(s) per round, 1 plugin(s)" in out.stdout
+    assert "4 device(s), 35 properties, 11 read request(s) per round, 1 plugin(s)" in out.stdout
 
 
 def _bad_setup(tmp_path: Path) -> Path:

@@ -41,10 +41,11 @@ def test_push_publishes_a_retained_signed_bundle_per_node(
                    str(private), "--broker", f"127.0.0.1:{broker.port}", "--version", "42",
                    "--agent", str(agent), str(EXAMPLES))
     assert out.returncode == 0, out.stderr
-    assert ("demo-gw: version 42 -> edge/v1/demo-gw/desired (3 devices, 3 models, "
+    assert ("demo-gw: version 42 -> edge/v1/demo-gw/desired (4 devices, 4 models, "
             "0 plugins, 0 policies)") in out.stdout
-    # the energy meter is bound to demo-gw (spec.nodeName): gw-2 gets only the other two
-    assert ("gw-2: version 42 -> edge/v1/gw-2/desired (2 devices, 3 models, "
+    # the energy meter and the inverter are bound to demo-gw (spec.nodeName): gw-2 gets
+    # only the other two
+    assert ("gw-2: version 42 -> edge/v1/gw-2/desired (2 devices, 4 models, "
             "0 plugins, 0 policies)") in out.stdout
     sub = stop_later(Subscriber(broker.port, "edge/v1/+/desired"))  # subscribed afterwards
     got = {m.topic: m for m in sub.wait_for(lambda m: m.retain, count=2)}
@@ -53,7 +54,7 @@ def test_push_publishes_a_retained_signed_bundle_per_node(
                now=datetime.now(UTC), running_version=41)
     assert b.version == 42
     assert sorted(d["metadata"]["name"] for d in b.devices) == [
-        "boiler-1", "meter-1", "temperature-1"]
+        "boiler-1", "inverter-1", "meter-1", "temperature-1"]
     assert b.agent == {"log": {"level": "debug"}}
 
 

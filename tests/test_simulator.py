@@ -39,7 +39,7 @@ from edge.config.model import (
 from edge.modbus.client import ConnectionPool
 from edge.modbus.codec import decoder_for
 from edge.modbus.planner import plan_device
-from edge.modbus.simulator import run_simulator, simulated_value
+from edge.modbus.simulator import run_simulator, simulated_value, value_range
 from edge.modbus.writer import desired_value
 
 EXAMPLES = REPO / "examples"
@@ -111,9 +111,8 @@ def test_simulated_values_change_over_time_and_stay_in_range() -> None:
             series = [simulated_value(p, d.name, 1_700_000_000 + 10 * i, 60) for i in range(12)]
             assert len(set(series)) > 1, f"{d.key} {p.name} never changes"
             if p.visitor.raw_type in (RawType.FLOAT32, RawType.INT16, RawType.UINT32):
-                lo = p.minimum if p.minimum is not None else -100
-                hi = p.maximum if p.maximum is not None else 100
-                assert all(lo <= float(v) <= hi for v in series), (d.key, p.name, series)
+                lo, hi = value_range(p)
+                assert all(lo - 1 <= float(v) <= hi for v in series), (d.key, p.name, series)
 
 
 def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) -> None:
@@ -124,7 +123,7 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
     shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("run"))
     shutil.copytree(EXAMPLES.parent / "plugins", tmp_path / "plugins")  # the demo's plugin's
     work = tmp_path / "examples"
-    ports = {5020: free_port(), 5021: free_port()}
+    ports = {5020: free_port(), 5021: free_port(), 5022: free_port()}
     for f in (work / "manifests").glob("*.yaml"):
         text = f.read_text()
         for old, new in ports.items():
@@ -136,13 +135,14 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
                    .replace("127.0.0.1:8080", f"127.0.0.1:{web}"))
     check = edge_cli("check", "-c", str(cfg))
     assert check.returncode == 0, check.stderr
-    assert "3 device(s)" in check.stdout
+    assert "4 device(s)" in check.stdout
     sim = stop_later(start_edge(["simulate", "-c", str(cfg)], work, name="simulate"))
     for port in ports.values():
         wait_port(port)
     sub = stop_later(Subscriber(broker.port, "edge/v1/demo-gw/#"))
     agent = stop_later(start_edge(["run", "-c", str(cfg)], work))
-    for dev in ("default/meter-1", "plant/boiler-1", "default/temperature-1"):
+    for dev in ("default/meter-1", "plant/boiler-1", "default/temperature-1",
+                "default/inverter-1"):
         topic = f"edge/v1/demo-gw/telemetry/{dev}"
         reading = sub.wait_for(lambda m, t=topic: m.topic == t)[0].json()
         assert reading["values"], reading
@@ -151,12 +151,17 @@ def test_demo_configuration_end_to_end(tmp_path: Path, stop_later: StopLater) ->
                          and "voltage-l1" in m.json()["values"])[0].json()["values"]
     assert 220 <= meter["voltage-l1"] <= 240
     assert 49.8 <= meter["frequency"] <= 50.2
+    # the SunSpec inverter is served as its profile says: the chain image, scale
+    # factors and all (edge.profiles.sunspec.chain_image)
+    inverter = sub.wait_for(lambda m: m.topic.endswith("/telemetry/default/inverter-1")
+                            )[0].json()["values"]
+    assert (inverter["common.Mn"], inverter["inverter_three_phase.PhVphA"]) == ("edge", 229.7)
     # the demo's plugin (examples/plugins/10-power.yaml, the shipped derive)
     assert meter["apparent-power-l1"] == meter["voltage-l1"] * meter["current-l1"]
     # and `edge run` serves the status page, its API and the health endpoints
     wait_port(web)
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/overview", timeout=5) as r:
-        assert json.load(r)["devices"]["total"] == 3
+        assert json.load(r)["devices"]["total"] == 4
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/", timeout=5) as r:
         assert b"/static/app.js" in r.read()
     assert agent.stop() == 0, agent.output()

@@ -22,6 +22,7 @@ Read Device Identification (FC 43 / MEI 14) is answered per endpoint
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from pymodbus.constants import ExcCodes
@@ -46,6 +48,7 @@ from edge.config.model import (
     Table,
     TcpEndpoint,
     Value,
+    Visitor,
 )
 from edge.modbus.codec import CodecError, bit_mask, encode
 from edge.modbus.sim_identification import Identification, identification_pdu
@@ -92,24 +95,48 @@ def simulated_value(prop: PropertySpec, device: str, t: float, period_s: float) 
     return _number(prop, (0.5 + 0.5 * math.sin(2 * math.pi * (t / period_s + phase))))
 
 
-def _number(prop: PropertySpec, fraction: float) -> float | int:
-    """The number ``fraction`` (0..1) of the way through the property's range,
-    representable exactly by its raw type and scale."""
+def value_range(prop: PropertySpec) -> tuple[float, float]:
+    """(lowest, highest) simulated value of a number: the property's minimum/maximum,
+    else the range of its unit, else ±100 (0..100 unsigned); never below 0 for an
+    unsigned raw type."""
     raw = prop.visitor.raw_type
     signed = raw.signed or raw in (RawType.FLOAT32, RawType.FLOAT64)
     lo, hi = _UNIT_RANGE.get(prop.unit or "", _DEFAULT_RANGE[signed])
     lo = prop.minimum if prop.minimum is not None else lo if signed else max(lo, 0.0)
     hi = prop.maximum if prop.maximum is not None else hi
+    return lo, hi
+
+
+def _number(prop: PropertySpec, fraction: float) -> float | int:
+    """The number ``fraction`` (0..1) of the way through the property's range,
+    representable exactly by its raw type and scale."""
+    raw = prop.visitor.raw_type
+    lo, hi = value_range(prop)
     x = lo + (hi - lo) * fraction
-    scale = prop.visitor.scale
+    scale = served_visitor(prop.visitor).scale
     if raw.is_integer:
         steps = math.floor(x / scale) if scale > 0 else math.ceil(x / scale)
         if float(scale).is_integer():
             return int(steps * scale)
-        return round(steps * scale, 10)  # 573 × 0.1 is 57.3, as the codec decodes it
+        exact = Fraction(repr(float(scale)))  # as the codec decodes: 573 × 1 / 10 is 57.3
+        return steps * exact.numerator / exact.denominator
     if raw is RawType.FLOAT32:  # 6 significant digits survive float32 exactly
         return float(f"{x:.6g}")
     return round(x, 3)
+
+
+SCALE_FACTOR_EXPONENT = -1
+"""What a simulated device holds in a property's scale factor register: its values
+have one decimal (raw × 10^-1)."""
+
+
+def served_visitor(visitor: Visitor) -> Visitor:
+    """How the simulator writes a property: one with a scale factor register as raw ×
+    scale × 10^:data:`SCALE_FACTOR_EXPONENT`, that exponent in its register."""
+    if visitor.scale_factor is None:
+        return visitor
+    scale = float(Fraction(repr(visitor.scale)) * Fraction(10) ** SCALE_FACTOR_EXPONENT)
+    return dataclasses.replace(visitor, scale=scale, scale_factor=None, missing=None)
 
 
 Constants = Mapping[Table, Mapping[int, int]]
@@ -169,7 +196,7 @@ class SimulatedUnit:
         """
 
         def block(table: Table) -> list[SimData]:
-            ends = [s.prop.visitor.end for s in self.by_table.get(table, ())]
+            ends = [s.prop.visitor.last_end for s in self.by_table.get(table, ())]
             ends += [a + 1 for a in self.constants.get(table, {})]
             size = max(ends, default=1)
             if table.is_bit:
@@ -227,8 +254,12 @@ class SimulatedUnit:
                 and_mask, or_mask = bit_mask(v, value)
                 current[i] = (current[i] & and_mask) | (or_mask & ~and_mask)
                 continue
-            for k, w in enumerate(encode(v, value)):
+            for k, w in enumerate(encode(served_visitor(v), value)):
                 current[i + k] = int(w)
+        for served in self.by_table.get(table, ()):
+            sf = served.prop.visitor.scale_factor
+            if sf is not None and address <= sf < end:
+                current[sf - base] = SCALE_FACTOR_EXPONENT & 0xFFFF
         for a, w in self.constants.get(table, {}).items():
             if address <= a < end:
                 current[a - base] = w

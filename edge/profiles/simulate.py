@@ -124,6 +124,36 @@ def _register_device(profile: Loaded, endpoint: Endpoint, unit_id: int,
     return device
 
 
+def _sunspec(profile: Loaded, models: Sequence[int], base: int
+             ) -> tuple[Constants, dict[int, str], Chain]:
+    chain, image = chain_image(models, base=base, seed=profile.doc.name)
+    return ({Table.HOLDING_REGISTER: image},
+            {0: "edge", 1: "simulated SunSpec device", 2: "1.0.0"}, chain)
+
+
+def _registers(profile: Loaded, firmware: str | None) -> tuple[Constants, dict[int, str]]:
+    """The identification and firmware registers of ``profile``'s device (firmware:
+    as reported, already chosen), and its FC 43 objects."""
+    spec = profile.doc.spec
+    constants: dict[Table, dict[int, int]] = {}
+    if spec.firmware is not None and firmware is not None:
+        words = _words(spec.firmware, _firmware_value(spec.firmware, firmware))
+        constants.setdefault(spec.firmware.table, {}).update(
+            enumerate(words, start=spec.firmware.offset))
+    for identify in spec.identification:
+        words = _words(identify, identify.equals[0])
+        constants.setdefault(identify.table, {}).update(enumerate(words, start=identify.offset))
+    return constants, {0: spec.vendor, 1: spec.model, 2: firmware or "1.0"}
+
+
+def _lookup(name: str, profiles: Mapping[str, Loaded] | None) -> Loaded:
+    known = shipped() if profiles is None else profiles
+    profile = known.get(name)
+    if profile is None:
+        raise KeyError(f"profile {name!r} is not known; profiles: {', '.join(sorted(known))}")
+    return profile
+
+
 def simulated_profile(
     name: str, *, endpoint: Endpoint, unit_id: int = 1, firmware: str | None = None,
     models: Sequence[int] = DEFAULT_SUNSPEC_MODELS, base: int = 40000,
@@ -140,19 +170,13 @@ def simulated_profile(
             SunSpec model is not supported.
         ConfigError: the profile does not give a valid Device.
     """
-    known = shipped() if profiles is None else profiles
-    profile = known.get(name)
-    if profile is None:
-        raise KeyError(f"profile {name!r} is not known; profiles: {', '.join(sorted(known))}")
+    profile = _lookup(name, profiles)
     spec = profile.doc.spec
     if spec.sunspec is not None:
-        chain, image = chain_image(models, base=base, seed=name)
+        constants, objects, chain = _sunspec(profile, models, base)
         device = DeviceSpec(namespace="default", name=f"sim-{name}", model=name,
                             endpoint=endpoint, unit_id=unit_id, properties=())
-        return SimulatedProfile(device, {Table.HOLDING_REGISTER: image},
-                                {0: "edge", 1: "simulated SunSpec device", 2: "1.0.0"},
-                                None, chain)
-    constants: dict[Table, dict[int, int]] = {}
+        return SimulatedProfile(device, constants, objects, None, chain)
     map_firmware = firmware
     if spec.firmware is not None:
         newest = default_firmware(spec.firmware)
@@ -160,13 +184,34 @@ def simulated_profile(
         version = parse_version(firmware)
         if version is None or known_range(profile.doc, version) is None:
             map_firmware = newest  # a device newer than its profile: the newest map known
-        words = _words(spec.firmware, _firmware_value(spec.firmware, firmware))
-        constants.setdefault(spec.firmware.table, {}).update(
-            enumerate(words, start=spec.firmware.offset))
-    for identify in spec.identification:
-        words = _words(identify, identify.equals[0])
-        constants.setdefault(identify.table, {}).update(enumerate(words, start=identify.offset))
+    constants, objects = _registers(profile, firmware)
     device = _register_device(profile, endpoint, unit_id, map_firmware)
-    return SimulatedProfile(device, constants,
-                            {0: spec.vendor, 1: spec.model, 2: firmware or "1.0"},
-                            firmware, None)
+    return SimulatedProfile(device, constants, objects, firmware, None)
+
+
+def profile_registers(
+    device: DeviceSpec, profiles: Mapping[str, Loaded] | None = None
+) -> tuple[Constants, dict[int, str]] | None:
+    """For a manifest's device that names a profile (``device.profile``): the registers
+    its profile says hold still (identification, firmware; a SunSpec device's whole
+    chain image, as :func:`simulated_profile` serves it) and its FC 43 objects; None
+    for a device without profile.
+
+    Raises:
+        KeyError: the profile is not among ``profiles``.
+        ValueError: the SunSpec chain is not contiguous after its marker (it cannot be
+            served as one image), or the firmware cannot be written.
+    """
+    ref = device.profile
+    if ref is None:
+        return None
+    profile = _lookup(ref.name, profiles)
+    if not ref.sunspec_chain:
+        return _registers(profile, ref.firmware)
+    models = [m for m, _ in ref.sunspec_chain]
+    constants, objects, chain = _sunspec(profile, models, ref.sunspec_chain[0][1] - 2)
+    laid = tuple((m.model_id, m.address) for m in chain.models)
+    if laid != ref.sunspec_chain:
+        raise ValueError(f"{device.key}: its sunspecChain {list(ref.sunspec_chain)} is not one "
+                         f"model after the other ({list(laid)}); it cannot be simulated")
+    return constants, objects

@@ -238,6 +238,9 @@ def test_a_model_names_properties_and_a_device_overrides_a_visitor(tmp_path: Pat
      "spec.protocol.configData.firmware: profile acme-m1's register map depends on the "
      "firmware (properties energy_l1 exist in some firmware only): give the device's "
      "firmware (configData firmware, as edge discover prints it)"),
+    ({"firmware": 2.10}, None,
+     "spec.protocol.configData.firmware: firmware 2.1 is a number in YAML, which drops "
+     "trailing zeros (2.10 reads as 2.1): quote it, e.g. firmware: \"2.1\""),
     ({"firmware": "new"}, None,
      "spec.protocol.configData.firmware: firmware 'new' is not a version (e.g. 2.01, 1.3.7)"),
     ({"profile": "acme-m2", "firmware": "1.0"}, None,

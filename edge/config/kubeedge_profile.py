@@ -68,6 +68,11 @@ def _firmware(profile: Loaded, entry: Entry | None, report: Report) -> tuple[boo
     firmware = doc.spec.firmware
     if entry is None:
         return True, None
+    if isinstance(entry.value, float):
+        _entry_error(entry, report, (
+            f"firmware {entry.value!r} is a number in YAML, which drops trailing zeros "
+            f"(2.10 reads as 2.1): quote it, e.g. firmware: \"{entry.value}\""))
+        return False, None
     text = str(entry.value)
     version = parse_version(text)
     if version is None:

@@ -272,7 +272,7 @@ def _profile_registers(devices: tuple[Any, ...], profile_dirs: list[Path],
         try:
             found = profile_registers(device, profiles)
         except (KeyError, ValueError) as e:
-            raise click.UsageError(str(e).strip("'\"")) from None
+            raise click.UsageError(str(e.args[0])) from None
         if found is not None:
             constants[device.key], objects = found
             identification.setdefault(device.endpoint.key, objects)
@@ -306,7 +306,7 @@ def _simulated_profile(profile: str, firmware: str | None, models: str, base: in
         _print_problems(e.problems)
         raise SystemExit(2) from None
     except (KeyError, ValueError) as e:
-        raise click.UsageError(str(e).strip("'\"")) from None
+        raise click.UsageError(str(e.args[0])) from None
 
 
 @main.command()

@@ -96,6 +96,10 @@ def _failure(d: Discovery) -> str:
                 f"{d.firmware or '(not readable)'} is not one the profile knows: no manifest")
     if d.ambiguous:
         return f"ambiguous: profiles {', '.join(d.ambiguous)} all match: no manifest"
+    if not d.answered:
+        return ("the device gave no answer (no connection, timeouts or frames that are not "
+                "answers): check the address, unit id, framing and line settings, or give a "
+                "longer --timeout; no manifest")
     fc43 = (", ".join(f"{k} {v!r}" for k, v in d.device_identification.items())
             or "not supported")
     return ("no profile matches this device (FC 43 identification: "

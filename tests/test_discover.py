@@ -307,8 +307,25 @@ async def test_no_profile_matches(serve: Serve, profiles_dir: Path) -> None:
 
 async def test_unreachable_endpoint() -> None:
     d = await probe(free_port(), timeout=0.3)
-    assert d.profile is None
+    assert (d.profile, d.answered) == (None, False)
     assert any("cannot reach tcp://127.0.0.1:" in p for p in d.problems), d.problems
+
+
+async def test_a_sunspec_chain_without_a_decoded_model_gives_no_manifest(serve: Serve) -> None:
+    """The marker, one model edge does not decode (120, nameplate), the end marker."""
+    hr = [0x5375, 0x6E53, 120, 2, 0, 0, 0xFFFF, 0]
+    server = serve(hr, hr_start=40000)
+    d = await probe(server.port)
+    assert (d.profile, d.found, d.answered) == (None, False, True)
+    assert "SunSpec chain at 40000 has no model profile sunspec decodes: no manifest" in (
+        d.problems)
+
+
+def test_cli_says_when_the_device_gives_no_answer() -> None:
+    done = edge_cli("discover", "--tcp", f"127.0.0.1:{free_port()}", "--timeout", "0.3")
+    assert done.returncode == 1
+    assert "the device gave no answer" in done.stderr
+    assert "no profile matches" not in done.stderr
 
 
 # ---------------------------------------------------------------------- CLI

@@ -112,6 +112,27 @@ def test_the_schema_rejects_what_the_loader_rejects(tmp_path: Path) -> None:
                       "HoldingRegister", "scaleFactor": 200}]},
      "spec.properties[0].scaleFactor: scale factor register 200 is 201 registers from the "
      "property's end: more than one read of HoldingRegister carries (125)"),
+    ({"identification": [{"register": "HoldingRegister", "offset": 65535,
+                           "dataType": "uint32", "equals": [1]}]},
+     "spec.identification[0].offset: offset 65535 + limit 2 runs past the last address "
+     "(65535) of HoldingRegister"),
+    ({"identification": [{"register": "HoldingRegister", "offset": 0xFC02,
+                           "equals": ["0x70"]}]},
+     "spec.identification[0].equals[0]: '0x70' can never be read from uint16: give an "
+     "integer 0..65535"),
+    ({"identification": [{"register": "HoldingRegister", "offset": 0xFC02,
+                           "equals": [70000]}]},
+     "spec.identification[0].equals[0]: 70000 can never be read from uint16: give an "
+     "integer 0..65535"),
+    ({"identification": [{"register": "HoldingRegister", "offset": 0, "dataType": "string",
+                           "equals": ["SDM630"]}]},
+     "spec.identification[0].limit: a string register needs limit (how many registers it "
+     "spans)"),
+    ({"firmware": {"register": "HoldingRegister", "offset": 0xFC03, "dataType": "uint32",
+                   "format": "major.minor", "known": [">=1.0"]}},
+     "spec.firmware.format: format major.minor reads uint16, not uint32"),
+    ({"properties": [{"name": "v", "offset": True}]},
+     "spec.properties[0].offset: Input should be a valid integer (got True)"),
 ])  # fmt: skip
 def test_profile_errors_name_the_file_and_field(tmp_path: Path, change: Doc,
                                                 expected: str) -> None:

@@ -23,6 +23,7 @@ from test_config import Doc, device_doc, load, model_doc, one_error, prop
 from edge.config.model import (
     AccessMode,
     DeviceSpec,
+    ProfileRef,
     PropertySpec,
     RawType,
     Table,
@@ -172,7 +173,8 @@ def profiled_device(config: Doc, *properties: Doc) -> Doc:
     return doc
 
 
-def expected_spec(loaded: Loaded, names: list[str], tmp_path: Path) -> DeviceSpec:
+def expected_spec(loaded: Loaded, names: list[str], tmp_path: Path,
+                  firmware: str = "2.3") -> DeviceSpec:
     """The DeviceSpec the profile alone describes for ``names`` (the Device being the
     second document of ``load``'s file)."""
     props = {p.name: p for p in loaded.doc.spec.properties}
@@ -185,7 +187,8 @@ def expected_spec(loaded: Loaded, names: list[str], tmp_path: Path) -> DeviceSpe
         ))
     return DeviceSpec(namespace="default", name="meter-1", model="meter-model",
                       endpoint=TcpEndpoint("127.0.0.1", 5020), unit_id=1,
-                      properties=tuple(out), source=f"{tmp_path / 'm.yaml'}: document 2")
+                      properties=tuple(out), source=f"{tmp_path / 'm.yaml'}: document 2",
+                      profile=ProfileRef(loaded.doc.name, firmware))
 
 
 def all_names(path: Path) -> list[str]:
@@ -201,7 +204,7 @@ def test_model_without_properties_gets_every_profile_property(tmp_path: Path) ->
 def test_v1_firmware_leaves_out_the_v2_registers(tmp_path: Path) -> None:
     (device,) = load(tmp_path, bare_model(), profiled_device(tcp(firmware="1.5")))
     names = [n for n in all_names(SDM630) if n not in V2_ONLY]
-    assert device == expected_spec(profile(SDM630), names, tmp_path)
+    assert device == expected_spec(profile(SDM630), names, tmp_path, firmware="1.5")
     assert len(device.properties) == 71
 
 

@@ -120,7 +120,8 @@ class Discovery:
     ``properties`` the DeviceModel's; ``ambiguous`` the profiles that all matched;
     ``firmware_unknown`` True when the firmware is outside every known range (or
     could not be read as a version); ``probes`` one line per probe and what answered;
-    ``problems`` what went wrong or was left out, for a person to read.
+    ``problems`` what went wrong or was left out, for a person to read; ``answered``
+    False when no request got an answer (data or an exception response).
     """
 
     endpoint: Endpoint
@@ -138,6 +139,7 @@ class Discovery:
     goes into the Device's configData)."""
     probes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    answered: bool = False
 
     @property
     def endpoint_key(self) -> str:
@@ -157,6 +159,8 @@ class _Probe:
         self.conn, self.unit_id, self.timeout = conn, unit_id, timeout
         self.probes: list[str] = []
         self.problems: list[str] = []
+        self.answered = False
+        """A request got an answer: data, or an exception response."""
         self._cache: dict[tuple[Table, int, int], list[int] | ModbusError] = {}
 
     async def words(self, table: Table, address: int, count: int) -> list[int]:
@@ -169,9 +173,11 @@ class _Probe:
                 got = await self.conn.read(self.unit_id, table, address, count,
                                            timeout=self.timeout)
                 cached = [int(w) for w in got]
+                self.answered = True
             except ModbusConnectionError:
                 raise
             except ModbusError as e:
+                self.answered = self.answered or isinstance(e, ModbusExceptionError)
                 cached = e
             self._cache[key] = cached
         if isinstance(cached, ModbusError):
@@ -254,6 +260,10 @@ async def _sunspec(probe: _Probe, profile: Loaded) -> dict[str, Any] | None:
         if m not in usable.models:
             probe.problems.append(f"SunSpec model {m.model_id} at {m.address} is not decoded "
                                   f"by profile {profile.doc.name}: left out")
+    if not usable.models:
+        probe.problems.append(f"SunSpec chain at {chain.base} has no model profile "
+                              f"{profile.doc.name} decodes: no manifest")
+        return None
     image: dict[int, int] = {}
     for m in usable.models:
         end = m.address + 2 + m.length
@@ -313,11 +323,13 @@ async def _device_identification(probe: _Probe) -> dict[str, str]:
     except ModbusConnectionError:
         raise
     except ModbusExceptionError as e:
+        probe.answered = True
         probe.probes.append(f"FC 43 Read Device Identification: not supported ({e.name})")
         return {}
     except ModbusError as e:
         probe.probes.append(f"FC 43 Read Device Identification: not supported ({e})")
         return {}
+    probe.answered = True
     text = identification_text(objects)
     probe.probes.append("FC 43 Read Device Identification: "
                         + (", ".join(f"{k} {v!r}" for k, v in text.items()) or "no objects"))
@@ -337,7 +349,7 @@ async def _register_value(probe: _Probe, reg: Register) -> Value:
     return decoder_for(visitor)(words, 0)
 
 
-def _equal(value: Value, want: int | str) -> bool:
+def _equal(value: Value, want: float | str) -> bool:
     if isinstance(want, str):
         return isinstance(value, str) and value == want
     return not isinstance(value, (str, bool)) and value == want
@@ -363,12 +375,12 @@ async def _matches(probe: _Probe, loaded: Loaded) -> bool:
     return True
 
 
-def _want(ident: Identify, value: Value) -> int | str:
+def _want(ident: Identify, value: Value) -> float | str:
     """The ``equals`` entry ``value`` is (or the first, for the message)."""
     return next((w for w in ident.equals if _equal(value, w)), ident.equals[0])
 
 
-def _show(value: Value | int | str) -> str:
+def _show(value: Value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value} (0x{value:04X})" if value >= 0 else str(value)
     return repr(value)
@@ -456,7 +468,8 @@ async def discover(conn: Connection, unit_id: int, *, timeout: float,  # noqa: A
         device_identification = {}
     return Discovery(endpoint=conn.endpoint, unit_id=unit_id,
                      device_identification=device_identification,
-                     probes=tuple(probe.probes), problems=tuple(probe.problems), **found)
+                     probes=tuple(probe.probes), problems=tuple(probe.problems),
+                     answered=probe.answered, **found)
 
 
 # --------------------------------------------------------------- manifests

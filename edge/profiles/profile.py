@@ -34,7 +34,17 @@ from typing import Any, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from edge.config.kubeedge_docs import Config, Entry, ModelProperty, validate_shape
@@ -71,17 +81,17 @@ class Register(_Shape):
     """A register read by discovery: ``limit`` registers of ``register`` at ``offset``."""
 
     table: Table = Field(alias="register")
-    offset: int = Field(ge=0, le=65535)
+    offset: StrictInt = Field(ge=0, le=65535)
     data_type: RawType = RawType.UINT16
-    limit: int | None = Field(default=None, ge=1, le=125)
-    is_swap: bool = False
-    is_register_swap: bool = False
+    limit: StrictInt | None = Field(default=None, ge=1, le=125)
+    is_swap: StrictBool = False
+    is_register_swap: StrictBool = False
 
 
 class Identify(Register):
     """This model answers one of ``equals`` at the register."""
 
-    equals: list[int | str] = Field(min_length=1)
+    equals: list[StrictInt | StrictFloat | StrictStr] = Field(min_length=1)
 
 
 class Firmware(Register):
@@ -102,20 +112,20 @@ class ProfileProperty(_Shape):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     table: Table | None = Field(default=None, alias="register")
-    offset: int = Field(ge=0, le=65535)
-    limit: int | None = Field(default=None, ge=1, le=125)
+    offset: StrictInt = Field(ge=0, le=65535)
+    limit: StrictInt | None = Field(default=None, ge=1, le=125)
     data_type: RawType | None = None
-    scale: float | None = None
-    is_swap: bool | None = None
-    is_register_swap: bool | None = None
-    bit: int | None = Field(default=None, ge=0, le=15)
-    scale_factor: int | None = Field(default=None, ge=0, le=65535)
-    missing: int | None = Field(default=None, ge=0)
+    scale: StrictInt | StrictFloat | None = None
+    is_swap: StrictBool | None = None
+    is_register_swap: StrictBool | None = None
+    bit: StrictInt | None = Field(default=None, ge=0, le=15)
+    scale_factor: StrictInt | None = Field(default=None, ge=0, le=65535)
+    missing: StrictInt | None = Field(default=None, ge=0)
     type: ValueType | None = None
     unit: str | None = None
     access_mode: AccessMode = AccessMode.READ_ONLY
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: StrictInt | StrictFloat | None = None
+    maximum: StrictInt | StrictFloat | None = None
     description: str = ""
     firmware: str | None = None
 
@@ -130,14 +140,14 @@ class Defaults(_Shape):
 
     table: Table | None = Field(default=None, alias="register")
     data_type: RawType | None = None
-    is_swap: bool | None = None
-    is_register_swap: bool | None = None
+    is_swap: StrictBool | None = None
+    is_register_swap: StrictBool | None = None
 
 
 class SunSpecModels(_Shape):
     """The SunSpec model ids the profile decodes (definitions from pysunspec2)."""
 
-    models: list[int] = Field(min_length=1)
+    models: list[StrictInt] = Field(min_length=1)
 
 
 class ProfileSpec(_Shape):
@@ -259,10 +269,77 @@ def model_property(profile: Loaded, index: int) -> ModelProperty:
 
 def check_profile(profile: Loaded, report: Report) -> None:
     """Every property's visitor as the agent would read it (offsets, types, limits,
-    scale factor): problems name the profile file and the property's field."""
+    scale factor), and the identification and firmware registers as discovery reads
+    them (extent, type, ``equals`` values the type can hold, a ``format`` that fits
+    the type): problems name the profile file and the field."""
     for index in range(len(profile.doc.spec.properties)):
         parse_visitor(visitor_config(profile, index), profile.where, profile.field(index),
                       report, model=model_property(profile, index), options=ModbusOptions())
+    spec = profile.doc.spec
+    for index, ident in enumerate(spec.identification):
+        field = join_field("spec", "identification", index)
+        if _check_register(profile, ident, field, report):
+            for j, want in enumerate(ident.equals):
+                problem = _never_read(ident.data_type, want)
+                if problem:
+                    report.error(profile.where, join_field(field, "equals", j), problem)
+    if spec.firmware is not None and _check_register(profile, spec.firmware,
+                                                     join_field("spec", "firmware"), report):
+        fits = _FORMAT_TYPES[spec.firmware.format]
+        if spec.firmware.data_type not in fits:
+            report.error(profile.where, join_field("spec", "firmware", "format"), (
+                f"format {spec.firmware.format} reads {' or '.join(fits)}, not "
+                f"{spec.firmware.data_type}"))
+
+
+_FORMAT_TYPES: dict[str, tuple[RawType, ...]] = {
+    "major.minor": (RawType.UINT16,),
+    "decimal": (RawType.UINT16, RawType.UINT32, RawType.UINT64),
+    "string": (RawType.STRING,),
+}
+"""The raw types each firmware ``format`` reads (major.minor: the two bytes of one
+register; a wider register would lose a word)."""
+
+
+def _check_register(profile: Loaded, reg: Register, field: str, report: Report) -> bool:
+    """``reg`` checked as a visitor (extent, type, limit); False when it is wrong."""
+    raw = reg.data_type
+    if raw.register_count is None and reg.limit is None:
+        report.error(profile.where, join_field(field, "limit"),
+                     f"a {raw} register needs limit (how many registers it spans)")
+        return False
+    values = {"register": reg.table.value, "offset": reg.offset, "dataType": raw.value,
+              "limit": reg.limit or raw.register_count, "isSwap": reg.is_swap,
+              "isRegisterSwap": reg.is_register_swap}
+    config = {key: Entry(key, value, profile.where, join_field(field, key))
+              for key, value in values.items()}
+    model = ModelProperty(name=field, where=profile.where, field=field, type_name=None,
+                          access_mode=AccessMode.READ_ONLY, minimum=None, maximum=None,
+                          unit=None, visitor=config, visitor_field=field)
+    read = parse_visitor(config, profile.where, field, report, model=model,
+                         options=ModbusOptions())
+    if read is not None and read.visitor.table.is_bit:
+        report.error(profile.where, join_field(field, "register"),
+                     "identification and firmware are read from registers, not bits")
+        return False
+    return read is not None
+
+
+def _never_read(raw: RawType, want: float | str) -> str | None:
+    """Why ``want`` can never be what a ``raw`` register reads, or None."""
+    if raw.is_integer and raw.bits:
+        lo, hi = (-(1 << raw.bits - 1), (1 << raw.bits - 1) - 1) if raw.signed else (
+            0, (1 << raw.bits) - 1)
+        if isinstance(want, int) and lo <= want <= hi:
+            return None
+        return f"{want!r} can never be read from {raw}: give an integer {lo}..{hi}"
+    if raw in (RawType.FLOAT32, RawType.FLOAT64):
+        return None if isinstance(want, (int, float)) else (
+            f"{want!r} can never be read from {raw}: give a number")
+    if raw is RawType.STRING:
+        return None if isinstance(want, str) else (
+            f"{want!r} can never be read from a string register: give the text")
+    return f"identification by a {raw} register is not supported: use an integer, float or string"
 
 
 def read_profile(path: Path, report: Report) -> Loaded | None:

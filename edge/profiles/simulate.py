@@ -51,7 +51,7 @@ class SimulatedProfile:
     chain: Chain | None
 
 
-def _words(register: Register, value: int | str) -> list[int]:
+def _words(register: Register, value: float | str) -> list[int]:
     limit = register.limit or register.data_type.register_count or 1
     visitor = Visitor(register.table, register.offset, limit, register.data_type,
                       is_swap=register.is_swap, is_register_swap=register.is_register_swap)
@@ -82,6 +82,8 @@ def _firmware_value(firmware: Firmware, text: str) -> int | str:
         if len(version.release) != 1:
             raise ValueError(f"firmware {text!r}: this profile reads the version as one number")
         return version.release[0]
+    if len(version.release) > 2:
+        raise ValueError(f"firmware {text!r}: this profile reads the version as major.minor")
     major, minor = (*version.release, 0)[:2]
     if major > 255 or minor > 255:
         raise ValueError(f"firmware {text!r}: major and minor must be 0..255 (one byte each)")
@@ -180,7 +182,7 @@ def simulated_profile(
     map_firmware = firmware
     if spec.firmware is not None:
         newest = default_firmware(spec.firmware)
-        firmware = firmware or newest
+        firmware = map_firmware = firmware or newest
         version = parse_version(firmware)
         if version is None or known_range(profile.doc, version) is None:
             map_firmware = newest  # a device newer than its profile: the newest map known

@@ -20,7 +20,14 @@ from edge.config.load import load_manifests
 from edge.config.model import RawType, Table, ValueType
 from edge.config.sources import Report
 from edge.profiles import sunspec
-from edge.profiles.profile import SHIPPED, json_schema, read_profile, read_profiles, shipped
+from edge.profiles.profile import (
+    SHIPPED,
+    json_schema,
+    read_profile,
+    read_profiles,
+    shipped,
+    with_local,
+)
 
 Doc = dict[str, Any]
 SCHEMA = SHIPPED / "profile.schema.json"
@@ -247,6 +254,45 @@ def test_a_model_names_properties_and_a_device_overrides_a_visitor(tmp_path: Pat
                      config={**TCP, "profile": "acme-m1", "firmware": "2.0"})
     assert errors(tmp_path, model_with("voltage", "energy"), bad) == [
         "spec.properties[0].visitors.configData.offset: offset 70000 is out of range 0..65535"]
+
+
+@pytest.mark.usefixtures("acme_dir")
+def test_an_override_that_breaks_a_visitor_is_blamed_on_the_device(tmp_path: Path) -> None:
+    device = device_doc(prop("voltage", dataType="uint16"),
+                        config={**TCP, "profile": "acme-m1", "firmware": "2.0"})
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, {**empty_model(), "spec": {"protocol": "modbus"}}, device)
+    (problem,) = raised.value.problems
+    assert problem.file == str(tmp_path / "m" / "m.yaml")
+    assert (problem.field, problem.message) == (
+        "spec.properties[0].visitors.configData.limit", "limit 2 does not fit uint16 (1 register)")
+
+
+@pytest.mark.usefixtures("acme_dir")
+def test_a_device_entry_for_a_property_of_other_firmware(tmp_path: Path) -> None:
+    device = device_doc(prop("energy_l1", scale=2),
+                        config={**TCP, "profile": "acme-m1", "firmware": "1.2"})
+    assert errors(tmp_path, {**empty_model(), "spec": {"protocol": "modbus"}}, device) == [
+        "spec.properties[0]: property 'energy_l1' of profile acme-m1 exists in firmware >=2.0 "
+        "only; this device's firmware is 1.2"]
+
+
+def test_profiles_of_ones_own_are_directories_and_a_shipped_name_is_taken(
+        tmp_path: Path) -> None:
+    mine = write_profile(tmp_path / "mine", profile(name="sunspec"), file="own.yml")
+    report = Report()
+    found = with_local([tmp_path / "mine"], report)
+    assert found is not None
+    assert found["sunspec"].file == str(SHIPPED / "sunspec.yaml")
+    (problem,) = report.problems
+    assert (problem.file, problem.message) == (
+        str(mine), f"profile sunspec is also defined in {SHIPPED / 'sunspec.yaml'}")
+    agent = tmp_path / "edge.yaml"
+    agent.write_text(f"node: gw\nprofiles: [{mine}]\n")
+    done = subprocess.run([sys.executable, "-m", "edge", "check", "-c", str(agent)], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert f"profiles[0]: {mine}: is not a directory" in done.stderr
 
 
 @pytest.mark.usefixtures("acme_dir")

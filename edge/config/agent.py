@@ -134,6 +134,17 @@ path as written and as resolved: ``./manifests: no such file or directory
 (/etc/edge/manifests)``."""
 
 
+def _directory(path: Path) -> Path:
+    if not path.is_dir():
+        raise _error(f"{path}: is not a directory (profiles are directories of profile "
+                     "files, *.yaml or *.yml)")
+    return path
+
+
+ExistingDirectory = Annotated[ExistingPath, AfterValidator(_directory)]
+"""An :data:`ExistingPath` that is a directory."""
+
+
 def _duration_seconds(value: object) -> object:
     if not isinstance(value, str):
         return value
@@ -446,7 +457,7 @@ class AgentFile(_Section):
 
     node: Annotated[str, AfterValidator(_topic_level)]
     devices: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = Field(default_factory=list)
-    profiles: Annotated[list[ExistingPath], BeforeValidator(_as_list)] = Field(
+    profiles: Annotated[list[ExistingDirectory], BeforeValidator(_as_list)] = Field(
         default_factory=list)
     uplink: UplinkConfig = UplinkConfig()
     store: StoreConfig = StoreConfig()

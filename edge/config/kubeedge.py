@@ -34,7 +34,7 @@ from edge.config.kubeedge_docs import (
     validate_shape,
 )
 from edge.config.kubeedge_modbus import Connection, parse_connection
-from edge.config.kubeedge_profile import profiled_properties, use_profile
+from edge.config.kubeedge_profile import overridden, profiled_properties, use_profile
 from edge.config.kubeedge_v1alpha2 import device_v1alpha2, model_v1alpha2
 from edge.config.kubeedge_v1beta1 import device_v1beta1, model_v1beta1
 from edge.config.kubeedge_visitor import parse_visitor
@@ -196,7 +196,8 @@ def _property(
     connection: Connection | None,
     report: Report,
 ) -> PropertySpec | None:
-    config = {**(model_prop.visitor or {}), **((entry.visitor if entry else None) or {})}
+    config = overridden(model_prop.visitor or {}, entry.visitor if entry else None,
+                        device.where, entry.visitor_field if entry else "")
     if not config:
         report.warning(
             device.where,
@@ -308,6 +309,11 @@ def _device(
     for entry in device.properties:
         if entry.name in model_props:
             entries[entry.name] = entry
+        elif use is not None and entry.name in use.other_firmware:
+            report.error(where, entry.field, (
+                f"property {entry.name!r} of profile {use.profile.doc.name} exists in firmware "
+                f"{use.other_firmware[entry.name]} only; this device's firmware is "
+                f"{use.firmware}"))
         elif entry.name not in model.broken_properties:
             report.error(
                 where,

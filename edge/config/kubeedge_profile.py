@@ -28,6 +28,7 @@ from edge.config.kubeedge_docs import Config, Entry, ModelDoc, ModelProperty
 from edge.config.model import ProfileRef
 from edge.config.sources import Report, Where, join_field
 from edge.profiles.profile import (
+    KIND,
     Loaded,
     applies,
     firmware_dependent,
@@ -215,6 +216,19 @@ def _sunspec_chain(
     return Chain(models[0].address - 2, tuple(models))
 
 
+def overridden(config: Config, override: Config | None, where: Where, field: str) -> Config:
+    """``override`` (a Device's or DeviceModel's own visitor keys) over ``config``; when
+    there is one, the profile's entries are reported at the overriding visitor
+    (``field``) of ``where``: a problem the override makes is the override's, not the
+    shipped profile file's."""
+    if not override:
+        return config
+    rebased = {key: Entry(key, e.value, where, join_field(field, key))
+               if e.where.obj and e.where.obj.startswith(KIND) else e
+               for key, e in config.items()}
+    return {**rebased, **override}
+
+
 def profiled_properties(
     model: ModelDoc, use: ProfileUse | None, report: Report
 ) -> Sequence[ModelProperty]:
@@ -231,7 +245,8 @@ def profiled_properties(
         base = use.properties.get(prop.name)
         if base is not None:
             merged.append(dataclasses.replace(
-                prop, visitor={**(base.visitor or {}), **(prop.visitor or {})},
+                prop, visitor=overridden(base.visitor or {}, prop.visitor, prop.where,
+                                         prop.visitor_field),
                 type_name=prop.type_name or base.type_name, unit=prop.unit or base.unit))
         elif prop.name in use.other_firmware:
             report.error(prop.where, prop.field, (

@@ -360,11 +360,11 @@ def read_profile(path: Path, report: Report) -> Loaded | None:
 
 
 def read_profiles(dirs: Iterable[Path], report: Report) -> dict[str, Loaded]:
-    """Every ``*.yaml`` profile under ``dirs`` (recursively, sorted) by name; the same
-    name twice is an error."""
+    """Every ``*.yaml`` / ``*.yml`` profile under ``dirs`` (recursively, sorted) by
+    name; the same name again (in a later file) is an error against that file."""
     found: dict[str, Loaded] = {}
     for directory in dirs:
-        for path in sorted(directory.rglob("*.yaml")):
+        for path in sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml")):
             loaded = read_profile(path, report)
             if loaded is None:
                 continue
@@ -376,9 +376,10 @@ def read_profiles(dirs: Iterable[Path], report: Report) -> dict[str, Loaded]:
 
 
 def with_local(dirs: Sequence[Path], report: Report) -> dict[str, Loaded] | None:
-    """The profiles of ``dirs`` and the shipped ones (one name once), or None (the
-    shipped ones) when ``dirs`` is empty."""
-    return read_profiles([*dirs, SHIPPED], report) if dirs else None
+    """The shipped profiles and those of ``dirs`` (one name once: a local profile with
+    a shipped one's name is an error against the local file), or None (the shipped
+    ones) when ``dirs`` is empty."""
+    return read_profiles([SHIPPED, *dirs], report) if dirs else None
 
 
 @functools.cache

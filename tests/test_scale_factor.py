@@ -8,12 +8,25 @@ import struct
 from pathlib import Path
 
 import pytest
+from support import Image, ModbusServer
 from test_config import device_doc, load, model_doc, one_error, prop
 
-from edge.config.model import PropertySpec, RawType, Table, ValueType, Visitor
+from edge.config.model import (
+    DeviceSpec,
+    ModbusOptions,
+    PropertySpec,
+    RawType,
+    Table,
+    TcpEndpoint,
+    ValueType,
+    Visitor,
+)
+from edge.modbus.client import ConnectionPool
 from edge.modbus.codec import CodecError, decode, decoder_for
 from edge.modbus.planner import plan_requests
+from edge.modbus.poller import DevicePoller
 from edge.modbus.writer import write_problem
+from edge.reading import Reading
 
 HR = Table.HOLDING_REGISTER
 
@@ -137,3 +150,27 @@ def test_manifest_scale_factor_errors(tmp_path: Path, config: dict[str, object],
     message = one_error(tmp_path, sf_model(), device_doc(
         prop("power", register="HoldingRegister", offset=0, **config)))
     assert message == f"spec.properties[0].visitors.configData.{expected}"
+
+
+async def test_a_missing_scale_factor_register_is_a_device_error_not_a_gap(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A point at 10 scaled by register 20, on a device with registers 0..14 only: the
+    read of 10..20 is refused (ILLEGAL DATA ADDRESS) and the point is bad; edge does
+    not take the scale factor register for a gap it filled, so it does not re-plan."""
+    server = ModbusServer({1: Image(hr=[0] * 15)})
+    point = PropertySpec("W", sf_visitor(offset=10, sf=20), ValueType.FLOAT)
+    device = DeviceSpec("default", "inv", "m", TcpEndpoint("127.0.0.1", server.port), 1,
+                        (point,), ModbusOptions(max_gap=0, timeout_s=1.0, retries=0))
+    pool = ConnectionPool()
+    readings: list[Reading] = []
+    try:
+        poller = DevicePoller(device, pool.get(device.endpoint), readings.append,
+                              lambda *_: None)
+        for _ in range(2):
+            await poller.poll_once()
+    finally:
+        await pool.close()
+        server.stop()
+    assert [r.quality for r in readings] == [{"W": "bad"}, {"W": "bad"}]
+    assert poller.stats.exception_codes == {2: 2}
+    assert "without gap fill" not in caplog.text

@@ -304,7 +304,12 @@ def chain_image(models: Sequence[int], *, base: int = 40000,
     enums one of their symbols, bitfields 0 or one bit; each sunssf register between
     -3 and 0 so that every point it scales fits its type. Model 1: Mn "edge", Md
     ``seed`` or "simulated", Vr "1.0.0", SN from ``seed``, DA 1.
+
+    Raises:
+        SunSpecError: a model edge does not decode, or not 1 to MAX_MODELS models.
     """
+    if not 1 <= len(models) <= MAX_MODELS:
+        raise SunSpecError(f"a SunSpec chain holds 1 to {MAX_MODELS} models, not {len(models)}")
     image = {base: MARKER[0], base + 1: MARKER[1]}
     chain: list[ChainModel] = []
     address = base + 2

@@ -377,6 +377,9 @@ def test_a_sunspec_device_gets_the_points_of_its_chain(tmp_path: Path) -> None:
     ([{"model": 1, "adress": 40002}],
      "spec.protocol.configData.sunspecChain[0].adress: unknown key 'adress'; accepted: "
      "model, address"),
+    ([{"model": True, "address": 40002}],
+     "spec.protocol.configData.sunspecChain[0].model: Input should be a valid integer "
+     "(got True)"),
     ("1@40002", "spec.protocol.configData.sunspecChain: sunspecChain must be a non-empty "
                 "list of {model, address}"),
 ])  # fmt: skip

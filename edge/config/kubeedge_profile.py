@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from edge.config.kubeedge_docs import Config, Entry, ModelDoc, ModelProperty
 from edge.config.model import ProfileRef
@@ -159,8 +159,8 @@ def use_profile(
 class _ChainItem(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: int = Field(ge=1, le=65534)
-    address: int = Field(ge=0, le=65533)
+    model: StrictInt = Field(ge=1, le=65534)
+    address: StrictInt = Field(ge=0, le=65533)
 
 
 def _chain_model(

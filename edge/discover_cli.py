@@ -10,6 +10,7 @@ errors. See :mod:`edge.profiles.discover` for the probes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,24 +59,18 @@ def _endpoint(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int
 
 
 def _profiles(dirs: tuple[Path, ...]) -> dict[str, Loaded]:
-    """The shipped profiles and those under ``dirs`` (one name twice: usage error)."""
+    """The shipped profiles and those under ``dirs``, as the agent file's ``profiles``
+    gives them (a shipped name again: usage error)."""
     from edge.config.sources import Report  # noqa: PLC0415
-    from edge.profiles.profile import read_profiles, shipped  # noqa: PLC0415
+    from edge.profiles.profile import shipped, with_local  # noqa: PLC0415
 
-    profiles = dict(shipped())
-    if not dirs:
-        return profiles
     report = Report()
-    extra = read_profiles(list(dirs), report)
-    for name, loaded in extra.items():
-        if name in profiles:
-            report.error(loaded.where, "metadata.name",
-                         f"profile {name} is also a shipped profile ({profiles[name].file})")
+    profiles = with_local(list(dirs), report)
     if report.has_errors:
         for problem in report.problems:
             click.echo(str(problem), err=True)
         raise click.UsageError("the profiles given with --profiles do not load")
-    return {**profiles, **extra}
+    return dict(shipped()) if profiles is None else profiles
 
 
 def _echo(line: str) -> None:
@@ -90,7 +85,7 @@ def _report(d: Discovery) -> None:
         _echo(f"  problem: {line}")
 
 
-def _failure(d: Discovery) -> str:
+def _failure(d: Discovery, profiles: Mapping[str, Loaded]) -> str:
     if d.firmware_unknown:
         return (f"profile {d.profile} matches, but its firmware "
                 f"{d.firmware or '(not readable)'} is not one the profile knows: no manifest")
@@ -102,8 +97,13 @@ def _failure(d: Discovery) -> str:
                 "longer --timeout; no manifest")
     fc43 = (", ".join(f"{k} {v!r}" for k, v in d.device_identification.items())
             or "not supported")
+    unknowable = sorted(n for n, p in profiles.items()
+                        if not p.doc.spec.identification and not p.doc.spec.sunspec)
+    hint = (f"; profiles {', '.join(unknowable)} have no identification registers: if the "
+            "device is one of them, give --profile NAME" if unknowable else "")
     return ("no profile matches this device (FC 43 identification: "
-            f"{fc43}): no manifest; write a firmware profile for it and give --profiles DIR")
+            f"{fc43}): no manifest; write a firmware profile for it and give --profiles DIR"
+            + hint)
 
 
 @click.command()
@@ -125,12 +125,15 @@ def _failure(d: Discovery) -> str:
 @click.option("--profiles", "profile_dirs", multiple=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A directory of extra firmware profiles (*.yaml; repeatable).")
+@click.option("--profile", "named", metavar="NAME",
+              help="Probe as this profile only (the model is known; a profile without "
+                   "identification registers is then taken as named).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the manifests here instead of stdout.")
 def discover(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int | None,
              parity: str | None, data_bits: int | None, stop_bits: int | None, unit: int,
              timeout: float, name: str | None, namespace: str, profile_dirs: tuple[Path, ...],
-             output: Path | None) -> None:
+             named: str | None, output: Path | None) -> None:
     """Probe one Modbus device (SunSpec chain, FC 43 identification, the firmware
     profiles' identification registers) and print a DeviceModel and Device for it."""
     import asyncio  # noqa: PLC0415
@@ -150,6 +153,9 @@ def discover(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int 
         raise click.BadParameter(f"{namespace!r} is not a DNS-1123 label",
                                  param_hint="--namespace")
     profiles = _profiles(profile_dirs)
+    if named is not None and named not in profiles:
+        raise click.BadParameter(f"profile {named!r} is not known; profiles: "
+                                 f"{', '.join(sorted(profiles))}", param_hint="--profile")
 
     async def probe() -> found.Discovery:
         from edge.modbus.client import ConnectionPool  # noqa: PLC0415
@@ -157,14 +163,14 @@ def discover(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int 
         pool = ConnectionPool(connect_timeout=max(timeout, 1.0))
         try:
             return await found.discover(pool.get(endpoint), unit, timeout=timeout,
-                                        profiles=profiles)
+                                        profiles=profiles, named=named)
         finally:
             await pool.close()
 
     d = asyncio.run(probe())
     _report(d)
     if not d.found:
-        _echo(f"error: {_failure(d)}")
+        _echo(f"error: {_failure(d, profiles)}")
         raise SystemExit(1)
     text = found.manifests(d, name=name or found.default_name(d), namespace=namespace)
     _echo(f"found: profile {d.profile}" + (f", firmware {d.firmware}" if d.firmware else "")

@@ -294,6 +294,48 @@ async def test_two_matching_profiles_are_ambiguous(serve: Serve, profiles_dir: P
                for p in d.probes), d.probes
 
 
+async def test_profiles_that_match_alike_are_told_apart_by_firmware(
+        serve: Serve, profiles_dir: Path) -> None:
+    """A profile written for firmware 7 beside the shipped-style one for 1.x/2.x: the
+    same identification registers, the firmware read decides."""
+    newer = profile_yaml("test-meter-v7").replace('[">=1.0,<2.0", ">=2.0,<4.0"]',
+                                                  '[">=7.0,<8.0"]')
+    (profiles_dir / "v7.yaml").write_text(newer)
+    server = serve(meter_registers(0x7E57, 0x0701))
+    d = await probe(server.port, loaded_profiles(profiles_dir))
+    assert (d.profile, d.firmware, d.found) == ("test-meter-v7", "7.1", True)
+    old = serve(meter_registers(0x7E57, 0x0203))
+    d = await probe(old.port, loaded_profiles(profiles_dir))
+    assert (d.profile, d.firmware, d.found) == ("test-meter", "2.3", True)
+
+
+async def test_a_named_profile_without_identification_is_taken(serve: Serve,
+                                                               tmp_path: Path) -> None:
+    """The shipped SDM120 profile has no identification registers: discovery cannot
+    recognise the meter, but --profile says what it is."""
+    server = serve([0] * 10, ir=[0x4366, 0] * 60)
+    d = await probe(server.port)
+    assert d.profile is None
+    pool = ConnectionPool(backoff_initial=0.05, backoff_max=0.1)
+    try:
+        d = await discover(pool.get(TcpEndpoint("127.0.0.1", server.port)), 1, timeout=1.0,
+                           named="eastron-sdm120")
+    finally:
+        await pool.close()
+    assert (d.profile, d.found, len(d.properties)) == ("eastron-sdm120", True, 22)
+    (device,) = load_text(tmp_path, manifests(d, name="meter-120"))
+    reading = await poll_once(device)
+    assert reading.values["voltage"] == 230.0
+
+
+def test_cli_names_the_profiles_it_cannot_recognise(serve: Serve) -> None:
+    server = serve([0] * 10)
+    done = edge_cli("discover", "--tcp", f"127.0.0.1:{server.port}", "--timeout", "0.5")
+    assert done.returncode == 1
+    assert ("profiles eastron-sdm120 have no identification registers: if the device is one "
+            "of them, give --profile NAME") in done.stderr
+
+
 async def test_no_profile_matches(serve: Serve, profiles_dir: Path) -> None:
     server = serve([0] * 100)  # 0xFC02 answers ILLEGAL DATA ADDRESS
     d = await probe(server.port, loaded_profiles(profiles_dir))

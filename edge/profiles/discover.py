@@ -396,45 +396,69 @@ def _version_text(fmt: str, value: Value) -> str:
     return str(value)
 
 
-async def _register_profile(probe: _Probe, profiles: Mapping[str, Loaded]) -> dict[str, Any]:
+async def _firmware(probe: _Probe, loaded: Loaded) -> dict[str, Any]:
+    """The firmware part of a Discovery for ``loaded``: ``firmware``, and
+    ``firmware_checked`` or ``firmware_unknown`` (with the problem noted)."""
+    doc = loaded.doc
+    firmware = doc.spec.firmware
+    if firmware is None:
+        return {}
+    where = f"{firmware.table} {firmware.offset}"
+    try:
+        text = _version_text(firmware.format, await _register_value(probe, firmware))
+    except (ModbusError, CodecError) as e:
+        if isinstance(e, ModbusConnectionError):
+            raise
+        probe.problems.append(f"profile {doc.name}: the firmware register {where} cannot "
+                              f"be read ({e}): the firmware is not known, not guessed")
+        return {"firmware_unknown": True}
+    version = parse_version(text)
+    known = known_range(doc, version) if version is not None else None
+    if known is None:
+        why = "is not a version" if version is None else "is outside every known range"
+        probe.problems.append(
+            f"profile {doc.name}: firmware {text} (read at {where}) {why} "
+            f"({'; '.join(firmware.known)}): its register map is not guessed; write a "
+            "profile for this firmware")
+        return {"firmware": text, "firmware_unknown": True}
+    probe.probes.append(f"profile {doc.name}: firmware {text} (at {where}) is in {known}")
+    return {"firmware": text, "firmware_checked": True}
+
+
+async def _register_profile(probe: _Probe, profiles: Mapping[str, Loaded],
+                            named: str | None = None) -> dict[str, Any]:
+    """Match the register profiles by their identification registers (``named``: the
+    one the user named, matched without them when it has none); several that match
+    are told apart by which one's known firmware ranges hold the firmware read."""
     candidates = [p for _, p in sorted(profiles.items()) if p.doc.spec.identification]
     matching = [p for p in candidates if await _matches(probe, p)]
-    if not candidates:
+    if named is not None and not profiles[named].doc.spec.identification:
+        probe.probes.append(f"profile {named}: as named (it has no identification registers)")
+        matching = [profiles[named]]
+    elif not candidates:
         probe.probes.append("register profiles: none has identification registers")
+    firmware = {p.doc.name: await _firmware(probe, p) for p in matching} if matching else {}
+    if len(matching) > 1:
+        known = [p for p in matching if not firmware[p.doc.name].get("firmware_unknown")]
+        if len(known) == 1:
+            probe.probes.append(f"profile {known[0].doc.name}: the only one of "
+                                f"{', '.join(p.doc.name for p in matching)} whose firmware "
+                                "ranges hold this firmware")
+            matching = known
     if len(matching) != 1:
         if len(matching) > 1:
             names = ", ".join(p.doc.name for p in matching)
-            probe.problems.append(f"ambiguous: profiles {names} all match; their "
-                                  "identification registers do not tell them apart")
+            probe.problems.append(f"ambiguous: profiles {names} all match; neither their "
+                                  "identification registers nor their firmware ranges tell "
+                                  "them apart (name one with --profile)")
         return {"ambiguous": tuple(p.doc.name for p in matching)}
     loaded = matching[0]
     doc = loaded.doc
-    out: dict[str, Any] = {"profile": doc.name,
+    out: dict[str, Any] = {"profile": doc.name, **firmware[doc.name],
                            "identification": {"vendor": doc.spec.vendor, "model": doc.spec.model}}
-    firmware = doc.spec.firmware
-    version = None
-    if firmware is not None:
-        where = f"{firmware.table} {firmware.offset}"
-        try:
-            text = _version_text(firmware.format, await _register_value(probe, firmware))
-        except (ModbusError, CodecError) as e:
-            if isinstance(e, ModbusConnectionError):
-                raise
-            probe.problems.append(f"profile {doc.name}: the firmware register {where} cannot "
-                                  f"be read ({e}): the firmware is not known, not guessed")
-            return {**out, "firmware_unknown": True}
-        out["firmware"] = text
-        version = parse_version(text)
-        known = known_range(doc, version) if version is not None else None
-        if known is None:
-            why = "is not a version" if version is None else "is outside every known range"
-            probe.problems.append(
-                f"profile {doc.name}: firmware {text} (read at {where}) {why} "
-                f"({'; '.join(firmware.known)}): its register map is not guessed; write a "
-                "profile for this firmware")
-            return {**out, "firmware_unknown": True}
-        probe.probes.append(f"profile {doc.name}: firmware {text} (at {where}) is in {known}")
-        out["firmware_checked"] = True
+    if out.get("firmware_unknown"):
+        return out
+    version = parse_version(out["firmware"]) if "firmware" in out else None
     out["properties"] = tuple(_found_property(loaded, p) for p in doc.spec.properties
                               if applies(p, version))
     return out
@@ -444,16 +468,25 @@ async def _register_profile(probe: _Probe, profiles: Mapping[str, Loaded]) -> di
 
 
 async def discover(conn: Connection, unit_id: int, *, timeout: float,  # noqa: ASYNC109
-                   profiles: Mapping[str, Loaded] | None = None) -> Discovery:
+                   profiles: Mapping[str, Loaded] | None = None,
+                   named: str | None = None) -> Discovery:
     """Probe unit ``unit_id`` behind ``conn`` (see the module docstring); every request
     is bounded by ``timeout`` seconds. ``profiles`` (name → profile) defaults to the
     shipped ones; SunSpec is probed when one of them has a ``sunspec`` section.
+    ``named`` restricts the probe to that one profile (the user knows the model: a
+    profile without identification registers is then taken as named, its firmware
+    still read and checked).
 
     Never raises for what the device answers: an unreachable endpoint is a Discovery
     without profile whose problems say so. Raises ValueError for a unit id or timeout
-    the protocol does not allow.
+    the protocol does not allow, or a ``named`` profile that is not among them.
     """
     profiles = shipped() if profiles is None else profiles
+    if named is not None:
+        if named not in profiles:
+            raise ValueError(f"profile {named!r} is not known; profiles: "
+                             f"{', '.join(sorted(profiles))}")
+        profiles = {named: profiles[named]}
     probe = _Probe(conn, unit_id, timeout)
     found: dict[str, Any] = {}
     try:
@@ -462,7 +495,7 @@ async def discover(conn: Connection, unit_id: int, *, timeout: float,  # noqa: A
             found = await _sunspec(probe, sunspec) or {}
         device_identification = await _device_identification(probe)
         if not found:
-            found = await _register_profile(probe, profiles)
+            found = await _register_profile(probe, profiles, named)
     except ModbusConnectionError as e:
         probe.problems.append(f"cannot reach {conn.endpoint.key}: {e}")
         device_identification = {}

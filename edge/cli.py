@@ -194,11 +194,15 @@ def check(config_path: Path) -> None:
 @click.option("--baud", type=int, default=9600, show_default=True, help="With --serial.")
 @click.option("--unit", type=click.IntRange(1, 247), default=1, show_default=True,
               help="With --profile: the unit id.")
+@click.option("--profiles", "profile_dirs", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory of firmware profiles of one's own (repeatable; with -c: the "
+                   "agent file's profiles).")
 @click.option("--log-level", default="info", show_default=True)
 def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: float,
              frozen_at: float | None, profile: str | None, firmware: str | None, models: str,
              base: str, listen: str, rtu_over_tcp: bool, serial_port: str | None, baud: int,
-             unit: int, log_level: str) -> None:
+             unit: int, profile_dirs: tuple[Path, ...], log_level: str) -> None:
     """Serve simulated Modbus devices for the manifests' TCP endpoints (pymodbus server).
 
     Every device is served at the host:port and unit id of its manifest, with values
@@ -216,7 +220,7 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         if config_path is not None or manifests:
             raise click.UsageError("--profile simulates one device: give no manifests or -c")
         sim = _simulated_profile(profile, firmware, models, int(base), listen, rtu_over_tcp,
-                                 serial_port, baud, unit)
+                                 serial_port, baud, unit, list(profile_dirs))
         devices: tuple[Any, ...] = (sim.device,)
         identification[sim.device.endpoint.key] = sim.identification
         constants[sim.device.key] = sim.constants
@@ -225,8 +229,8 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         click.echo(f"simulating profile {profile} ({what}) on {sim.device.endpoint.key} "
                    f"unit {unit}", err=True)
     else:
-        devices, profile_dirs = _manifest_devices(config_path, manifests)
-        _profile_registers(devices, profile_dirs, identification, constants)
+        devices, dirs = _manifest_devices(config_path, manifests, list(profile_dirs))
+        _profile_registers(devices, dirs, identification, constants)
     try:
         _run_until_signal(lambda stop: run_simulator(
             devices, stop, period_s=period, identification=identification,
@@ -237,18 +241,18 @@ def simulate(config_path: Path | None, manifests: tuple[Path, ...], period: floa
         raise SystemExit(1) from None
 
 
-def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...]
-                      ) -> tuple[tuple[Any, ...], list[Path]]:
-    """The devices to simulate and the agent file's profile directories."""
+def _manifest_devices(config_path: Path | None, manifests: tuple[Path, ...],
+                      profile_dirs: list[Path]) -> tuple[tuple[Any, ...], list[Path]]:
+    """The devices to simulate and the profile directories they may use (the agent
+    file's, or ``profile_dirs`` with manifests)."""
     from edge.config.load import load_config, load_manifests  # noqa: PLC0415
 
-    profile_dirs: list[Path] = []
     try:
         if config_path is not None:
             loaded = load_config(config_path)
             devices, profile_dirs = loaded.devices, list(loaded.agent.profiles)
         else:
-            devices, warnings = load_manifests(list(manifests))
+            devices, warnings = load_manifests(list(manifests), profile_dirs=profile_dirs)
             _print_problems(warnings)
     except ConfigError as e:
         _print_problems(e.problems)
@@ -280,10 +284,18 @@ def _profile_registers(devices: tuple[Any, ...], profile_dirs: list[Path],
 
 def _simulated_profile(profile: str, firmware: str | None, models: str, base: int,
                        listen: str, rtu_over_tcp: bool, serial_port: str | None, baud: int,
-                       unit: int) -> Any:
+                       unit: int, profile_dirs: list[Path]) -> Any:
     from edge.config.model import Framing, SerialEndpoint, TcpEndpoint  # noqa: PLC0415
+    from edge.config.sources import Report  # noqa: PLC0415
     from edge.faultproxy import parse_address  # noqa: PLC0415
+    from edge.profiles.profile import with_local  # noqa: PLC0415
     from edge.profiles.simulate import simulated_profile  # noqa: PLC0415
+
+    report = Report()
+    profiles = with_local(profile_dirs, report)
+    if report.has_errors:
+        _print_problems(report.problems)
+        raise SystemExit(2)
 
     endpoint: SerialEndpoint | TcpEndpoint
     if serial_port is not None:
@@ -301,7 +313,7 @@ def _simulated_profile(profile: str, firmware: str | None, models: str, base: in
                                  param_hint="--models") from None
     try:
         return simulated_profile(profile, endpoint=endpoint, unit_id=unit, firmware=firmware,
-                                 models=chain, base=base)
+                                 models=chain, base=base, profiles=profiles)
     except ConfigError as e:
         _print_problems(e.problems)
         raise SystemExit(2) from None

@@ -41,10 +41,11 @@ def list_profiles(dirs: tuple[Path, ...]) -> None:
     """One line per profile: name, vendor and model, firmware ranges, what it reads."""
     for name, loaded in sorted(_known(dirs).items()):
         spec = loaded.doc.spec
-        ranges = "; ".join(spec.firmware.known) if spec.firmware else "any firmware"
+        ranges = ("firmware " + "; ".join(spec.firmware.known) if spec.firmware
+                  else "any firmware")
         reads = (f"SunSpec models {', '.join(map(str, spec.sunspec.models))}" if spec.sunspec
                  else f"{len(spec.properties)} properties")
-        click.echo(f"{name}  {spec.vendor} {spec.model}  firmware {ranges}  {reads}  "
+        click.echo(f"{name}  {spec.vendor} {spec.model}  {ranges}  {reads}  "
                    f"({loaded.file})")
 
 
@@ -54,7 +55,7 @@ def list_profiles(dirs: tuple[Path, ...]) -> None:
 @_DIRS
 def show(name: str, firmware: str | None, dirs: tuple[Path, ...]) -> None:
     """The properties of profile NAME: register, address, type, unit, firmware range."""
-    from edge.profiles.profile import applies, parse_version  # noqa: PLC0415
+    from edge.profiles.profile import applies, known_range, parse_version  # noqa: PLC0415
 
     known = _known(dirs)
     if name not in known:
@@ -64,6 +65,9 @@ def show(name: str, firmware: str | None, dirs: tuple[Path, ...]) -> None:
     version = parse_version(firmware) if firmware else None
     if firmware and version is None:
         raise click.BadParameter(f"{firmware!r} is not a version", param_hint="--firmware")
+    if version is not None and spec.firmware and known_range(known[name].doc, version) is None:
+        raise click.BadParameter(f"firmware {firmware} is outside every range {name} knows "
+                                 f"({'; '.join(spec.firmware.known)})", param_hint="--firmware")
     click.echo(f"{name}: {spec.vendor} {spec.model}. {spec.description}".rstrip())
     click.echo(f"source: {spec.source}")
     if spec.sunspec:
@@ -75,8 +79,12 @@ def show(name: str, firmware: str | None, dirs: tuple[Path, ...]) -> None:
             continue
         table = p.table or defaults.table
         raw = p.data_type or defaults.data_type
+        extra = [f"scale {p.scale:g}" if p.scale not in (None, 1) else "",
+                 f"scale factor at {p.scale_factor}" if p.scale_factor is not None else "",
+                 "ReadWrite" if p.access_mode.value == "ReadWrite" else "",
+                 f"firmware {p.firmware}" if p.firmware else ""]
         click.echo(f"  {p.name:32} {table} {p.offset:#06x} {raw} {p.unit or '-'}"
-                   + (f"  firmware {p.firmware}" if p.firmware else ""))
+                   + "".join(f"  {e}" for e in extra if e))
 
 
 @profiles.command()
@@ -86,12 +94,23 @@ def check(files: tuple[Path, ...]) -> None:
     """Check profile FILES as the agent will read them; exit 2 on any error."""
     from edge.cli import _print_problems  # noqa: PLC0415
     from edge.config.sources import Report  # noqa: PLC0415
-    from edge.profiles.profile import read_profile  # noqa: PLC0415
+    from edge.profiles.profile import read_profile, shipped  # noqa: PLC0415
 
     report = Report()
     for file in files:
-        if read_profile(file, report) is not None and not report.has_errors:
-            click.echo(f"{file}: valid")
+        errors = sum(p.severity == "error" for p in report.problems)
+        loaded = read_profile(file, report)
+        taken = shipped().get(loaded.doc.name) if loaded else None
+        if loaded and taken and taken.file != str(file.resolve()):
+            report.error(loaded.where, "metadata.name", (
+                f"{loaded.doc.name} is the name of a shipped profile ({taken.file}): the "
+                "agent refuses a profile of one's own with it; rename it"))
+        elif loaded and sum(p.severity == "error" for p in report.problems) == errors:
+            spec = loaded.doc.spec
+            reads = (f"SunSpec models {', '.join(map(str, spec.sunspec.models))}"
+                     if spec.sunspec else f"{len(spec.properties)} properties")
+            click.echo(f"{file}: valid: profile {loaded.doc.name}, {spec.vendor} "
+                       f"{spec.model}, {reads}")
     _print_problems(report.problems)
     if report.has_errors:
         raise SystemExit(2)

@@ -307,7 +307,8 @@ def test_profiles_of_ones_own_are_directories_and_a_shipped_name_is_taken(
      "firmware (configData firmware, as edge discover prints it)"),
     ({"firmware": 2.10}, None,
      "spec.protocol.configData.firmware: firmware 2.1 is a number in YAML, which drops "
-     "trailing zeros (2.10 reads as 2.1): quote it, e.g. firmware: \"2.1\""),
+     "trailing zeros (2.10 reads as 2.1): quote the version as the device reports it, "
+     "e.g. firmware: \"2.10\""),
     ({"firmware": "new"}, None,
      "spec.protocol.configData.firmware: firmware 'new' is not a version (e.g. 2.01, 1.3.7)"),
     ({"profile": "acme-m2", "firmware": "1.0"}, None,

@@ -72,7 +72,8 @@ def _firmware(profile: Loaded, entry: Entry | None, report: Report) -> tuple[boo
     if isinstance(entry.value, float):
         _entry_error(entry, report, (
             f"firmware {entry.value!r} is a number in YAML, which drops trailing zeros "
-            f"(2.10 reads as 2.1): quote it, e.g. firmware: \"{entry.value}\""))
+            "(2.10 reads as 2.1): quote the version as the device reports it, e.g. "
+            'firmware: "2.10"'))
         return False, None
     text = str(entry.value)
     version = parse_version(text)

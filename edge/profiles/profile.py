@@ -28,6 +28,7 @@ the polling agent.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +180,16 @@ class ProfileSpec(_Shape):
 
 class ProfileMetadata(_Shape):
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _label(cls, value: object) -> object:
+        if isinstance(value, str) and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?",
+                                                       value):
+            raise ValueError("must be a DNS-1123 label: at most 63 lowercase letters, digits "
+                             "and '-', starting and ending with a letter or digit (e.g. "
+                             "acme-th100)")
+        return value
 
 
 class ProfileDoc(_Shape):

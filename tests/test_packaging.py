@@ -9,15 +9,20 @@ reason, without them. CI (Debian bookworm, root) has all three.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
+from policy_kernel import skip_or_fail
+
+from edge.policy.datapath import cgroup2_root, mount_bpffs, unmount
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -25,6 +30,22 @@ BUILD = PACKAGING / "build-deb.sh"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 VERSION = PYPROJECT["project"]["version"]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+UNIT_CAPS = {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"}
+"""What the policy datapath needs (test_unit_capabilities_run_the_datapath)."""
+NOBODY = 65534
+DATAPATH_AS_USER = """
+import sys
+from pathlib import Path
+from edge.policy.datapath import Datapath
+from edge.policy.spec import PolicySettings
+from edge.policy.tables import compile_tables
+pin, root, attach = map(Path, sys.argv[1:4])
+dp = Datapath.open(pin, root, attach)
+dp.apply(compile_tables(PolicySettings()))
+dp.close()
+Datapath.open(pin, root, attach).close()   # a restarted agent takes the pins over
+print("datapath ok")
+"""
 EXPOSURE_MAX = 3.0
 """``systemd-analyze security`` exposure (0 safe .. 10 unsafe) the unit must stay under;
 2.3 when written (CAP_BPF and CAP_NET_ADMIN, the network, the serial ports)."""
@@ -157,8 +178,9 @@ def test_unit_lines() -> None:
     for key, value in expected.items():
         assert unit.get(key) == value, key
     # the policy datapath's capabilities, exactly (not CAP_SYS_ADMIN: systemd mounts bpffs)
+    assert "CAP_SYS_ADMIN" not in UNIT_CAPS
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
-        assert [set(v.split()) for v in unit[key]] == [{"CAP_BPF", "CAP_NET_ADMIN"}], key
+        assert [set(v.split()) for v in unit[key]] == [UNIT_CAPS], key
     assert set(unit["ReadWritePaths"][0].split()) == {"/var/lib/edge", "/sys/fs/bpf"}
     assert "MemoryDenyWriteExecute" not in unit  # wasmtime's JIT
 
@@ -173,6 +195,61 @@ def test_unit_lines_are_justified() -> None:
             block_has_comment = True
         elif not line.startswith(("Description=", "Documentation=")):
             assert block_has_comment, f"no comment justifies {line!r}"
+
+
+def _datapath_as_nobody(caps: set[str]) -> subprocess.CompletedProcess[str]:
+    """Loads, attaches (to a cgroup of the test's own) and reopens the datapath as user
+    nobody holding exactly ``caps``, in a private bpffs owned by nobody (as the unit's
+    ExecStartPre hands /sys/fs/bpf/edge to edge)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        skip_or_fail("dropping to a user with chosen capabilities needs root and setpriv")
+    root = cgroup2_root()
+    if root is None:
+        skip_or_fail("no cgroup v2 hierarchy is mounted")
+        raise AssertionError  # unreachable
+    # not under tmp_path: pytest's /tmp/pytest-of-root is 0700, nobody could not reach it
+    work = Path(tempfile.mkdtemp(prefix="edge-pkgtest-"))
+    work.chmod(0o755)
+    fs = work / "bpffs"
+    fs.mkdir()
+    base = root / f"edge-pkgtest-{os.getpid()}-{len(caps)}"
+    try:
+        mount_bpffs(fs)
+    except OSError as e:
+        shutil.rmtree(work)
+        skip_or_fail(f"cannot mount a bpf file system: {e}")
+    try:
+        os.chown(fs, NOBODY, NOBODY)
+        base.mkdir()
+        script = work / "datapath_as_user.py"
+        script.write_text(DATAPATH_AS_USER, encoding="utf-8")
+        script.chmod(0o644)
+        setcaps = ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(caps))
+        return subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             f"--inh-caps={setcaps}", f"--ambient-caps={setcaps}", f"--bounding-set={setcaps}",
+             sys.executable, str(script), str(fs / "edge"), str(root), str(base)],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        unmount(fs)
+        with contextlib.suppress(OSError):
+            base.rmdir()
+        shutil.rmtree(work)
+
+
+def test_unit_capabilities_run_the_datapath() -> None:
+    """The unit's capabilities are enough for the policy datapath, and none is spare
+    for it: without CAP_PERFMON the verifier refuses the object."""
+    unit = _unit(PACKAGING / "edge.service")
+    caps = set(unit["AmbientCapabilities"][0].split())
+    assert caps == UNIT_CAPS
+    done = _datapath_as_nobody(caps)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "datapath ok"
+    fewer = _datapath_as_nobody(caps - {"CAP_PERFMON"})
+    assert fewer.returncode != 0
+    assert "Bad address" in fewer.stderr or "Operation not permitted" in fewer.stderr
 
 
 def test_maintainer_scripts_are_sh() -> None:

@@ -263,9 +263,10 @@ class Datapath:
 
     Raises (from :meth:`open`):
         OSError / BpfError: no bpffs, not permitted (needs root or CAP_BPF +
-            CAP_NET_ADMIN), no cgroup v2, libbpf missing, or the kernel refusing the
-            programs (the verifier's log is in the message); with the bcc backend,
-            bcc missing or failing (no kernel headers).
+            CAP_NET_ADMIN + CAP_PERFMON, as packaging/edge.service gives), no cgroup
+            v2, libbpf missing, or the kernel refusing the programs (the verifier's
+            log is in the message); with the bcc backend, bcc missing or failing (no
+            kernel headers).
     """
 
     def __init__(self, pin: Path, cgroup_root: Path, attach: Path, tag: str,

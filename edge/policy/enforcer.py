@@ -308,5 +308,6 @@ def _why(e: OSError) -> str:
     text = e.strerror if e.strerror and e.filename is None else str(e)  # no "[Errno n]"
     if e.errno in (errno.EPERM, errno.EACCES):
         return (f"not permitted ({text}): the datapath needs root, or CAP_BPF, "
-                "CAP_NET_ADMIN and CAP_SYS_ADMIN (for bpffs)")
+                "CAP_NET_ADMIN and CAP_PERFMON with a bpffs mounted (CAP_SYS_ADMIN to "
+                "mount one)")
     return text

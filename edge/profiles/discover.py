@@ -341,11 +341,8 @@ async def _device_identification(probe: _Probe) -> dict[str, str]:
 
 async def _register_value(probe: _Probe, reg: Register) -> Value:
     """The value at ``reg`` decoded by edge's codec; raises ModbusError or CodecError."""
-    raw = reg.data_type
-    limit = reg.limit or raw.register_count or 1
-    words = await probe.words(reg.table, reg.offset, limit)
-    visitor = Visitor(reg.table, reg.offset, limit, raw, is_swap=reg.is_swap,
-                      is_register_swap=reg.is_register_swap)
+    visitor = reg.visitor
+    words = await probe.words(visitor.table, visitor.offset, visitor.limit)
     return decoder_for(visitor)(words, 0)
 
 

@@ -50,7 +50,7 @@ from pydantic.alias_generators import to_camel
 
 from edge.config.kubeedge_docs import Config, Entry, ModelProperty, validate_shape
 from edge.config.kubeedge_visitor import parse_visitor
-from edge.config.model import AccessMode, ModbusOptions, RawType, Table, ValueType
+from edge.config.model import AccessMode, ModbusOptions, RawType, Table, ValueType, Visitor
 from edge.config.sources import Report, Where, join_field, read_yaml_documents
 
 API_VERSION = "gateway.edge/v1alpha1"
@@ -87,6 +87,14 @@ class Register(_Shape):
     limit: StrictInt | None = Field(default=None, ge=1, le=125)
     is_swap: StrictBool = False
     is_register_swap: StrictBool = False
+
+    @property
+    def visitor(self) -> Visitor:
+        """How the codec reads it (``limit`` from a fixed-width ``dataType`` when not
+        given)."""
+        limit = self.limit or self.data_type.register_count or 1
+        return Visitor(self.table, self.offset, limit, self.data_type, is_swap=self.is_swap,
+                       is_register_swap=self.is_register_swap)
 
 
 class Identify(Register):

@@ -20,7 +20,7 @@ from packaging.version import Version
 
 from edge.config.errors import ConfigError
 from edge.config.kubeedge import resolve_documents
-from edge.config.model import DeviceSpec, Endpoint, Framing, SerialEndpoint, Table, Visitor
+from edge.config.model import DeviceSpec, Endpoint, Framing, SerialEndpoint, Table
 from edge.config.sources import Document, Report
 from edge.modbus.codec import encode
 from edge.modbus.simulator import Constants
@@ -52,10 +52,7 @@ class SimulatedProfile:
 
 
 def _words(register: Register, value: float | str) -> list[int]:
-    limit = register.limit or register.data_type.register_count or 1
-    visitor = Visitor(register.table, register.offset, limit, register.data_type,
-                      is_swap=register.is_swap, is_register_swap=register.is_register_swap)
-    return [int(w) for w in encode(visitor, value)]
+    return [int(w) for w in encode(register.visitor, value)]
 
 
 def default_firmware(firmware: Firmware) -> str:

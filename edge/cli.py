@@ -23,7 +23,7 @@ from edge.discover_cli import discover
 from edge.history_cli import config, rollback
 from edge.plugin_cli import plugin
 from edge.policy_cli import policy
-from edge.profiles_cli import profiles
+from edge.profiles_cli import known_profiles, profiles
 from edge.web_cli import web
 
 if TYPE_CHECKING:
@@ -286,16 +286,10 @@ def _simulated_profile(profile: str, firmware: str | None, models: str, base: in
                        listen: str, rtu_over_tcp: bool, serial_port: str | None, baud: int,
                        unit: int, profile_dirs: list[Path]) -> Any:
     from edge.config.model import Framing, SerialEndpoint, TcpEndpoint  # noqa: PLC0415
-    from edge.config.sources import Report  # noqa: PLC0415
     from edge.faultproxy import parse_address  # noqa: PLC0415
-    from edge.profiles.profile import with_local  # noqa: PLC0415
     from edge.profiles.simulate import simulated_profile  # noqa: PLC0415
 
-    report = Report()
-    profiles = with_local(profile_dirs, report)
-    if report.has_errors:
-        _print_problems(report.problems)
-        raise SystemExit(2)
+    profiles = known_profiles(profile_dirs)
 
     endpoint: SerialEndpoint | TcpEndpoint
     if serial_port is not None:

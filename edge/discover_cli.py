@@ -58,21 +58,6 @@ def _endpoint(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int
     return SerialEndpoint(serial, baud or 9600, data_bits or 8, parity or "N", stop_bits or 1)
 
 
-def _profiles(dirs: tuple[Path, ...]) -> dict[str, Loaded]:
-    """The shipped profiles and those under ``dirs``, as the agent file's ``profiles``
-    gives them (a shipped name again: usage error)."""
-    from edge.config.sources import Report  # noqa: PLC0415
-    from edge.profiles.profile import shipped, with_local  # noqa: PLC0415
-
-    report = Report()
-    profiles = with_local(list(dirs), report)
-    if report.has_errors:
-        for problem in report.problems:
-            click.echo(str(problem), err=True)
-        raise click.UsageError("the profiles given with --profiles do not load")
-    return dict(shipped()) if profiles is None else profiles
-
-
 def _echo(line: str) -> None:
     click.echo(line, err=True)
 
@@ -152,7 +137,9 @@ def discover(tcp: str | None, serial: str | None, rtu_over_tcp: bool, baud: int 
     if not found.valid_name(namespace):
         raise click.BadParameter(f"{namespace!r} is not a DNS-1123 label",
                                  param_hint="--namespace")
-    profiles = _profiles(profile_dirs)
+    from edge.profiles_cli import known_profiles  # noqa: PLC0415
+
+    profiles = known_profiles(profile_dirs)
     if named is not None and named not in profiles:
         raise click.BadParameter(f"profile {named!r} is not known; profiles: "
                                  f"{', '.join(sorted(profiles))}", param_hint="--profile")

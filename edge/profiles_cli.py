@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,9 @@ def profiles() -> None:
     """Firmware profiles: register maps per vendor, model and firmware."""
 
 
-def _known(dirs: tuple[Path, ...]) -> dict[str, Loaded]:
+def known_profiles(dirs: Sequence[Path]) -> dict[str, Loaded]:
+    """The shipped profiles and those of ``dirs``, as the agent file's ``profiles``
+    gives them; their problems printed and exit status 2 when any is an error."""
     from edge.cli import _print_problems  # noqa: PLC0415 (edge.cli imports this module)
     from edge.config.sources import Report  # noqa: PLC0415
     from edge.profiles.profile import shipped, with_local  # noqa: PLC0415
@@ -32,14 +35,14 @@ def _known(dirs: tuple[Path, ...]) -> dict[str, Loaded]:
     if report.has_errors:
         _print_problems(report.problems)
         raise SystemExit(2)
-    return shipped() if found is None else found
+    return dict(shipped()) if found is None else found
 
 
 @profiles.command("list")
 @_DIRS
 def list_profiles(dirs: tuple[Path, ...]) -> None:
     """One line per profile: name, vendor and model, firmware ranges, what it reads."""
-    for name, loaded in sorted(_known(dirs).items()):
+    for name, loaded in sorted(known_profiles(dirs).items()):
         spec = loaded.doc.spec
         ranges = ("firmware " + "; ".join(spec.firmware.known) if spec.firmware
                   else "any firmware")
@@ -57,7 +60,7 @@ def show(name: str, firmware: str | None, dirs: tuple[Path, ...]) -> None:
     """The properties of profile NAME: register, address, type, unit, firmware range."""
     from edge.profiles.profile import applies, known_range, parse_version  # noqa: PLC0415
 
-    known = _known(dirs)
+    known = known_profiles(dirs)
     if name not in known:
         raise click.UsageError(f"profile {name!r} is not known; profiles: "
                                f"{', '.join(sorted(known))}")

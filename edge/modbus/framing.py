@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -397,6 +398,8 @@ class RtuLink(Link):
         if port is None:
             return True
         try:
+            if not port.is_open:  # closed under us when the device went away
+                raise OSError(errno.ENODEV, f"serial port {port.port} was closed")
             port.reset_input_buffer()
         except (OSError, termios.error) as e:  # SerialException is an OSError
             assert transport is not None

@@ -530,10 +530,16 @@ def events(sub: Subscriber, prefix: str, kind: str) -> list[dict[str, Any]]:
 
 def wait_event(sub: Subscriber, prefix: str, kind: str, timeout: float = 20,
                **fields: Any) -> dict[str, Any]:
-    """The first event of ``kind`` on ``prefix/events`` whose ``fields`` match."""
+    """The first event of ``kind`` on ``prefix/events`` whose ``fields`` match; when none
+    comes in time, the TimeoutError lists every event seen (what happened instead)."""
     def match(m: Any) -> bool:
         if m.topic != f"{prefix}/events":
             return False
         e = m.json()
         return bool(e["type"] == kind and all(e.get(k) == v for k, v in fields.items()))
-    return dict(sub.wait_for(match, timeout=timeout)[0].json())
+    try:
+        return dict(sub.wait_for(match, timeout=timeout)[0].json())
+    except TimeoutError as e:
+        seen = "\n".join(m.payload.decode(errors="replace")[:400]
+                         for m in sub.on(f"{prefix}/events"))
+        raise TimeoutError(f"no {kind} event {fields}; events seen:\n{seen}") from e

@@ -63,8 +63,10 @@ def same_device(a: DeviceSpec, b: DeviceSpec) -> bool:
 
 
 HOT = ("devices", "log_level", "health_window_s", "warnings", "files", "version",
-       "bundle_version", "bundle", "plugins", "plugin_dir")
-"""RuntimeConfig fields a running agent takes over without a restart."""
+       "bundle_version", "bundle", "plugins", "plugin_dir", "release")
+"""RuntimeConfig fields a running agent takes over without a restart (``release``:
+nothing runs on it; a release that is due restarts the agent onto it,
+:mod:`edge.sync.release`)."""
 
 
 def _push_sinks(devices: tuple[DeviceSpec, ...]) -> list[tuple[str, str, object, int]]:

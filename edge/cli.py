@@ -24,6 +24,7 @@ from edge.history_cli import config, rollback
 from edge.plugin_cli import plugin
 from edge.policy_cli import policy
 from edge.profiles_cli import known_profiles, profiles
+from edge.release_cli import release
 from edge.web_cli import web
 
 if TYPE_CHECKING:
@@ -131,9 +132,11 @@ def run(config_path: Path) -> None:
 
         agent.services.append(WebServer(agent, history, start.cfg.web).run)
     _run_until_signal(agent.run)
-    if agent.restart_for:  # the same command line again, in this process (same PID)
-        history.close()
-        os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line)
+    if agent.restart_for:  # the same command again, in this process (same PID), through
+        history.close()  # the launcher when one started it (it picks the release)
+        from edge.release.boot import relaunch  # noqa: PLC0415
+
+        relaunch(sys.argv[1:])
 
 
 @main.command()
@@ -412,3 +415,4 @@ main.add_command(plugin)
 main.add_command(policy)
 main.add_command(profiles)
 main.add_command(discover)
+main.add_command(release)

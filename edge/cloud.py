@@ -517,6 +517,24 @@ def _private_key(key_path: Path) -> Any:
         raise click.ClickException(str(e)) from e
 
 
+def _release_entry(archive: Path, url: str | None) -> dict[str, object]:
+    """``agent.release`` for the release ``archive`` served at ``url``."""
+    import hashlib  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("release.json")
+            manifest = json.loads(member.read()) if member else None
+    except (tarfile.TarError, KeyError, ValueError, OSError) as e:
+        raise click.ClickException(f"{archive}: not a release archive ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("version"), str):
+        raise click.ClickException(f"{archive}: release.json names no version")
+    data = archive.read_bytes()
+    return {"version": manifest["version"], "url": url or archive.resolve().as_uri(),
+            "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
 @cloud.command()
 @click.option("--node", "nodes", multiple=True, required=True, help="Target gateway (repeat).")
 @_signing_options
@@ -524,12 +542,19 @@ def _private_key(key_path: Path) -> Any:
 @click.option("--agent", "agent_path", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
               help="A YAML file of agent-file sections the bundle overrides.")
+@click.option("--release", "release_path", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="An agent release archive (edge release pack, build-deb.sh) the "
+                   "gateways are to run: its version, size and SHA-256 go in agent.release.")
+@click.option("--release-url", default=None,
+              help="Where the gateways fetch --release [default: its file:// URL].")
 @_plugin_option
 @_policy_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
          version: int | None, expires_s: int, agent_path: Path | None,
+         release_path: Path | None, release_url: str | None,
          plugins: tuple[Path, ...], policies: tuple[Path, ...],
          sources: tuple[Path, ...]) -> None:
     """Sign a bundle of SOURCES (manifest files/directories, or one bundle .json) and
@@ -541,6 +566,8 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
     host, port = _broker(broker)
     key = _private_key(key_path)
     agent = yaml.safe_load(agent_path.read_text(encoding="utf-8")) if agent_path else {}
+    if release_path is not None:
+        agent = {**(agent or {}), "release": _release_entry(release_path, release_url)}
     now = datetime.now(UTC)
     version = version or int(time.time())
     messages: list[tuple[str, bytes]] = []

@@ -1151,6 +1151,7 @@ def test_agent_file_defaults(tmp_path: Path) -> None:
                    "breaker_failures": 3, "probe_initial_ms": 1000, "probe_max_ms": 60000},
         "sync": {"health_window": 30},
         "log": {"level": "info"},
+        "release": None,
     }  # fmt: skip
     assert (agent.topic_prefix, agent.client_id, agent.uplink.tls.enabled) == (
         "edge/v1/gw-01",
@@ -1260,7 +1261,7 @@ def test_store_ttl_durations(tmp_path: Path, ttl: object, seconds: int) -> None:
         ("node: ''\n", ["node: must not be empty (got '')"]),
         ("node: gw\nnodes: [a]\n",
          ["nodes: unknown key 'nodes'; accepted: node, devices, profiles, uplink, store, web, "
-          "trust, plugins, policy, modbus, sync, log"]),
+          "trust, plugins, policy, modbus, sync, log, release"]),
         ("node: gw\nuplink: {tls: {key: edge.yaml}}\n",
          ["uplink.tls: cert and key go together: give both or neither"]),
         ("node: gw\nuplink: {qos: 2, port: 0, topic_prefix: 'a/#'}\n",

@@ -445,6 +445,39 @@ class LogConfig(_Section):
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
 
 
+def _release_version(value: str) -> str:
+    from packaging.version import InvalidVersion, Version  # noqa: PLC0415
+
+    try:
+        Version(value)
+    except InvalidVersion:
+        raise ValueError(f"{value!r} is not a PEP 440 version (e.g. 0.2.0)") from None
+    if "/" in value or value.startswith("."):
+        raise ValueError(f"{value!r} cannot name a release directory")
+    return value
+
+
+def _release_url(value: str) -> str:
+    scheme = value.partition(":")[0].lower()
+    if scheme not in ("http", "https", "file") or "://" not in value:
+        raise ValueError("must be an http://, https:// or file:// URL")
+    return value
+
+
+class ReleaseConfig(_Section):
+    """``release`` (only in a desired bundle's ``agent``): the agent release this
+    gateway is to run. ``version`` (PEP 440) names it; ``url`` (http, https, file) is
+    its archive (:mod:`edge.release.slots`), ``size`` its length in bytes and
+    ``sha256`` its digest (64 lowercase hex digits), which the bundle's signature
+    covers. A version other than the running one is installed beside it and run on
+    trial for the health window (:mod:`edge.sync.controller`)."""
+
+    version: Annotated[str, AfterValidator(_release_version)]
+    url: Annotated[str, AfterValidator(_release_url)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: int = Field(gt=0, le=1 << 30, strict=True)
+
+
 class AgentFile(_Section):
     """The whole agent file (DESIGN.md §3). Only ``node`` is required.
 
@@ -468,6 +501,7 @@ class AgentFile(_Section):
     modbus: ModbusConfig = ModbusConfig()
     sync: SyncConfig = SyncConfig()
     log: LogConfig = LogConfig()
+    release: ReleaseConfig | None = None
 
     @property
     def topic_prefix(self) -> str:

@@ -134,6 +134,9 @@ def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     report = Report()
     readable, data = read_yaml_file(path, report)
+    if isinstance(data, Mapping) and "release" in data:
+        report.error(Where(str(path)), "release", "is set by a desired bundle only (agent."
+                     "release): the control plane pushes agent releases")
     agent = (
         parse_agent(data, file=str(path), base_dir=path.parent, report=report) if readable else None
     )

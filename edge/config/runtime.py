@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from edge.config.errors import ConfigError, Problem
 from edge.config.model import DeviceSpec
 from edge.policy.spec import PolicySettings
+from edge.release.spec import ReleaseSpec
 from edge.uplink.settings import BrokerSettings, ForwardSettings
 from edge.wasm.spec import PluginSpec
 
@@ -109,6 +110,7 @@ class RuntimeConfig:
     plugin_cache: Path | None = None
     plugin_dir: Path | None = None
     policy: PolicySettings = field(default_factory=PolicySettings)
+    release: ReleaseSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +240,8 @@ def build_runtime_config(path: Path, source: BundleSource | None = None) -> Runt
         plugin_cache=plugin_cache_dir(agent.store.path),
         plugin_dir=agent.plugins.dir if content is None else None,
         policy=cfg.policy,
+        release=ReleaseSpec(agent.release.version, agent.release.url, agent.release.sha256,
+                            agent.release.size) if agent.release else None,
     )
 
 

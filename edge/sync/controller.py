@@ -22,6 +22,9 @@ version applied by a restart, a second one) counts as a failure: at start-up the
 pending version is rolled back before anything runs. A version once rolled back is
 never applied again, and a bundle must be newer than the newest version ever taken
 (also after a rollback to an older one); the cloud pushes a new version instead.
+A bundle's ``agent.release`` other than the running agent's is a self-update: it is
+installed beside the running release first, then the bundle is applied by a restart
+onto it, on trial; the window commits or reverts both (:mod:`edge.sync.release`).
 Rollbacks on request come from ``edge rollback`` (through the history file) and from
 signed ``cmd/rollback`` commands.
 
@@ -35,7 +38,8 @@ by property); a failed write or method adds ``kind`` and ``stage``, a method
 
 Events on ``…/events``: ``config_refused`` (``version`` once verified, else
 ``claimed_version``; ``reason`` — one of :data:`edge.sync.bundle.Reason`,
-``rolled_back``, or ``rollback`` for a rollback that cannot be done — and ``error``),
+``rolled_back``, ``rollback`` for a rollback that cannot be done, or ``release`` for an
+agent release that cannot be installed — and ``error``),
 ``config_applied`` (``version``; ``added``/``changed``/``removed`` when hot, else
 ``restart``: the settings that need it),
 ``config_committed`` (``version``) and ``config_rolled_back`` (``version``,
@@ -58,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
+from edge import __version__
 from edge.config.errors import ConfigError
 from edge.config.runtime import (
     BundleRefusedError,
@@ -68,6 +73,7 @@ from edge.config.runtime import (
 )
 from edge.modbus.writer import WriteError
 from edge.store.history import History
+from edge.sync.release import ReleaseSwitch
 from edge.uplink.payload import json_bytes
 from edge.uplink.topics import COMMANDS, MAX_COMMAND_BYTES
 
@@ -186,6 +192,8 @@ def start_up(history: History, agent_file: Path, local: RuntimeConfig) -> StartU
     if taken is not None:
         version, before = taken
         cfg = _bundle_config(agent_file, version.content)
+        if isinstance(cfg, RuntimeConfig) and cfg.release and cfg.release.version != __version__:
+            cfg = ReleaseSwitch.from_env().not_running(cfg.release.version)
         if isinstance(cfg, RuntimeConfig):
             return StartUp(cfg, resumed=version.version, before=before)
         rolled_back = (version.version, cfg)
@@ -232,6 +240,7 @@ class ConfigSync:
         self._last_error = self._start.last_error
         self._restart_for = ""
         """Why the agent is to restart once the message at hand is answered."""
+        self.release = ReleaseSwitch.from_env()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- MQTT (paho's thread) -------------------------------------------------------
@@ -272,6 +281,10 @@ class ConfigSync:
             log.error("configuration version %d rolled back: %s", version, reason)
             self._event("config_rolled_back", version=version, reason=reason,
                         to=self.agent.cfg.bundle_version)
+        if self._start.resumed is None and self.release.on_trial():
+            why = "no configuration version awaits this release"
+            self.release.revert(why)
+            self._restart_for = f"release {__version__} reverted: {why}"
         self._report_state()
         self.agent.uplink.client.add_connect_hook(self._subscribe)
         if self.agent.uplink.client.stats.connected:
@@ -482,17 +495,35 @@ class ConfigSync:
         from edge.agent import needs_restart  # noqa: PLC0415 (the agent imports this module)
 
         fixed = needs_restart(running, new)
+        update = self.release.due(new)
+        if update is not None:
+            error = await self.release.stage(update)
+            if error:
+                self._refuse(new.bundle_version, "release", error)
+                return
+            fixed.append("release")
         if fixed:
-            self._apply_by_restart(new, fixed)
+            self._apply_by_restart(new, fixed, update.version if update else None)
             return
         await self._apply(running, new)
 
-    def _apply_by_restart(self, new: RuntimeConfig, fixed: list[str]) -> None:
+    def _apply_by_restart(self, new: RuntimeConfig, fixed: list[str],
+                          release: str | None) -> None:
         """``new`` changes settings a running agent cannot: record it as pending, to be
-        applied by restarting the agent (its health window starts in the new process)."""
+        applied by restarting the agent (its health window starts in the new process),
+        on the installed ``release`` (on trial) when it brings one."""
         version = new.bundle_version
         self.history.add_pending(version, new.bundle or {},
                                  restart_before=self.agent.device_states())
+        error = self.release.switch(release) if release else ""
+        if error:
+            self.history.roll_back(version, error)
+            self._last_error = f"version {version} rolled back: {error}"
+            log.error("configuration version %d rolled back: %s", version, error)
+            self._event("config_rolled_back", version=version, reason=error,
+                        to=self.agent.cfg.bundle_version)
+            self._report_state()
+            return
         self._pending = version
         self._last_error = ""
         self._report_state()
@@ -544,6 +575,8 @@ class ConfigSync:
         why = self._healthy(before, changed, plugins)
         self._pending = None
         if not why:
+            if back is None:  # the release first: a power cut between the two leaves
+                self.release.commit()  # it running, and the version rolled back at start
             self.history.commit(version)
             self._last_error = ""
             log.info("configuration version %d committed", version)
@@ -554,6 +587,7 @@ class ConfigSync:
         committed = self.history.committed()
         to = committed.version if committed else 0
         if back is None:
+            self.release.revert(f"configuration version {version} rolled back: {why}")
             self._restart_for = f"configuration version {version} rolled back"
         else:
             await self.agent.apply_devices(back)

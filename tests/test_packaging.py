@@ -10,6 +10,7 @@ reason, without them. CI (Debian bookworm, root) has all three.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -174,6 +175,7 @@ def test_unit_lines() -> None:
         "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"],
         "SystemCallArchitectures": ["native"], "LockPersonality": ["yes"],
         "MemoryMax": ["150M"], "WantedBy": ["multi-user.target"],
+        "Environment": ["EDGE_RELEASES=/var/lib/edge/releases"],
     }
     for key, value in expected.items():
         assert unit.get(key) == value, key
@@ -345,6 +347,49 @@ def test_launcher_runs_the_packaged_tree(tree: Path) -> None:
         cwd=tree, timeout=60, check=True)
     for line in done.stdout.splitlines():
         assert Path(line).is_relative_to(lib), line
+
+
+def test_release_archive_is_the_packaged_tree(deb: Path, tree: Path, tmp_path: Path) -> None:
+    """build-deb.sh writes /opt/edge/lib as a release archive beside the .deb: the
+    launcher's releases directory installs it as this package's version and machine."""
+    from edge.release.slots import Releases  # noqa: PLC0415
+    from edge.release.spec import ReleaseSpec  # noqa: PLC0415
+
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the archive is for Python 3.11 (bookworm): staged by the same Python")
+    archive = deb.with_name(f"edge-{VERSION}-{ARCH}.tar.gz")
+    data = archive.read_bytes()
+    spec = ReleaseSpec(VERSION, archive.as_uri(), hashlib.sha256(data).hexdigest(), len(data))
+    lib = Releases(tmp_path / "releases").stage(spec)
+    packaged = tree / "opt/edge/lib"
+    def sources(top: Path) -> set[Path]:
+        return {p.relative_to(top) for p in top.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}
+    assert sources(lib) == sources(packaged)
+    assert (lib / "edge/__pycache__").is_dir()  # compiled once, when staged
+
+
+def test_packaged_launcher_runs_the_committed_release(tree: Path, tmp_path: Path) -> None:
+    """/opt/edge/bin/edge on Debian's python3 runs the release committed in
+    EDGE_RELEASES (its lib first on the path), and the package's own without one."""
+    _system_python()
+    from edge.release.slots import Releases, pack  # noqa: PLC0415
+
+    lib = tmp_path / "lib"
+    shutil.copytree(tree / "opt/edge/lib", lib)
+    init = lib / "edge/__init__.py"
+    init.write_text(init.read_text().replace(f'"{VERSION}"', '"9.9.9"'))
+    releases = Releases(tmp_path / "releases")
+    releases.stage(pack(lib, "9.9.9", tmp_path / "r.tar.gz", python="3.11"))
+    releases.switch("9.9.9")
+    releases.boot()
+    releases.commit("9.9.9")
+    env = {"EDGE_HOME": str(tree / "opt/edge"), "PATH": "/usr/bin:/bin",
+           "EDGE_RELEASES": str(tmp_path / "releases")}
+    done = subprocess.run([str(tree / "opt/edge/bin/edge"), "--version"], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "edge, version 9.9.9"), done.stderr
+    assert _launch(tree, "--version").stdout.strip() == f"edge, version {VERSION}"
 
 
 def test_packaged_config_checks(tree: Path) -> None:

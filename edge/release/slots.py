@@ -23,7 +23,7 @@ step      what it does                                    a cut here leaves
 ========  ==============================================  ===========================
 fetch     download into ``R/.incoming/V.tar``              the committed release
 verify    size and SHA-256 against the bundle               the committed release
-unpack    ``R/.incoming/V/``; check release.json            the committed release
+unpack    ``R/.incoming/V/``; check release.json, compile  the committed release
 install   rename to ``R/V``                                 the committed release
 switch    ``trial = V``, ``boots = 0``                      V booted once, on trial
 boot      the launcher: ``boots = 1``, then V runs          V on trial (its window)
@@ -209,6 +209,7 @@ class Releases:
         tree = incoming / spec.version
         _unpack(archive, tree)
         self._check_manifest(tree, spec)
+        _compile(tree / "lib")
         os.sync()  # every file of the tree on disk before it is installed
         failpoint("install")
         target = self.root / spec.version
@@ -358,6 +359,14 @@ def _unpack(archive: Path, tree: Path) -> None:
                 dest.chmod(0o755 if member.mode & 0o111 else 0o644)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ReleaseError(f"{archive.name}: not a readable tar archive ({e})") from e
+
+
+def _compile(lib: Path) -> None:
+    """Byte-compile the release once (as Debian's py3compile does for packages): its
+    every start then skips compiling, which is seconds on a slow ARM gateway."""
+    import compileall  # noqa: PLC0415
+
+    compileall.compile_dir(lib, quiet=2, workers=1)
 
 
 def _members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:

@@ -236,6 +236,17 @@ def _signing_options(f: Callable[..., None]) -> Callable[..., None]:
                         help="The private key (PEM) to sign with.")(f)
 
 
+def _release_options(f: Callable[..., None]) -> Callable[..., None]:
+    """``--release ARCHIVE`` and ``--release-url URL``: the self-update of a bundle."""
+    f = click.option("--release-url", default=None,
+                     help="Where the gateways fetch --release [default: its file:// URL].")(f)
+    return click.option(
+        "--release", "release_path", default=None,
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="An agent release archive (build-deb.sh, edge release pack) for the gateways "
+             "to run: its version, size and SHA-256 go in agent.release.")(f)
+
+
 def _bundle_options(f: Callable[..., None]) -> Callable[..., None]:
     """``--version`` and ``--expires`` of a bundle."""
     f = click.option("--expires", "expires_s", type=click.IntRange(min=1),
@@ -542,12 +553,7 @@ def _release_entry(archive: Path, url: str | None) -> dict[str, object]:
 @click.option("--agent", "agent_path", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
               help="A YAML file of agent-file sections the bundle overrides.")
-@click.option("--release", "release_path", type=click.Path(dir_okay=False, exists=True,
-              path_type=Path), default=None,
-              help="An agent release archive (edge release pack, build-deb.sh) the "
-                   "gateways are to run: its version, size and SHA-256 go in agent.release.")
-@click.option("--release-url", default=None,
-              help="Where the gateways fetch --release [default: its file:// URL].")
+@_release_options
 @_plugin_option
 @_policy_option
 @click.argument("sources", nargs=-1, required=True,
@@ -605,12 +611,14 @@ def push(nodes: tuple[str, ...], key_path: Path, broker: str, prefix: str,
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Seconds a stage may take to commit (health window included).")
 @_bundle_options
+@_release_options
 @_plugin_option
 @_policy_option
 @click.argument("sources", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Path,
             broker: str, prefix: str, version: int | None, timeout_s: float, expires_s: int,
+            release_path: Path | None, release_url: str | None,
             plugins: tuple[Path, ...], policies: tuple[Path, ...],
             sources: tuple[Path, ...]) -> None:
     """Push a bundle of SOURCES to the canary nodes, then in stages once each stage has
@@ -624,6 +632,8 @@ def rollout(nodes: tuple[str, ...], canary: int, stage: int | None, key_path: Pa
         content["plugins"] = plugin_entries(plugins, key)
     if policies:
         content["policies"] = policy_entries(policies)
+    if release_path is not None:
+        content["agent"] = {"release": _release_entry(release_path, release_url)}
     ok = Rollout(host, port, prefix, key, click.echo).run(
         list(nodes), content, version=version or int(time.time()), canary=canary,
         stage=stage or canary, timeout_s=timeout_s, expires_s=expires_s)

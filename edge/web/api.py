@@ -135,7 +135,8 @@ class Api:
         return {
             "agent": {"version": __version__, "node": agent.cfg.node, "pid": os.getpid(),
                       "started": agent.started_ms,
-                      "uptime_s": round(time.time() - agent.started_ms / 1000, 1)},
+                      "uptime_s": round(time.time() - agent.started_ms / 1000, 1),
+                      "release": os.environ.get("EDGE_RELEASE") or None},
             "config": {"version": agent.cfg.version, "applied": agent.cfg.bundle_version,
                        **agent.uplink.config_state()},
             "uplink": {**stats["uplink"], "broker": f"{agent.cfg.broker.host}:"

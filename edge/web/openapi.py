@@ -42,7 +42,9 @@ _SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR}),
     "Overview": _obj({
         "agent": _obj({"version": _STR, "node": _STR, "pid": _INT, "started": _MS,
-                       "uptime_s": _NUM}),
+                       "uptime_s": _NUM, "release": _nullable({
+                           **_STR, "description": "the pushed release that runs (self-"
+                           "update); null: the package's own"})}),
         "config": _obj({"version": _STR, "applied": _INT}, more=True),
         "uplink": _obj({"connected": _BOOL, "broker": _STR, "down_for_s": _NUM,
                         "reconnects": _INT, "inflight": _INT, "published": _INT,

@@ -67,7 +67,8 @@ function pageOverview() {
   const draw = (o) => {
     const c = o.config, h = o.host, u = o.uplink, b = o.outbox;
     view.innerHTML = `<h2>Gateway ${esc(o.agent.node)}</h2><div class="cards">
-      ${card("Agent", "edge " + esc(o.agent.version), "up " + age(o.agent.uptime_s) + ", pid " + o.agent.pid)}
+      ${card("Agent", "edge " + esc(o.agent.version), "up " + age(o.agent.uptime_s) + ", pid " + o.agent.pid +
+        (o.agent.release ? ", pushed release" : ", package release"))}
       ${card("Configuration", "version " + esc(c.applied), esc(c.version) +
         (c.pending ? ` · <span class="pending">pending ${esc(c.pending)}</span>` : "") +
         (c.last_error ? `<br><span class="bad">${esc(c.last_error)}</span>` : ""))}

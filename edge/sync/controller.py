@@ -235,7 +235,8 @@ class ConfigSync:
         self._refused_logged_at = -REFUSED_LOG_S
         self._writing: set[asyncio.Task[None]] = set()
         self._last_token = b""
-        self._pending: int | None = None
+        self._pending: int | None = start.resumed if start else None
+        """The version in its health window (from the start: one applied by a restart)."""
         self._start = start or StartUp(agent.cfg)
         self._last_error = self._start.last_error
         self._restart_for = ""
